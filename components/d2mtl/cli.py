@@ -79,13 +79,20 @@ def cmd_pseudolabel(args: argparse.Namespace) -> None:
     from d2mtl.stages import pseudolabel
 
     cfg = _experiment(args)
+    pl_cfg = cfg.pseudolabel if args.tasks is None else cfg.pseudolabel.model_copy(update={"tasks": args.tasks})
     if args.merge:
-        pseudolabel.merge(cfg.pseudolabel, parts=args.merge, out=args.out)
+        pseudolabel.merge(pl_cfg, parts=args.merge, out=args.out)
+        return
+    if args.hide_labels:
+        if not args.labels:
+            raise UserError("pseudolabel --hide-labels needs --labels")
+        written = pseudolabel.write_holdout_labels(pl_cfg, labels=args.labels, out=args.out)
+        print(f"train the teacher with --labels {written['labels']} (hidden: {written['hidden']})")
         return
     for name in ("teacher", "faces", "labels"):
         if not getattr(args, name):
             raise UserError(f"pseudolabel needs --{name} (or --merge PART ... to merge shards)")
-    pseudolabel.run(cfg.pseudolabel, teachers=args.teacher, faces=args.faces, labels=args.labels,
+    pseudolabel.run(pl_cfg, teachers=args.teacher, faces=args.faces, labels=args.labels,
                     out=args.out, shard=args.shard)
 
 
@@ -101,7 +108,17 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from d2mtl.stages import evaluate
 
     cfg = _experiment(args)
-    evaluate.run(cfg.evaluate, models=args.models, faces=args.faces, labels=args.labels, out=args.out)
+    evaluate.run(cfg.evaluate, models=args.models, faces=args.faces, labels=args.labels, out=args.out,
+                 pseudo_reports=args.pseudo_reports)
+
+
+def cmd_upload_data(args: argparse.Namespace) -> None:
+    from d2mtl import upload
+
+    cfg = _experiment(args)
+    summary = upload.upload_tree(cfg.ingest.data_root, args.dest, workers=args.workers, overwrite=args.overwrite)
+    print(f"uploaded {summary.uploaded} files ({summary.bytes_uploaded / 1e6:.1f} MB) to {summary.dest}; "
+          f"{summary.skipped} already there")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output prefix (pseudo.parquet, report.json)")
     p.add_argument("--shard", type=_shard, default=(0, 1), help="process shard i of n (i/n, default 0/1)")
     p.add_argument("--merge", nargs="+", metavar="PART", help="merge shard outputs into --out instead")
+    p.add_argument("--tasks", type=_split_list, default=None,
+                   help="comma-separated tasks (the teacher's), e.g. age for a single-task baseline teacher")
+    p.add_argument("--hide-labels", action="store_true",
+                   help="holdout mode, before the teacher: write --labels minus the hidden labels (and the hidden "
+                        "truth) under --out; needs pseudolabel.holdout.fraction > 0")
 
     p = add("student", cmd_student, "train the student on ground truth + kept pseudo-labels")
     p.add_argument("--faces", required=True)
@@ -143,10 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("evaluate", cmd_evaluate, "evaluate models per task x dataset x split, fairness audit, claims")
     p.add_argument("--models", type=_split_list, required=True,
-                   help="model folders, comma-separated; NAME=URI to name one")
-    p.add_argument("--faces", required=True)
+                   help="model folders, comma-separated; NAME=URI to name one (teacher=..., baseline_age=..., "
+                        "student=..., student_single_age=...: the name gives the role in the claims)")
+    p.add_argument("--faces", required=True, help="face table of any ingest, also of datasets never trained on")
     p.add_argument("--labels", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--pseudo", dest="pseudo_reports", type=_split_list, default=[],
+                   help="pseudo-label report.json file(s), comma-separated: their threshold curves go in the report")
+    p.add_argument("--out", required=True, help="output prefix (report.html, metrics.json, claims.json, confusion/)")
+
+    p = add("upload-data", cmd_upload_data, "copy the data root (--data-root) into object storage for cluster runs")
+    p.add_argument("--dest", required=True, help="destination prefix, e.g. s3://d2mtl/datasets")
+    p.add_argument("--workers", type=int, default=8, help="parallel uploads (default 8)")
+    p.add_argument("--overwrite", action="store_true", help="upload files that already exist at --dest again")
 
     try:
         from d2mtl_pipeline import cli as pipeline_cli

@@ -23,8 +23,8 @@ from d2mtl.errors import UserError
 from d2mtl.tasks import TASKS
 
 SCHEMA_KEY = b"d2mtl.schema"
-FACES, LABELS, PSEUDO = "faces", "labels", "pseudo"
-VERSIONS = {FACES: 1, LABELS: 1, PSEUDO: 1}
+FACES, LABELS, PSEUDO, PSEUDO_PART = "faces", "labels", "pseudo", "pseudo_part"
+VERSIONS = {FACES: 1, LABELS: 1, PSEUDO: 1, PSEUDO_PART: 1}
 MANIFEST = "_manifest.json"
 
 SPLITS = ("train", "val", "test")
@@ -61,7 +61,7 @@ def label_schema() -> pa.Schema:
 
 def pseudo_schema() -> pa.Schema:
     """Per classification task: label, confidence, probabilities, kept; age: expected value, spread, kept."""
-    fields = [pa.field("sample_id", pa.string(), nullable=False)]
+    fields = [pa.field("sample_id", pa.string(), nullable=False), pa.field("dataset", pa.string(), nullable=False)]
     for task in TASKS.values():
         if task.kind == "classification":
             fields += [pa.field(f"{task.name}", pa.int8()), pa.field(f"{task.name}_confidence", pa.float32()),
@@ -73,9 +73,22 @@ def pseudo_schema() -> pa.Schema:
     return pa.schema(fields)
 
 
+def pseudo_part_schema() -> pa.Schema:
+    """One shard's predictions before selection: the pseudo columns without ``_kept``, plus per task the label
+    of record (``_known``: class code; for age whether an age or age group is known) and, in holdout mode, the
+    hidden truth (``_hidden``). The merge selects over all parts at once, so sharding cannot change the result."""
+    fields = [field for field in pseudo_schema() if not field.name.endswith("_kept")]
+    for task in TASKS.values():
+        value = pa.float32() if task.kind == "regression" else pa.int8()
+        fields += [pa.field(f"{task.name}_known", pa.bool_() if task.kind == "regression" else pa.int8()),
+                   pa.field(f"{task.name}_hidden", value)]
+    return pa.schema(fields)
+
+
 LABEL_SCHEMA = label_schema()
 PSEUDO_SCHEMA = pseudo_schema()
-SCHEMAS = {FACES: FACE_SCHEMA, LABELS: LABEL_SCHEMA, PSEUDO: PSEUDO_SCHEMA}
+PSEUDO_PART_SCHEMA = pseudo_part_schema()
+SCHEMAS = {FACES: FACE_SCHEMA, LABELS: LABEL_SCHEMA, PSEUDO: PSEUDO_SCHEMA, PSEUDO_PART: PSEUDO_PART_SCHEMA}
 
 
 def _with_version(table: pa.Table, kind: str, extra: dict[str, str] | None = None) -> pa.Table:

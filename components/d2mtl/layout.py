@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from d2mtl.store import join
 
-STAGES = ("ingest", "teacher", "baselines", "pseudolabel", "student", "evaluate")
+STAGES = ("ingest", "teacher", "baselines", "pseudolabel", "pseudolabel_single", "student", "student_single",
+          "evaluate")  # the published stage folders; the *_single ones: the single-task distillation variant
 
 # ingest/
 FACES_DIR = "faces"  # sharded face table + _manifest.json (contracts.FaceTableWriter)
@@ -28,11 +29,15 @@ LR_RANGE_PLOT = "lr_range.png"
 PSEUDO_FILE = "pseudo.parquet"
 PSEUDO_REPORT = "report.json"
 PSEUDO_SHARDS_DIR = "shards"  # shard-<i>-of-<n>.parquet before the merge
+PSEUDO_HOLDOUT_PLOT = "holdout_curves.png"  # holdout mode: pseudo-label quality against the rule's parameter
+HOLDOUT_LABELS_FILE = "holdout_labels.parquet"  # holdout mode: the label table the teacher trains on
+HOLDOUT_TRUTH_FILE = "holdout_truth.parquet"  # holdout mode: the labels hidden from it
 
 # evaluate/
 EVAL_REPORT_HTML = "report.html"
 EVAL_METRICS = "metrics.json"
 EVAL_CLAIMS = "claims.json"
+EVAL_DETAILS = "evaluation.json"  # every row (per group too), gaps, confusion matrices, coverage, skipped faces
 CONFUSION_DIR = "confusion"
 
 
@@ -42,6 +47,11 @@ def faces(ingest_out: str) -> str:
 
 def labels(ingest_out: str) -> str:
     return join(ingest_out, LABELS_FILE)
+
+
+def pseudo_shard(index: int, count: int) -> str:
+    """A pseudo-label shard's file, relative to the shard run's output prefix."""
+    return join(PSEUDO_SHARDS_DIR, f"shard-{index:05d}-of-{count:05d}.parquet")
 
 
 def stage_prefix(prefix: str, run_id: str, stage: str) -> str:

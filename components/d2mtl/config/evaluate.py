@@ -1,11 +1,87 @@
-"""Evaluate stage config."""
+"""Evaluate stage config (see d2mtl/stages/evaluate.py)."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from d2mtl.roles import parse_role
+from d2mtl.contracts import SPLITS
+from d2mtl.errors import UserError
+from d2mtl.tasks import TASKS
+
+
+class DomainView(BaseModel):
+    """A synthetic other-domain copy of some datasets' faces, evaluated as a dataset ``<dataset>~<name>``.
+
+    With only colour UTKFace and gray low-resolution FER2013, no labelled face for age/gender/race comes from
+    FER2013's domain; ``utkface~gray48`` (UTKFace test faces made gray and 48 px, as FER2013 faces are) stands
+    in for it, so the cross-domain claims are measurable. Views are always cross-domain rows.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str  # suffix of the view's dataset name, e.g. gray48
+    datasets: list[str] = Field(default_factory=list)  # datasets to view this way; empty: every dataset
+    grayscale: bool = False  # average the colour channels
+    downscale_to: int | None = None  # shrink the face to this side first (then the model's resize enlarges it)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        if not name or not name.replace("_", "").replace("-", "").isalnum():
+            raise ValueError(f"view name {name!r} must be letters, digits, - or _")
+        return name
 
 
 class EvaluateConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    splits: list[str] = ["test"]
+    splits: list[str] = ["test"]  # face-table splits to evaluate
+    batch_size: int = 256  # faces per inference batch
+    device: str = "auto"  # auto: cuda when available, else cpu
+    threads: int | None = None  # torch CPU threads; None: torch's default
+    roles: dict[str, str] = Field(default_factory=dict)  # model name -> teacher | student | baseline:<task> |
+    # student_single:<task>; unnamed models get a role from their name (baseline_age, ...) or their folder
+    claims_split: str = "test"  # the split the claims and the comparison table are judged on
+    fairness_min_group: int = 30  # groups with fewer labelled faces are listed but left out of the largest gap
+    in_domain: dict[str, list[str]] | None = None  # task -> datasets that gave training labels for it;
+    # None: read from the teacher's model card, else from the label table's train split
+    views: list[DomainView] = Field(default_factory=list)  # synthetic cross-domain copies (DomainView)
+    max_faces_per_dataset: int | None = None  # evaluate only the first N faces of each dataset x split
+
+    @field_validator("splits")
+    @classmethod
+    def _known_splits(cls, splits: list[str]) -> list[str]:
+        unknown = [s for s in splits if s not in SPLITS]
+        if unknown or not splits:
+            raise ValueError(f"unknown or empty splits {splits}; known: {', '.join(SPLITS)}")
+        return splits
+
+    @field_validator("roles")
+    @classmethod
+    def _known_roles(cls, roles: dict[str, str]) -> dict[str, str]:
+        for name, role in roles.items():
+            try:
+                known = parse_role(role) is not None
+            except UserError as err:
+                raise ValueError(str(err)) from None
+            if not known:
+                raise ValueError(f"model {name!r}: unknown role {role!r}; roles: teacher, student, baseline:<task>, "
+                                 "student_single:<task>")
+        return roles
+
+    @field_validator("in_domain")
+    @classmethod
+    def _known_tasks(cls, in_domain: dict[str, list[str]] | None) -> dict[str, list[str]] | None:
+        unknown = [t for t in in_domain or {} if t not in TASKS]
+        if unknown:
+            raise ValueError(f"in_domain names unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
+        return in_domain
+
+    @model_validator(mode="after")
+    def _claims_split_evaluated(self) -> EvaluateConfig:
+        if self.claims_split not in self.splits:
+            raise ValueError(f"claims_split {self.claims_split!r} is not among the evaluated splits {self.splits}")
+        if self.batch_size < 1 or self.fairness_min_group < 1:
+            raise ValueError("batch_size >= 1 and fairness_min_group >= 1 are required")
+        return self

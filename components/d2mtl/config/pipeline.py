@@ -1,11 +1,136 @@
-"""Pipeline (KFP wiring, local runs, cluster submission) config."""
+"""Pipeline config: the KFP wiring, local runs (``d2mtl run``) and cluster submission (``d2mtl submit``).
+
+Images, resources and Kubernetes settings only matter on a cluster; ``kfp.local`` ignores them.
+"""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from importlib import metadata
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from d2mtl.tasks import TASKS
+
+
+def package_version() -> str:
+    try:
+        return metadata.version("distill-2md-mtl")
+    except metadata.PackageNotFoundError:
+        return "latest"
+
+
+class StageImages(BaseModel):
+    """Container image of each stage (docker/; each has d2mtl and kfp installed).
+
+    A stage's value is an image name, completed as ``<registry>/<name>:<tag>``, or a full reference (one with a
+    ``/``) used as it is.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    registry: str = "ghcr.io/distill-2md-mtl"
+    tag: str = Field(default_factory=package_version)  # default: the package version
+    ingest: str = "d2mtl-ingest"
+    teacher: str = "d2mtl-train-cpu"  # also the single-task baselines
+    pseudolabel: str = "d2mtl-train-cpu"
+    student: str = "d2mtl-train-cpu"  # also the single-task students
+    evaluate: str = "d2mtl-train-cpu"
+    utility: str = "d2mtl-ingest"  # publish, shard plan: no torch needed
+
+    def reference(self, stage: str) -> str:
+        name = getattr(self, stage)
+        return name if "/" in name else f"{self.registry.rstrip('/')}/{name}:{self.tag}"
+
+
+class Resources(BaseModel):
+    """Kubernetes resources of one stage's pods."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cpu: str = "1"  # CPU request (and limit)
+    memory: str = "4Gi"  # memory request (and limit)
+    gpus: int = Field(0, ge=0)  # accelerators; > 0 also adds the GPU node selector, tolerations and /dev/shm
+    timeout_s: int | None = Field(None, ge=1)  # pod deadline; None: no limit
+
+
+class StageResources(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ingest: Resources = Field(default_factory=lambda: Resources(cpu="4", memory="8Gi"))
+    teacher: Resources = Field(default_factory=lambda: Resources(cpu="4", memory="16Gi"))
+    pseudolabel: Resources = Field(default_factory=lambda: Resources(cpu="4", memory="8Gi"))
+    student: Resources = Field(default_factory=lambda: Resources(cpu="4", memory="16Gi"))
+    evaluate: Resources = Field(default_factory=lambda: Resources(cpu="4", memory="8Gi"))
+    utility: Resources = Field(default_factory=lambda: Resources(cpu="500m", memory="1Gi"))
+
+
+class Toleration(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    key: str
+    operator: Literal["Equal", "Exists"] = "Exists"
+    value: str | None = None  # with operator Equal
+    effect: Literal["NoExecute", "NoSchedule", "PreferNoSchedule"] | None = "NoSchedule"
 
 
 class PipelineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    run_root: str = "./runs"  # local pipeline root for d2mtl run
+    # what runs
+    shards: int = Field(1, ge=1)  # pseudo-label shards fanned out with dsl.ParallelFor, then merged
+    baselines: bool = False  # train the single-task baselines (one per task, in parallel with the teacher)
+    baseline_tasks: list[str] = Field(default_factory=lambda: list(TASKS))  # tasks that get a baseline
+    single_distill: bool = False  # distil each baseline into a single-task student (needs baselines)
+    confusion_task: str = "expression"  # the student's confusion matrix shown in the KFP UI
+    parallelism: int = Field(0, ge=0)  # loop iterations (shards, baselines) at once; 0: no limit (kfp.local: 2)
+    # local runs (d2mtl run)
+    run_root: str = "./runs"  # kfp.local pipeline root: run folders + the task cache (a local folder)
+    # results
+    publish_prefix: str = ""  # s3:// (or minio://, or a folder): results copied to <prefix>/<run>/<stage>/...
+    # cluster
+    images: StageImages = Field(default_factory=StageImages)
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    resources: StageResources = Field(default_factory=StageResources)
+    accelerator_type: str = "nvidia.com/gpu"  # resource name of the GPUs
+    gpu_node_selector: dict[str, str] = Field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
+    gpu_tolerations: list[Toleration] = Field(default_factory=lambda: [Toleration(key="nvidia.com/gpu")])
+    shm_size: str = "2Gi"  # memory-backed /dev/shm of GPU pods (DataLoader workers share batches through it)
+    secret_name: str = "d2mtl-object-store"  # Kubernetes Secret holding the object-store keys
+    secret_env: dict[str, str] = Field(default_factory=lambda: {  # Secret key -> environment variable
+        "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"})
+    retries: int = Field(2, ge=0)  # retries of a failed stage pod on a cluster (local runs never retry)
+    retry_backoff: str = "60s"  # first retry delay, then multiplied by retry_backoff_factor
+    retry_backoff_factor: float = Field(2.0, ge=1.0)
+    retry_backoff_max: str = "1h"
+    caching: bool = True  # reuse a task's earlier outputs when its inputs and code did not change
+
+    @field_validator("baseline_tasks")
+    @classmethod
+    def _known_tasks(cls, tasks: list[str]) -> list[str]:
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown or not tasks:
+            raise ValueError(f"unknown or empty baseline_tasks {tasks}; known tasks: {', '.join(TASKS)}")
+        return tasks
+
+    @field_validator("confusion_task")
+    @classmethod
+    def _classification_task(cls, task: str) -> str:
+        if task not in TASKS or TASKS[task].kind != "classification":
+            names = [t.name for t in TASKS.values() if t.kind == "classification"]
+            raise ValueError(f"confusion_task {task!r} is not a classification task ({', '.join(names)})")
+        return task
+
+    @field_validator("run_root")
+    @classmethod
+    def _local_folder(cls, root: str) -> str:
+        if "://" in root:
+            raise ValueError(f"run_root {root!r} must be a local folder (kfp.local cannot write to object storage); "
+                             "use publish_prefix for s3://")
+        return root
+
+    @model_validator(mode="after")
+    def _single_needs_baselines(self) -> PipelineConfig:
+        if self.single_distill and not self.baselines:
+            raise ValueError("single_distill distils the single-task baselines: set baselines: true as well")
+        return self

@@ -2,15 +2,117 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from d2mtl.tasks import TASKS
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class AugmentConfig(BaseModel):
+    """torchvision.transforms.v2 train augmentation; the eval transform only resizes and normalises."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hflip: float = 0.5  # probability of a horizontal flip
+    crop_scale: tuple[float, float] = (0.75, 1.0)  # random resized crop: share of the face area kept
+    crop_ratio: tuple[float, float] = (0.9, 1.1)  # random resized crop: aspect ratio range
+    brightness: float = 0.3  # colour jitter strengths (0 disables each)
+    contrast: float = 0.3
+    saturation: float = 0.3
+    hue: float = 0.0  # hue jitter is the costly one on CPU
+    grayscale: float = 0.2  # probability of a gray copy, so colour and gray domains meet
+
+
+class LRConfig(BaseModel):
+    """Dynamic learning rate: range test -> one-cycle / cyclical schedule + plateau rule; or fixed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schedule: Literal["one_cycle", "cyclic", "fixed"] = "one_cycle"  # fixed: constant `lr`, the ablation
+    lr: float = 1e-3  # the fixed rate; also the peak when range_test is off
+    range_test: bool = True  # pick the peak rate with an LR range test before training
+    range_start: float = 1e-6  # range test: first rate
+    range_end: float = 1.0  # range test: last rate (stops earlier when the loss diverges)
+    range_steps: int = 60  # range test: batches (exponentially spaced rates)
+    range_divisor: float = 10.0  # peak = rate at the smoothed-loss minimum / divisor
+    warmup: float = 0.15  # one-cycle: share of the steps spent rising to the peak
+    start_div: float = 25.0  # one-cycle: the first rate is peak / start_div
+    final_div: float = 1e3  # one-cycle: the last rate is peak / final_div
+    cycle_epochs: float = 1.0  # cyclic: length of one triangular cycle in epochs
+    plateau_patience: int = 1  # epochs without val improvement before the rate is lowered (0: never)
+    plateau_factor: float = 0.3  # multiply every later rate by this on a plateau
 
 
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     tasks: list[str] | None = None  # None: every task in the registry; [age]: a single-task baseline
+    # model
+    backbone: str = "mobilenet_v2"  # models.BACKBONES: mobilenet_v2, resnet18, resnet50, efficientnet_b0, convnext_tiny
+    weights: str = "IMAGENET1K_V1"  # torchvision weights name of the backbone, DEFAULT, or none
+    freeze_stages: int = 0  # leading backbone stages kept frozen (fewer to train: faster on CPU)
+    dropout: float = 0.2  # before the task heads
+    age_head: Literal["dex", "l1"] = "dex"  # dex: softmax over integer ages, expected value; l1: regression
+    age_sigma: float = 2.0  # dex: std (years) of the soft target around the label / interval
+    age_l1_weight: float = 0.1  # dex: weight of the L1 term on the expected age
+    input_size: int = 64  # network input side in pixels (faces are stored larger)
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # input normalisation, stored with the model
+    std: tuple[float, float, float] = IMAGENET_STD
+    # data
+    batch_size: int = 64
+    mix: Literal["proportional", "dataset", "task"] = "proportional"  # how datasets share each epoch
+    epoch_samples: int | None = None  # samples drawn per epoch; None: the train rows once each
+    shard_window: int = 8  # face-table shards held in memory per loader worker
+    num_workers: int = 1  # DataLoader worker processes (0: decode in the training process)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    # optimisation
     epochs: int = 3
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = 1e-4
+    momentum: float = 0.9  # sgd only
+    lr: LRConfig = Field(default_factory=LRConfig)
+    weighting: Literal["fixed", "uncertainty", "dwa"] = "fixed"  # task-loss weighting
+    task_weights: dict[str, float] = Field(default_factory=dict)  # fixed: per-task weight, missing -> 1
+    dwa_temperature: float = 2.0  # dwa: softness of the weights
+    # run
+    device: str = "auto"  # auto: cuda when available, else cpu
+    threads: int | None = None  # torch CPU threads; None: torch's default
+    seed: int = 0
+    deterministic: bool = False  # torch deterministic algorithms (exact resume on CPU)
+    checkpoint_every: int = 200  # also checkpoint every N optimiser steps (0: only per epoch)
+    eval_batch_size: int = 256
+    progress: bool = True  # tqdm progress bars
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, tasks: list[str] | None) -> list[str] | None:
+        if tasks is not None:
+            unknown = [t for t in tasks if t not in TASKS]
+            if unknown or not tasks:
+                raise ValueError(f"unknown or empty task list {tasks}; known tasks: {', '.join(TASKS)}")
+        return tasks
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        unknown = [t for t in self.task_weights if t not in TASKS]
+        if unknown:
+            raise ValueError(f"task_weights names unknown task(s) {', '.join(unknown)}")
+        if self.input_size < 16 or self.batch_size < 1 or self.epochs < 1:
+            raise ValueError("input_size >= 16, batch_size >= 1 and epochs >= 1 are required")
+        return self
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        """The trained tasks in registry order."""
+        return tuple(t for t in TASKS if self.tasks is None or t in self.tasks)
 
 
 class StudentConfig(TrainConfig):
-    pseudo_weight: float = 1.0
+    pseudo_weight: float = 1.0  # weight of pseudo-label losses relative to ground truth
+    targets: Literal["hard", "soft"] = "soft"  # soft: KL to the teacher's probabilities; hard: its label
+    confidence_weighting: bool = True  # scale each pseudo-label's loss by the teacher's confidence
+    init: Literal["imagenet", "scratch", "teacher"] = "imagenet"  # teacher: start from the teacher's weights

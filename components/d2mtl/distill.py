@@ -1,0 +1,187 @@
+"""Data distillation maths: aggregate multi-transform teacher predictions, select pseudo-labels, hide labels.
+
+Radosavovic et al., "Data Distillation: Towards Omni-Supervised Learning" (CVPR 2018): run the teacher on
+several geometric transforms of each image (and optionally several teachers), average the predictions, and
+keep only the confident ones as labels for the student. Distill-2MD-MTL (arXiv 1907.03402) uses it to fill the
+tasks each dataset leaves unlabelled.
+
+Everything here is a pure function over NumPy arrays or Arrow tables; the pseudo-label stage does the I/O.
+Arrays are indexed by row in canonical order (sorted by ``sample_id``), so ties break the same way every run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from d2mtl.config.pseudolabel import TaskRule
+from d2mtl.tasks import get_task
+
+
+@dataclass(frozen=True)
+class TaskPrediction:
+    """One task's aggregated teacher prediction for B rows."""
+
+    value: np.ndarray  # (B,) class code (classification) or expected age in years (regression)
+    score: np.ndarray  # (B,) confidence = top mean probability (higher is surer) | spread in years (lower is surer)
+    probs: np.ndarray | None = None  # (B, C) mean class probabilities; None for regression
+
+
+@dataclass(frozen=True)
+class Selection:
+    kept: np.ndarray  # (B,) bool
+    thresholds: dict = field(default_factory=dict)  # what the rule used, for the report
+
+
+def aggregate_classification(probs: np.ndarray) -> TaskPrediction:
+    """Mean class probabilities over members (transforms x teachers): (M, B, C) -> label, confidence, probs."""
+    if probs.ndim != 3 or probs.shape[0] == 0:
+        raise ValueError(f"expected probabilities shaped (members, rows, classes), got {probs.shape}")
+    mean = probs.mean(axis=0, dtype=np.float64).astype(np.float32)  # (B, C)
+    return TaskPrediction(value=mean.argmax(axis=1), score=mean.max(axis=1), probs=mean)
+
+
+def aggregate_regression(values: np.ndarray) -> TaskPrediction:
+    """Mean of the members' expected values and their spread (population std): (M, B) -> value, spread."""
+    if values.ndim != 2 or values.shape[0] == 0:
+        raise ValueError(f"expected values shaped (members, rows), got {values.shape}")
+    values = values.astype(np.float64)
+    return TaskPrediction(value=values.mean(axis=0).astype(np.float32), score=values.std(axis=0).astype(np.float32))
+
+
+def class_prior(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Class frequencies of the known labels (integer codes); ValueError when there are none."""
+    if labels.size == 0:
+        raise ValueError("no known labels to take a class prior from")
+    counts = np.bincount(labels.astype(np.int64), minlength=num_classes)[:num_classes]
+    return counts / counts.sum()
+
+
+def select_fixed(pred: TaskPrediction, candidate: np.ndarray, threshold: float) -> Selection:
+    """Keep candidates whose confidence is at least ``threshold``."""
+    return Selection(candidate & (pred.score >= threshold), {"threshold": threshold})
+
+
+def select_spread(pred: TaskPrediction, candidate: np.ndarray, max_spread: float) -> Selection:
+    """Keep candidates whose spread across members is at most ``max_spread``."""
+    return Selection(candidate & (pred.score <= max_spread), {"max_spread": max_spread})
+
+
+def class_quotas(total: int, prior: np.ndarray) -> np.ndarray:
+    """Split ``total`` across classes in proportion to ``prior`` (largest remainder: the quotas sum to total)."""
+    exact = total * prior
+    quota = np.floor(exact).astype(np.int64)
+    remainder = exact - quota
+    order = np.argsort(-remainder, kind="stable")  # ties go to the lower class code
+    quota[order[: total - quota.sum()]] += 1
+    return quota
+
+
+def select_prior(pred: TaskPrediction, candidate: np.ndarray, prior: np.ndarray, retention: float,
+                 classes: list[str] | tuple[str, ...]) -> Selection:
+    """Per-class thresholds so that the kept labels follow ``prior`` and keep ``retention`` of the candidates.
+
+    The quota of class c is its prior share of round(retention x candidates); the most confident candidates
+    predicted as c fill it. A class with fewer candidates than its quota keeps all of them and the shortfall is
+    not moved to other classes, so the kept labels never over-represent a class the teacher over-predicts.
+    """
+    kept = np.zeros_like(candidate)
+    quota = class_quotas(round(retention * int(candidate.sum())), prior)
+    per_class = {}
+    for code, name in enumerate(classes):
+        rows = np.flatnonzero(candidate & (pred.value == code))
+        chosen = rows[np.argsort(-pred.score[rows], kind="stable")[: quota[code]]]
+        kept[chosen] = True
+        per_class[name] = float(pred.score[chosen].min()) if chosen.size else None
+    return Selection(kept, {"retention_target": retention, "per_class": per_class,
+                            "quota": dict(zip(classes, quota.tolist()))})
+
+
+def select(task_name: str, rule: TaskRule, pred: TaskPrediction, candidate: np.ndarray,
+           known: np.ndarray | None = None) -> Selection:
+    """Apply a task's rule; ``known`` (the codes of the task's known labels) feeds the prior rule."""
+    task = get_task(task_name)
+    if rule.rule == "spread":
+        return select_spread(pred, candidate, rule.max_spread)
+    if rule.rule == "fixed":
+        return select_fixed(pred, candidate, rule.threshold)
+    try:
+        prior = class_prior(known if known is not None else np.empty(0), task.num_classes)
+    except ValueError:
+        raise ValueError(f"{task_name}: the prior rule needs known {task_name} labels to take the class prior "
+                         "from and there are none; use rule: fixed") from None
+    return select_prior(pred, candidate, prior, rule.retention, task.classes)
+
+
+def _hash_key(seed: int, sample_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{seed}/{sample_id}".encode(), digest_size=8).digest(), "big")
+
+
+def hide_labels(labels: pa.Table, fraction: float, tasks: list[str] | tuple[str, ...],
+                seed: int = 0) -> tuple[pa.Table, pa.Table]:
+    """Hide ``fraction`` of each task's known labels: (labels to train on, the hidden truth).
+
+    For each task, of the rows that have the label, the round(fraction x n) rows with the smallest
+    hash(seed, sample_id) lose it. The choice depends only on the sample ids, not on row order, and a row
+    hidden at one fraction is hidden at every larger one. Hiding age also hides the row's age-group interval.
+    Both tables keep ``labels``' schema; the hidden truth holds only rows with at least one hidden label.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"holdout fraction must be in [0, 1), got {fraction}")
+    for name in tasks:
+        get_task(name)
+    keys = np.array([_hash_key(seed, sample_id) for sample_id in labels.column("sample_id").to_pylist()],
+                    dtype=np.uint64)
+    hidden_any = np.zeros(labels.num_rows, dtype=bool)
+    train_columns, truth_columns = {}, {}
+    for name in tasks:
+        known = np.flatnonzero(labels.column(name).is_valid().to_numpy(zero_copy_only=False))
+        hidden = np.zeros(labels.num_rows, dtype=bool)
+        hidden[known[np.argsort(keys[known], kind="stable")[: round(fraction * known.size)]]] = True
+        hidden_any |= hidden
+        for column in [name] + (["age_low", "age_high"] if name == "age" else []):
+            values, nulls = labels.column(column), pa.nulls(labels.num_rows, labels.schema.field(column).type)
+            train_columns[column] = pc.if_else(pa.array(hidden), nulls, values)
+            truth_columns[column] = pc.if_else(pa.array(hidden), values, nulls)
+    train = labels
+    truth = labels
+    for index, column in enumerate(labels.column_names):
+        if column in train_columns:
+            train = train.set_column(index, column, train_columns[column])
+        if column != "sample_id":
+            empty = pa.nulls(labels.num_rows, labels.schema.field(column).type)
+            truth = truth.set_column(index, column, truth_columns.get(column, empty))
+    return train, truth.filter(pa.array(hidden_any))
+
+
+SWEPT = {"fixed": "threshold", "prior": "retention", "spread": "max_spread"}  # the rule parameter a curve varies
+CURVE_KEY = {"threshold": "threshold", "retention": "retention_target", "max_spread": "max_spread"}  # its name there
+
+
+def holdout_point(task_name: str, kept: np.ndarray, pred: TaskPrediction, truth: np.ndarray) -> dict:
+    """How good the kept pseudo-labels are on the rows whose label was hidden (``truth`` is NaN elsewhere)."""
+    hidden = ~np.isnan(truth)
+    chosen = kept & hidden
+    point = {"hidden": int(hidden.sum()), "kept": int(chosen.sum()),
+             "retention": float(chosen.sum() / hidden.sum()) if hidden.any() else None}
+    if get_task(task_name).kind == "classification":
+        point["accuracy"] = float(np.mean(pred.value[chosen] == truth[chosen])) if chosen.any() else None
+    else:
+        point["mae"] = float(np.mean(np.abs(pred.value[chosen] - truth[chosen]))) if chosen.any() else None
+    return point
+
+
+def holdout_curve(task_name: str, rule: TaskRule, pred: TaskPrediction, candidate: np.ndarray,
+                  known: np.ndarray | None, truth: np.ndarray, values: list[float]) -> list[dict]:
+    """Pseudo-label quality on the hidden rows as the rule's parameter sweeps ``values``."""
+    parameter = SWEPT[rule.rule]
+    curve = []
+    for value in values:
+        swept = rule.model_copy(update={parameter: value})
+        kept = select(task_name, swept, pred, candidate, known).kept
+        curve.append({CURVE_KEY[parameter]: value, **holdout_point(task_name, kept, pred, truth)})
+    return curve

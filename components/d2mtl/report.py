@@ -1,0 +1,265 @@
+"""The evaluation report: one self-contained HTML file (tables + PNG plots embedded as data URIs).
+
+Plots are drawn with matplotlib's object API (``Figure`` + the Agg canvas), never through pyplot's global state,
+so rendering is thread-safe and needs no display. The HTML references nothing outside itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from d2mtl.claims import HELD, NOT_HELD
+
+_STATUS_CLASS = {HELD: "held", NOT_HELD: "not-held"}
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 80em; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
+th { background: #f2f2f2; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.held { background: #dff5df; } .not-held { background: #f9dcdc; } .unmeasured { background: #f3f3d8; }
+figure { display: inline-block; margin: 0.5em; } figcaption { font-size: 0.85em; text-align: center; }
+img { max-width: 100%; }
+"""
+
+
+@dataclass(frozen=True)
+class Plot:
+    caption: str
+    png: bytes
+
+
+def _png(figure: Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def confusion_png(categories: list[str], matrix: list[list[int]], title: str) -> bytes:
+    """Rows = true class, columns = predicted; colour = share of the true class, text = counts."""
+    counts = np.asarray(matrix, dtype=np.int64)
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    side = 1.2 + 0.6 * len(categories)
+    figure = Figure(figsize=(side + 1.0, side))
+    axes = figure.add_subplot()
+    image = axes.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
+    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="share of true class")
+    ticks = range(len(categories))
+    axes.set_xticks(ticks, categories, rotation=45, ha="right")
+    axes.set_yticks(ticks, categories)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    axes.set_title(title, fontsize=9)
+    for (i, j), count in np.ndenumerate(counts):
+        axes.text(j, i, str(count), ha="center", va="center", fontsize=7,
+                  color="white" if shares[i, j] > 0.5 else "black")
+    return _png(figure)
+
+
+Series = dict[str, dict[str, tuple[list[float], list[float]]]]  # panel -> line label -> (xs, ys)
+
+
+def series_png(series: Series, title: str, xlabel: str | Mapping[str, str]) -> bytes | None:
+    """Line plots, one panel per entry of ``series`` (up to 3 per row); None when there is nothing to draw."""
+    panels = {name: lines for name, lines in series.items() if lines}
+    if not panels:
+        return None
+    columns = min(3, len(panels))
+    grid_rows = math.ceil(len(panels) / columns)
+    figure = Figure(figsize=(4.8 * columns, 3.4 * grid_rows))
+    for index, (panel, lines) in enumerate(panels.items()):
+        axes = figure.add_subplot(grid_rows, columns, index + 1)
+        for label, (xs, ys) in lines.items():
+            axes.plot(xs, ys, marker="o", markersize=3, label=label)
+        axes.set_title(panel, fontsize=9)
+        axes.set_xlabel(xlabel if isinstance(xlabel, str) else xlabel.get(panel, ""))
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=7)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    return _png(figure)
+
+
+def _record_lists(doc, path: str = "") -> Iterator[tuple[str, list[dict]]]:
+    """Every list of JSON objects inside a JSON document, with its path (``a/b``)."""
+    if isinstance(doc, list) and doc and all(isinstance(item, dict) for item in doc):
+        yield path, doc
+        return
+    children = doc.items() if isinstance(doc, dict) else enumerate(doc) if isinstance(doc, list) else ()
+    for key, child in children:
+        yield from _record_lists(child, f"{path}/{key}" if path else str(key))
+
+
+def _numbers(record: dict, prefix: str = "") -> dict[str, float]:
+    """The numeric leaves of a (nested) JSON object, keyed ``a/b``."""
+    found = {}
+    for key, value in record.items():
+        name = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            found.update(_numbers(value, name))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            found[name] = float(value)
+    return found
+
+
+def _lines(records: list[dict], x_key: str, y_keys: Iterable[str]) -> dict[str, tuple[list[float], list[float]]]:
+    lines: dict[str, tuple[list[float], list[float]]] = {}
+    for record in records:
+        values = _numbers(record)
+        for key in y_keys:
+            if x_key in values and key in values:
+                xs, ys = lines.setdefault(key, ([], []))
+                xs.append(values[x_key])
+                ys.append(values[key])
+    return lines
+
+
+_NOT_CURVES = ("epoch", "step", "steps", "samples", "images", "plateau")
+
+
+def _curve_panel(key: str) -> str | None:
+    """Which panel a history value belongs to (None: not a curve); ``train/*`` holds the training losses."""
+    section, _, leaf = key.lower().rpartition("/")
+    if leaf in _NOT_CURVES or leaf.endswith("_n") or "seconds" in leaf or "time" in leaf:
+        return None
+    if "loss" in leaf or section.split("/")[0] == "train":
+        return "loss"
+    if "weight" in section or "weight" in leaf:
+        return "task weights"
+    if leaf == "lr" or leaf.endswith("_lr"):
+        return "learning rate"
+    return "MAE (years)" if "mae" in leaf else "scores"
+
+
+def history_series(doc) -> Series:
+    """Training curves from the per-epoch history in a model's metrics JSON (lists of objects with ``epoch``)."""
+    histories = [(path, records) for path, records in _record_lists(doc) if any("epoch" in r for r in records)]
+    series: Series = {}
+    for path, records in histories:
+        keys = sorted({key for record in records for key in _numbers(record) if _curve_panel(key) is not None})
+        for key, line in _lines(records, "epoch", keys).items():
+            series.setdefault(_curve_panel(key), {})[f"{path}/{key}" if len(histories) > 1 else key] = line
+    return series
+
+
+SWEPT_PARAMETERS = ("threshold", "max_spread", "retention")  # what a holdout curve varies (retention: also a quality)
+_CURVE_QUALITIES = ("accuracy", "mae", "retention")
+
+
+def threshold_series(doc) -> tuple[Series, dict[str, str]]:
+    """Pseudo-label quality vs the selection parameter, from every holdout curve in a pseudo-label report.
+
+    A curve is a list of objects sharing a swept parameter (``threshold``, ``retention`` or ``max_spread``)
+    and carrying ``accuracy`` / ``mae`` and ``retention``; one panel per curve and quality. Returns the
+    series and each panel's x label.
+    """
+    series: Series = {}
+    xlabels: dict[str, str] = {}
+    for path, records in _record_lists(doc):
+        swept = next((p for p in SWEPT_PARAMETERS if all(p in r for r in records)), None)
+        if swept is None:
+            continue
+        for quality in _CURVE_QUALITIES:
+            if quality == swept:
+                continue
+            lines = _lines(records, swept, [quality])
+            if lines:
+                panel = f"{path or 'curve'}: {quality}"
+                series[panel] = lines
+                xlabels[panel] = swept
+    return series, xlabels
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
+            return f'<td class="num">{value}</td>'
+        return f'<td class="num">{value:.4g}</td>'
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f'<td class="num">{value}</td>'
+    if value is None:
+        return "<td>-</td>"
+    if isinstance(value, (list, tuple)):
+        value = ", ".join(str(v) for v in value)
+    return f"<td>{html.escape(str(value))}</td>"
+
+
+def table(header: list[str], rows: Iterable[list], row_classes: Iterable[str] | None = None) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    classes = list(row_classes) if row_classes is not None else None
+    body = []
+    for index, row in enumerate(rows):
+        css = f' class="{classes[index]}"' if classes and classes[index] else ""
+        body.append(f"<tr{css}>{''.join(_cell(v) for v in row)}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _figures(plots: list[Plot]) -> str:
+    return "".join(f'<figure><img alt="{html.escape(p.caption)}" src="{_data_uri(p.png)}">'
+                   f"<figcaption>{html.escape(p.caption)}</figcaption></figure>" for p in plots)
+
+
+def _claims_section(claims: list[dict]) -> str:
+    parts = [table(["#", "claim", "status", "why"],
+                   [[c["claim"], c["text"], c["status"], c["reason"]] for c in claims],
+                   [_STATUS_CLASS.get(c["status"], "unmeasured") for c in claims])]
+    for claim in claims:
+        if not claim["comparisons"]:
+            continue
+        parts.append(f"<h3>Claim {claim['claim']}: the numbers</h3>")
+        parts.append(table(
+            ["task", "dataset", "domain", "metric", "model", "value", "reference", "reference value", "better",
+             "relative error reduction"],
+            [[c["task"], c["dataset"], c["domain"], c["metric"] + ("" if c["higher_is_better"] else " (lower is better)"),
+              c["model"], c["value"], c["reference"], c["reference_value"], "yes" if c["better"] else "no",
+              f"{100 * c['relative_error_reduction']:+.1f}%"] for c in claim["comparisons"]],
+            ["held" if c["better"] else "not-held" for c in claim["comparisons"]]))
+    return "".join(parts)
+
+
+def render(*, title: str, models: list[dict], claims: list[dict], comparison: tuple[list[str], list[list]],
+           rows: list[dict], gaps: list[dict], confusion_plots: list[Plot], curve_plots: list[Plot],
+           threshold_plots: list[Plot], notes: list[str] = ()) -> str:
+    """The whole report as one HTML string."""
+    overall = [r for r in rows if r["group_by"] is None]
+    grouped = [r for r in rows if r["group_by"] is not None]
+    model_columns = ["name", "role", "uri", "tasks", "backbone", "input size"]
+    sections = [
+        ("Models", table(model_columns, [[m.get(k.replace(" ", "_")) for k in model_columns] for m in models])),
+        ("The paper's claims", _claims_section(claims)),
+        ("Comparison across models (primary metric per task)",
+         "<p>MAE in years (lower is better); accuracies as fractions.</p>" + table(*comparison)),
+        ("All metrics", table(["model", "task", "dataset", "split", "metric", "value", "n"],
+                              [[r["model"], r["task"], r["dataset"], r["split"], r["metric"], r["value"], r["n"]]
+                               for r in overall])),
+        ("Fairness audit: largest gap per metric",
+         "<p>Gap = best group minus worst group, in the metric's units, over groups with enough faces.</p>"
+         + (table(["model", "task", "dataset", "split", "metric", "by", "gap", "best group", "best", "worst group",
+                   "worst", "groups"],
+                  [[g["model"], g["task"], g["dataset"], g["split"], g["metric"], g["group_by"], g["gap"],
+                    g["best_group"], g["best"], g["worst_group"], g["worst"], g["groups_compared"]] for g in gaps])
+            if gaps else "<p>No dataset with gender or race labels among the evaluated ones.</p>")),
+        ("Fairness audit: every metric per group",
+         "<details><summary>show</summary>"
+         + table(["model", "task", "dataset", "split", "by", "group", "metric", "value", "n"],
+                 [[r["model"], r["task"], r["dataset"], r["split"], r["group_by"], r["group"], r["metric"],
+                   r["value"], r["n"]] for r in grouped]) + "</details>"),
+        ("Confusion matrices", _figures(confusion_plots) or "<p>None.</p>"),
+        ("Training curves", _figures(curve_plots) or "<p>No training metrics found in the model folders.</p>"),
+        ("Pseudo-label threshold curves", _figures(threshold_plots) or "<p>No pseudo-label report given.</p>"),
+    ]
+    body = "".join(f"<h2>{html.escape(name)}</h2>{content}" for name, content in sections)
+    note_html = "".join(f"<p>{html.escape(n)}</p>" for n in notes)
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>{note_html}{body}</body></html>")

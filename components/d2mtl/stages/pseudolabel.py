@@ -1,0 +1,459 @@
+"""The pseudo-label stage (data distillation): the teacher fills in the labels each dataset lacks.
+
+``run`` streams one shard of the face table through the teacher(s) -- every configured transform of a batch
+in one pass per input size, several teachers as an ensemble -- and writes the aggregated predictions with the
+labels of record as a part table (``contracts.PSEUDO_PART``). ``merge`` concatenates the parts in sample-id
+order and selects the pseudo-labels over all of them at once (the prior rule needs every candidate), so a
+sharded run merged equals a single run. With one shard, ``run`` merges by itself. Rerunning ``merge`` on the
+same parts with other rules re-selects without running the teacher again.
+
+Outputs under ``out`` (names from ``layout``): ``pseudo.parquet`` (``contracts.PSEUDO``), ``report.json``
+(retention per task x dataset x class, thresholds used, holdout curves), ``holdout_curves.png`` in holdout
+mode, and ``shards/shard-<i>-of-<n>.parquet`` (the parts).
+
+Holdout mode (``holdout.fraction > 0``): ``write_holdout_labels`` hides a fraction of the known labels for the
+teacher to train on; this stage hides the same ones (``distill.hide_labels`` is deterministic), treats them
+as unlabelled and reports the pseudo-labels' accuracy / MAE against them as the selection parameter sweeps.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torchvision.transforms.v2 import functional as F
+from tqdm import tqdm
+
+from d2mtl import contracts, data, distill, layout, store
+from d2mtl.config.pseudolabel import PseudoLabelConfig, parse_transform
+from d2mtl.errors import UserError
+from d2mtl.models import MultiTaskNet, load_model, read_card, resolve_device
+from d2mtl.tasks import TASKS
+
+log = logging.getLogger(__name__)
+
+PART_KEY = "d2mtl.pseudo.part"  # part-table metadata: shard, provenance
+PROVENANCE_KEY = "d2mtl.pseudo"  # pseudo-table metadata: teachers, transforms, rules, holdout
+HOLDOUT_KEY = "d2mtl.holdout"  # label-table metadata of write_holdout_labels: which labels it hides
+CARD_IDENTITY = ("name", "role", "backbone", "tasks", "age_head", "input_size", "weights_sha256")
+AGE_BAND = 10  # years per age band in the retention report
+
+
+# ---- teachers and transforms --------------------------------------------------------------------
+
+@dataclass
+class Teacher:
+    uri: str
+    net: MultiTaskNet
+    card: dict
+
+    def identity(self) -> dict:
+        return {"uri": self.uri, **{key: self.card[key] for key in CARD_IDENTITY if key in self.card}}
+
+
+def load_teachers(uris: list[str], tasks: tuple[str, ...], device: torch.device) -> list[Teacher]:
+    """Load the ensemble, refusing a teacher whose tasks are not exactly ``tasks``."""
+    if not uris:
+        raise UserError("pseudolabel needs at least one teacher model folder")
+    for uri in uris:
+        found = read_card(uri)["tasks"]
+        if set(found) != set(tasks):
+            raise UserError(f"teacher {uri} predicts {', '.join(found)} but pseudolabel.tasks is "
+                            f"{', '.join(tasks)}; configure the teacher's tasks (pseudolabel.tasks, or "
+                            f"--tasks {','.join(found)} on the command line) or pick another teacher")
+    return [Teacher(uri, *load_model(uri, device)) for uri in uris]
+
+
+def _crop(x: torch.Tensor, factor: float) -> torch.Tensor:
+    size = list(x.shape[-2:])
+    return F.resize(F.center_crop(x, [max(1, round(factor * s)) for s in size]), size, antialias=True)
+
+
+def _scale(x: torch.Tensor, factor: float) -> torch.Tensor:
+    return F.resize(x, [max(1, round(factor * s)) for s in x.shape[-2:]], antialias=True)
+
+
+OPS = {"identity": lambda x, factor: x, "hflip": lambda x, factor: F.horizontal_flip(x), "crop": _crop,
+       "scale": _scale}
+
+
+def make_view(x: torch.Tensor, spec: str) -> torch.Tensor:
+    """A transform ("hflip+crop:0.9") applied to a whole batch (B, 3, H, W)."""
+    for name, factor in parse_transform(spec):
+        x = OPS[name](x, factor)
+    return x
+
+
+def predict_members(teachers: list[Teacher], images: torch.Tensor, transforms: list[str],
+                    device: torch.device) -> dict[str, np.ndarray]:
+    """Every (teacher, transform) member's prediction of a uint8 batch (B, 3, H, W).
+
+    Returns per classification task (M, B, C) probabilities and for age (M, B) expected years, M = teachers x
+    transforms. Views of one size go through the network together.
+    """
+    members: dict[str, list[torch.Tensor]] = {}
+    for teacher in teachers:
+        resized = data.eval_transform(int(teacher.card["input_size"]))(images.to(device))
+        x = data.normalize(resized, teacher.card["mean"], teacher.card["std"], device)  # (B, 3, S, S)
+        views = [make_view(x, spec) for spec in transforms]
+        outputs: list[dict[str, torch.Tensor] | None] = [None] * len(views)
+        for shape in dict.fromkeys(v.shape for v in views):
+            chosen = [i for i, v in enumerate(views) if v.shape == shape]
+            predicted = teacher.net.predict(torch.cat([views[i] for i in chosen]))
+            for k, i in enumerate(chosen):
+                outputs[i] = {task: value[k * len(x):(k + 1) * len(x)] for task, value in predicted.items()}
+        for output in outputs:
+            for task in teacher.card["tasks"]:
+                members.setdefault(task, []).append(output[task])
+    return {task: torch.stack(values).float().cpu().numpy() for task, values in members.items()}
+
+
+# ---- inference over a shard ---------------------------------------------------------------------
+
+def _decoded_batches(faces: str, shards: list[str], batch_size: int) -> Iterator[tuple[pa.RecordBatch, torch.Tensor]]:
+    """(sample_id + dataset columns, uint8 images (B, 3, H, W)) per batch; batches never span face shards."""
+    for batch in contracts.iter_face_batches(faces, columns=["sample_id", "dataset", "image"], shards=shards,
+                                             batch_rows=batch_size):
+        images = []
+        for sample_id, jpeg in zip(batch.column("sample_id").to_pylist(), batch.column("image").to_pylist()):
+            try:
+                images.append(data.decode_jpeg(jpeg))
+            except UserError as err:
+                raise UserError(f"{faces}: face {sample_id}: {err}; re-run ingest") from None
+        if len({tuple(image.shape) for image in images}) > 1:  # the contract says one size; tolerate mixed
+            side = max(image.shape[-1] for image in images)
+            images = [data.eval_transform(side)(image) for image in images]
+        yield batch.select(["sample_id", "dataset"]), torch.stack(images)
+
+
+def infer(teachers: list[Teacher], faces: str, shards: list[str], transforms: list[str], batch_size: int,
+          device: torch.device, rows: int) -> tuple[pa.Table, dict[str, distill.TaskPrediction]]:
+    """Aggregated predictions for every face in ``shards``: (sample_id + dataset, task -> prediction)."""
+    keys, members = [], {}
+    with tqdm(total=rows, unit="face", desc="pseudo-label", mininterval=10) as progress:
+        for ids, images in _decoded_batches(faces, shards, batch_size):
+            keys.append(ids)
+            for task, values in predict_members(teachers, images, transforms, device).items():
+                members.setdefault(task, []).append(values)
+            progress.update(len(ids))
+    table = pa.Table.from_batches(keys, schema=pa.schema([contracts.FACE_SCHEMA.field("sample_id"),
+                                                          contracts.FACE_SCHEMA.field("dataset")]))
+    predictions = {}
+    for task in teachers[0].card["tasks"]:
+        classification = TASKS[task].kind == "classification"
+        empty = np.zeros((1, 0, TASKS[task].num_classes) if classification else (1, 0))  # a shard without faces
+        values = np.concatenate(members[task], axis=1) if task in members else empty
+        aggregate = distill.aggregate_classification if classification else distill.aggregate_regression
+        predictions[task] = aggregate(values)
+    return table, predictions
+
+
+# ---- labels of record and hidden truth ----------------------------------------------------------
+
+def labels_of_record(cfg: PseudoLabelConfig, labels: pa.Table) -> tuple[pa.Table, pa.Table | None]:
+    """(the labels the teacher trained on, the hidden truth or None): the holdout split when enabled."""
+    if cfg.holdout.fraction == 0:
+        return labels, None
+    return distill.hide_labels(labels, cfg.holdout.fraction, cfg.holdout.tasks, cfg.holdout.seed)
+
+
+def check_holdout_teachers(cfg: PseudoLabelConfig, teachers: list[Teacher]) -> None:
+    """Refuse a teacher whose card says it trained on labels that do not hide this holdout's labels.
+
+    A card without readable training sources (e.g. a pipeline artifact of another pod) only gets a warning.
+    """
+    expected = cfg.holdout.model_dump_json(include={"fraction", "tasks", "seed"})
+    for teacher in teachers:
+        labels = teacher.card.get("sources", {}).get("labels")
+        try:
+            found = contracts.table_metadata(labels).get(HOLDOUT_KEY) if labels else None
+        except (FileNotFoundError, UserError):
+            found = "unreadable"
+        if found == "unreadable" or labels is None:
+            log.warning("cannot check that teacher %s was trained without the hidden labels (its labels: %s)",
+                        teacher.uri, labels)
+        elif found != expected:
+            raise UserError(f"holdout mode: teacher {teacher.uri} was trained on {labels}, which does not hide "
+                            f"these labels ({found or 'nothing hidden'} vs {expected}); train it on the labels "
+                            "written by `d2mtl pseudolabel --hide-labels` with the same holdout settings")
+
+
+def _at(table: pa.Table, column: str, positions: np.ndarray) -> pa.Array:
+    """``table[column]`` at ``positions``; null where the position is -1 (no label row)."""
+    return table.column(column).take(pa.array(positions, mask=positions < 0)).combine_chunks()
+
+
+def label_columns(keys: pa.Table, record: pa.Table, hidden: pa.Table | None) -> dict[str, pa.Array]:
+    """Per task ``<task>_known`` and ``<task>_hidden`` for the rows of ``keys``."""
+    positions = data.positions_in(keys.column("sample_id"), record, where="label table")
+    hidden_positions = (data.positions_in(keys.column("sample_id"), hidden, where="hidden truth")
+                        if hidden is not None else None)
+    columns = {}
+    for task in TASKS.values():
+        if task.kind == "classification":
+            columns[f"{task.name}_known"] = _at(record, task.name, positions)
+        else:  # an exact value or an interval (age groups) is a label of record
+            interval = pc.and_(_at(record, f"{task.name}_low", positions).is_valid(),
+                               _at(record, f"{task.name}_high", positions).is_valid())
+            columns[f"{task.name}_known"] = pc.or_(_at(record, task.name, positions).is_valid(), interval)
+        if hidden_positions is not None:
+            columns[f"{task.name}_hidden"] = _at(hidden, task.name, hidden_positions)
+    return columns
+
+
+# ---- tables -------------------------------------------------------------------------------------
+
+def _prediction_columns(predictions: dict[str, distill.TaskPrediction]) -> dict[str, pa.Array]:
+    columns = {}
+    for name, pred in predictions.items():
+        if TASKS[name].kind == "classification":
+            columns[name] = pa.array(pred.value, pa.int8())
+            columns[f"{name}_confidence"] = pa.array(pred.score, pa.float32())
+            columns[f"{name}_probs"] = pa.FixedSizeListArray.from_arrays(
+                pa.array(pred.probs.reshape(-1), pa.float32()), TASKS[name].num_classes)
+        else:
+            columns[name] = pa.array(pred.value, pa.float32())
+            columns[f"{name}_spread"] = pa.array(pred.score, pa.float32())
+    return columns
+
+
+def _table(schema: pa.Schema, rows: int, columns: dict[str, pa.Array]) -> pa.Table:
+    """A table of ``schema`` from ``columns``; absent columns are all null."""
+    return pa.table({f.name: columns[f.name] if f.name in columns else pa.nulls(rows, f.type) for f in schema},
+                    schema=schema)
+
+
+def _predictions_of(part: pa.Table, task: str) -> distill.TaskPrediction:
+    if TASKS[task].kind == "classification":
+        probs = part.column(f"{task}_probs").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        return distill.TaskPrediction(value=_numpy(part, task).astype(np.int64),
+                                      score=_numpy(part, f"{task}_confidence"),
+                                      probs=probs.reshape(part.num_rows, TASKS[task].num_classes))
+    return distill.TaskPrediction(value=_numpy(part, task), score=_numpy(part, f"{task}_spread"))
+
+
+def _numpy(table: pa.Table, column: str) -> np.ndarray:
+    """A numeric column as float64, nulls as NaN."""
+    return pc.cast(table.column(column), pa.float64()).fill_null(np.nan).to_numpy()
+
+
+# ---- selection and the report ---------------------------------------------------------------------
+
+def _band(age: float) -> str:
+    low = int(age // AGE_BAND * AGE_BAND)
+    return f"{low}-{low + AGE_BAND - 1}"
+
+
+def retention_rows(task: str, part: pa.Table, pred: distill.TaskPrediction, candidate: np.ndarray,
+                   kept: np.ndarray) -> list[dict]:
+    """Candidates and kept pseudo-labels per dataset x predicted class (age: 10-year band), plus "all"."""
+    names = TASKS[task].classes
+    classes = np.array([names[int(v)] if names else _band(v) for v in pred.value[candidate]], dtype=object)
+    datasets = np.asarray(part.column("dataset").to_pylist(), dtype=object)[candidate]
+    kept = kept[candidate]
+    rows = []
+    for dataset in sorted(set(datasets)):
+        in_dataset = datasets == dataset
+        for label in ["all", *sorted(set(classes[in_dataset]), key=lambda c: (len(c), c))]:
+            mask = in_dataset & (classes == label) if label != "all" else in_dataset
+            total, count = int(mask.sum()), int(kept[mask].sum())
+            rows.append({"task": task, "dataset": dataset, "class": label, "candidates": total, "kept": count,
+                         "retention": count / total})
+    return rows
+
+
+def select_all(cfg: PseudoLabelConfig, part: pa.Table, tasks: tuple[str, ...],
+               with_truth: bool) -> tuple[dict[str, pa.Array], dict, list[dict], dict]:
+    """Apply every task's rule over the whole (merged) part: kept columns, per-task summary, retention rows,
+    holdout curves."""
+    kept_columns, summary, retention, curves = {}, {}, [], {}
+    for task in tasks:
+        rule = cfg.rule_for(task)
+        pred = _predictions_of(part, task)
+        known_column = part.column(f"{task}_known")
+        labelled = (known_column.to_numpy(zero_copy_only=False).astype(bool) if TASKS[task].kind == "regression"
+                    else known_column.is_valid().to_numpy(zero_copy_only=False))
+        candidate = ~labelled  # a label of record is never overwritten
+        known = _numpy(part, f"{task}_known")[labelled].astype(np.int64) if TASKS[task].kind == "classification" \
+            else None
+        try:
+            selection = distill.select(task, rule, pred, candidate, known)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        kept_columns[f"{task}_kept"] = pa.array(selection.kept)
+        summary[task] = {"thresholds": selection.thresholds, "labelled": int(labelled.sum()),
+                         "candidates": int(candidate.sum()), "kept": int(selection.kept.sum()),
+                         "retention": float(selection.kept.sum() / candidate.sum()) if candidate.any() else None}
+        retention += retention_rows(task, part, pred, candidate, selection.kept)
+        truth = _numpy(part, f"{task}_hidden")
+        if with_truth and not np.isnan(truth).all():
+            curves[task] = {"parameter": distill.CURVE_KEY[distill.SWEPT[rule.rule]],
+                            "chosen": distill.holdout_point(task, selection.kept, pred, truth),
+                            "curve": distill.holdout_curve(task, rule, pred, candidate, known, truth,
+                                                           cfg.holdout.sweep(rule.rule))}
+    return kept_columns, summary, retention, curves
+
+
+def holdout_plot(curves: dict, chosen: dict[str, float]) -> bytes:
+    """One panel per task: accuracy (or MAE) and retention of the hidden rows against the rule's parameter."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.6), squeeze=False)
+    for ax, (task, info) in zip(axes[0], curves.items()):
+        parameter, points = info["parameter"], info["curve"]
+        quality = "accuracy" if TASKS[task].kind == "classification" else "mae"
+        x = [p[parameter] for p in points]
+        ax.plot(x, [np.nan if p[quality] is None else p[quality] for p in points], "o-", label=quality)
+        ax.set_xlabel(parameter)
+        if quality == "accuracy":
+            ax.set_ylim(0, 1.05)
+        ax.set_ylabel("accuracy" if quality == "accuracy" else "MAE (years)")
+        ax.axvline(chosen[task], color="grey", linestyle=":", label="configured")
+        share = ax.twinx()
+        share.plot(x, [p["retention"] for p in points], "s--", color="tab:orange", label="retention")
+        share.set_ylim(0, 1.05)
+        share.set_ylabel("share of hidden labels kept")
+        ax.set_title(f"{task} ({points[0]['hidden']} hidden)")
+        handles = ax.get_legend_handles_labels()[0] + share.get_legend_handles_labels()[0]
+        ax.legend(handles=handles, loc="lower left", fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+# ---- the stage ------------------------------------------------------------------------------------
+
+def run(cfg: PseudoLabelConfig, teachers: list[str], faces: str, labels: str, out: str,
+        shard: tuple[int, int] = (0, 1)) -> dict:
+    """Pseudo-label shard ``i`` of ``n`` of the face table (face shards i, i+n, ...) into ``out``.
+
+    Writes ``out/shards/shard-<i>-of-<n>.parquet``; with n == 1 also merges it (pseudo.parquet, report.json).
+    """
+    index, count = shard
+    if count < 1 or not 0 <= index < count:
+        raise UserError(f"shard {index}/{count}: expected 0 <= i < n")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    tasks = cfg.task_names
+    models = load_teachers(teachers, tasks, device)
+    manifest = contracts.read_manifest(faces)
+    all_shards = contracts.face_shards(faces)
+    mine = all_shards[index::count]
+    rows = sum(s["rows"] for s in manifest["shards"][index::count])
+    if not mine:
+        log.warning("shard %d/%d: the face table has only %d shards, nothing to do", index, count, len(all_shards))
+    record, hidden = labels_of_record(cfg, contracts.read_table(labels, contracts.LABELS))
+    if hidden is not None:
+        check_holdout_teachers(cfg, models)
+    log.info("pseudo-labelling %d faces (shard %d/%d) with %d teacher(s) x %d transforms on %s",
+             rows, index, count, len(models), len(cfg.transforms), device)
+    keys, predictions = infer(models, faces, mine, cfg.transforms, cfg.batch_size, device, rows)
+    columns = {"sample_id": keys.column("sample_id").combine_chunks(),
+               "dataset": keys.column("dataset").combine_chunks(),
+               **_prediction_columns(predictions), **label_columns(keys, record, hidden)}
+    part = _table(contracts.PSEUDO_PART_SCHEMA, keys.num_rows, columns).sort_by("sample_id")
+    provenance = {"teachers": [m.identity() for m in models], "transforms": cfg.transforms, "tasks": list(tasks),
+                  "holdout": cfg.holdout.model_dump(include={"fraction", "tasks", "seed"}) if hidden else None,
+                  "faces_rows": manifest["rows"], "face_shards": len(all_shards), "shards": count}
+    part_uri = store.join(out, layout.pseudo_shard(index, count))
+    contracts.write_table(part, part_uri, contracts.PSEUDO_PART,
+                          {PART_KEY: json.dumps({"shard": index, **provenance}, sort_keys=True)})
+    if count == 1:
+        return merge(cfg, [part_uri], out)
+    return {"part": part_uri, "rows": part.num_rows, "shard": [index, count]}
+
+
+def _part_files(uri: str) -> list[str]:
+    """A part file, or the parts under a shard run's output prefix."""
+    if uri.endswith(".parquet"):
+        return [uri]
+    found = [f for f in store.list_files(store.join(uri, layout.PSEUDO_SHARDS_DIR)) if f.endswith(".parquet")]
+    if not found:
+        raise UserError(f"{uri}: no pseudo-label parts under {layout.PSEUDO_SHARDS_DIR}/ (run pseudolabel --shard first)")
+    return found
+
+
+def read_parts(parts: list[str]) -> tuple[pa.Table, dict]:
+    """The parts concatenated in sample-id order and their shared provenance; refuses an incomplete or mixed
+    set of shards."""
+    if not parts:
+        raise UserError("merge needs the shard outputs to merge")
+    tables, provenance, seen = [], None, {}
+    for uri in [f for item in parts for f in _part_files(item)]:
+        try:
+            meta = json.loads(contracts.table_metadata(uri)[PART_KEY])
+        except KeyError:
+            raise UserError(f"{uri}: not a pseudo-label part (no {PART_KEY} metadata)") from None
+        shard = meta.pop("shard")
+        if provenance is not None and meta != provenance:
+            changed = sorted(k for k in meta if meta[k] != provenance.get(k))
+            raise UserError(f"{uri}: part of another run (differs in {', '.join(changed)}); merge parts of one run")
+        if shard in seen:
+            raise UserError(f"shard {shard} given twice: {seen[shard]} and {uri}")
+        provenance, seen[shard] = meta, uri
+        tables.append(contracts.read_table(uri, contracts.PSEUDO_PART))
+    missing = sorted(set(range(provenance["shards"])) - set(seen))
+    if missing:
+        raise UserError(f"missing shard(s) {', '.join(map(str, missing))} of {provenance['shards']}; "
+                        "merge needs every shard")
+    table = pa.concat_tables(tables).sort_by("sample_id")
+    if table.num_rows != provenance["faces_rows"]:
+        raise UserError(f"the parts hold {table.num_rows} rows, the face table {provenance['faces_rows']}")
+    if pc.count_distinct(table.column("sample_id")).as_py() != table.num_rows:
+        raise contracts.ContractError("duplicate sample_id values across the parts")
+    return table, provenance
+
+
+def merge(cfg: PseudoLabelConfig, parts: list[str], out: str) -> dict:
+    """Select the pseudo-labels over all parts and write ``pseudo.parquet`` and ``report.json`` under ``out``."""
+    part, provenance = read_parts(parts)
+    tasks = tuple(provenance["tasks"])
+    if set(tasks) != set(cfg.task_names):
+        raise UserError(f"the parts predict {', '.join(tasks)} but pseudolabel.tasks is {', '.join(cfg.task_names)}")
+    kept, summary, retention, curves = select_all(cfg, part, tasks, provenance["holdout"] is not None)
+    nothing = {f"{task}_kept": pa.array(np.zeros(part.num_rows, bool)) for task in TASKS if task not in tasks}
+    pseudo = _table(contracts.PSEUDO_SCHEMA, part.num_rows,
+                    {**{name: part.column(name) for name in part.column_names}, **kept, **nothing})
+    rules = {task: cfg.rule_for(task).model_dump(include={"rule", distill.SWEPT[cfg.rule_for(task).rule]})
+             for task in tasks}
+    meta = {"teachers": provenance["teachers"], "transforms": provenance["transforms"], "tasks": list(tasks),
+            "rules": rules, "holdout": provenance["holdout"]}
+    pseudo_uri, report_uri = store.join(out, layout.PSEUDO_FILE), store.join(out, layout.PSEUDO_REPORT)
+    contracts.write_table(pseudo, pseudo_uri, contracts.PSEUDO, {PROVENANCE_KEY: json.dumps(meta, sort_keys=True)})
+    report = {**meta, "rows": part.num_rows, "shards": provenance["shards"], "selection": summary,
+              "retention": retention}
+    if curves:
+        chosen = {task: getattr(cfg.rule_for(task), distill.SWEPT[cfg.rule_for(task).rule]) for task in curves}
+        store.write_bytes(store.join(out, layout.PSEUDO_HOLDOUT_PLOT), holdout_plot(curves, chosen), "image/png")
+        report["holdout"] = {**provenance["holdout"], "curves": curves, "plot": layout.PSEUDO_HOLDOUT_PLOT}
+    store.write_text(report_uri, json.dumps(report, indent=1))
+    log.info("pseudo-labels: %s", ", ".join(f"{t} {s['kept']}/{s['candidates']}" for t, s in summary.items()))
+    return {"pseudo": pseudo_uri, "report": report_uri, "rows": part.num_rows,
+            "kept": {task: s["kept"] for task, s in summary.items()}}
+
+
+def write_holdout_labels(cfg: PseudoLabelConfig, labels: str, out: str) -> dict:
+    """Holdout mode, before the teacher: write the label table to train it on and the hidden truth."""
+    if cfg.holdout.fraction == 0:
+        raise UserError("pseudolabel.holdout.fraction is 0: nothing to hide (e.g. --set pseudolabel.holdout.fraction=0.2)")
+    record, hidden = labels_of_record(cfg, contracts.read_table(labels, contracts.LABELS))
+    setting = {HOLDOUT_KEY: cfg.holdout.model_dump_json(include={"fraction", "tasks", "seed"})}
+    train_uri, truth_uri = store.join(out, layout.HOLDOUT_LABELS_FILE), store.join(out, layout.HOLDOUT_TRUTH_FILE)
+    contracts.write_table(record, train_uri, contracts.LABELS, setting)
+    contracts.write_table(hidden, truth_uri, contracts.LABELS, setting)
+    counts = {task: hidden.num_rows - hidden.column(task).null_count for task in cfg.holdout.tasks}
+    log.info("holdout: hid %s; train the teacher on %s", counts, train_uri)
+    return {"labels": train_uri, "hidden_truth": truth_uri, "hidden": counts}

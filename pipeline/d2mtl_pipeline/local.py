@@ -1,0 +1,151 @@
+"""``d2mtl run``: the whole pipeline on this machine through ``kfp.local`` (SubprocessRunner, no containers).
+
+Run folders and the task cache live under ``pipeline.run_root`` (``runs/`` by default): every run gets a folder
+``distill-2md-mtl-<timestamp>/`` holding the tasks that ran; a task whose inputs did not change is a cache hit
+and its outputs stay where an earlier run wrote them (so keep old run folders, or delete ``runs/`` entirely).
+
+``--rerun STAGE`` recomputes a stage even though its inputs did not change (new code, a flaky result): the stage's
+tasks get a new token (an environment variable, part of kfp.local's cache key), recorded in
+``<run_root>/reruns.json`` so later runs keep using the recomputed results; everything downstream recomputes
+because its inputs changed, nothing upstream does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import time
+import uuid
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from d2mtl import layout, store
+from d2mtl.config import ExperimentConfig
+from d2mtl.errors import UserError
+from d2mtl_pipeline import pipeline
+from d2mtl_pipeline.steps import STAGE_SECONDS
+
+log = logging.getLogger("d2mtl.pipeline")
+
+RERUNS_FILE = "reruns.json"
+EXECUTOR_OUTPUT = "executor_output.json"
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_LOCAL_NOISE = (  # kfp.local warnings about settings that only matter on a cluster
+    r"You may be attemping to run a task that uses custom or non-Python base image",
+    r"Task .* settings .* have no effect in the current local runner",
+)
+
+
+@dataclass
+class LocalRun:
+    run_id: str  # the <run> of the published layout
+    run_dir: Path | None  # this run's folder (None when every task was a cache hit)
+    model: str  # the final model folder
+    report: str  # report.html
+    wall_seconds: float
+    executed: list[str] = field(default_factory=list)  # tasks that ran, e.g. teacher, <loop>-iteration-0/baseline
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # executed task -> its stage function's time
+    published: str | None = None  # <publish_prefix>/<run_id>
+
+
+def load_tokens(run_root: Path) -> dict[str, str]:
+    path = run_root / RERUNS_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def with_absolute_data_root(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The data root as an absolute path: tasks are separate processes, and the cache key should not depend on
+    the directory ``d2mtl run`` was started from."""
+    root = cfg.ingest.data_root
+    if store.is_remote(root):
+        return cfg
+    ingest = cfg.ingest.model_copy(update={"data_root": str(Path(root).resolve())})
+    return cfg.model_copy(update={"ingest": ingest})
+
+
+@contextlib.contextmanager
+def store_keys_in_environment(cfg: ExperimentConfig) -> Iterator[None]:
+    """Keys set in the config reach the task processes as AWS_* variables (never as pipeline parameters)."""
+    keys = {"AWS_ACCESS_KEY_ID": cfg.store.access_key,
+            "AWS_SECRET_ACCESS_KEY": cfg.store.secret_key.get_secret_value() if cfg.store.secret_key else None}
+    saved = {name: os.environ.get(name) for name in keys}
+    os.environ.update({name: value for name, value in keys.items() if value})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def executed_tasks(run_dir: Path | None) -> dict[str, float | None]:
+    """Tasks that ran in this run (folder relative to the run folder) -> their ``stage_seconds`` if logged."""
+    if run_dir is None:
+        return {}
+    tasks: dict[str, float | None] = {}
+    for output in sorted(run_dir.rglob(EXECUTOR_OUTPUT)):
+        name = output.parent.relative_to(run_dir).as_posix()
+        artifacts = json.loads(output.read_text()).get("artifacts", {})
+        seconds = [a.get("metadata", {}).get(STAGE_SECONDS) for listed in artifacts.values()
+                   for a in listed.get("artifacts", [])]
+        tasks[name] = next((s for s in seconds if s is not None), None)
+    return tasks
+
+
+def run(cfg: ExperimentConfig, rerun: str | None = None) -> LocalRun:
+    """Run the pipeline locally; ``rerun``: recompute that stage and everything downstream of it."""
+    from kfp import local
+
+    run_root = Path(cfg.pipeline.run_root).resolve()
+    run_root.mkdir(parents=True, exist_ok=True)
+    tokens = load_tokens(run_root)
+    if rerun is not None:
+        pipeline.check_stage(rerun, cfg.pipeline)
+        tokens[rerun] = uuid.uuid4().hex[:12]
+        store.write_text(str(run_root / RERUNS_FILE), json.dumps(tokens, indent=1, sort_keys=True))
+        stages = pipeline.enabled_stages(cfg.pipeline)
+        log.info("recomputing %s", ", ".join(s for s in stages if s in pipeline.downstream(rerun, stages)))
+    cfg = with_absolute_data_root(cfg)
+    run_id = f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    pipeline_func = pipeline.build(cfg, local=True, rerun_tokens=tokens)
+
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(run_root),
+               enable_caching=cfg.pipeline.caching, raise_on_error=True)
+    before = {p for p in run_root.iterdir() if p.is_dir()}
+    start = time.perf_counter()
+    with warnings.catch_warnings(), store_keys_in_environment(cfg):
+        for pattern in _LOCAL_NOISE:
+            warnings.filterwarnings("ignore", message=pattern)
+        try:
+            task = pipeline_func(run_id=run_id)
+        except RuntimeError as err:
+            raise UserError(f"the pipeline failed: {_ANSI.sub('', str(err))} (its log is above)") from None
+    wall = time.perf_counter() - start
+    new_dirs = sorted(p for p in run_root.iterdir() if p.is_dir() and p not in before)
+    run_dir = new_dirs[-1] if new_dirs else None
+    executed = executed_tasks(run_dir)
+    prefix = cfg.pipeline.publish_prefix
+    return LocalRun(
+        run_id=run_id, run_dir=run_dir, model=task.outputs["model"].path,
+        report=store.join(task.outputs["evaluation"].path, layout.EVAL_REPORT_HTML), wall_seconds=wall,
+        executed=list(executed), stage_seconds={k: v for k, v in executed.items() if v is not None},
+        published=store.join(prefix, run_id) if prefix else None)
+
+
+def summary(result: LocalRun) -> str:
+    ran = (f"{len(result.executed)} task(s) ran in {result.run_dir} (the others came from the cache)"
+           if result.executed else "every task came from the cache")
+    lines = [f"pipeline finished in {result.wall_seconds:.1f} s; {ran}",
+             f"  report:      {result.report}",
+             f"  final model: {result.model}"]
+    if result.published:
+        lines.append(f"  published:   {result.published}/<stage>/...")
+    return "\n".join(lines)

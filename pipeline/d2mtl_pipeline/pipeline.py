@@ -1,0 +1,243 @@
+"""The Distill-2MD-MTL pipeline (KFP v2): the DAG of stages, wiring only.
+
+    ingest ──┬──> teacher ──> pseudo-label shards (ParallelFor) ──> merge ──> student ─────────┐
+             │                                                                                ├──> evaluate
+             └──> baselines (ParallelFor over tasks) ──> pseudolabel_single ──> student_single ┘
+                  (when pipeline.baselines / pipeline.single_distill are on)
+
+Every artifact is also copied to ``<publish_prefix>/<run>/<stage>/...`` when a publish prefix is given.
+``build(cfg)`` returns the ``@dsl.pipeline`` for an experiment: the stage configs are the defaults of its
+parameters, the images and resources come from the ``pipeline`` section. ``Reuse`` turns the stages that a
+``--rerun`` does not recompute into ``dsl.importer`` tasks over an earlier run's published artifacts.
+
+No ``from __future__ import annotations`` here: KFP reads the pipeline function's annotations at definition time.
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import HTML, Artifact, Dataset, Model
+
+from d2mtl import layout
+from d2mtl.config import ExperimentConfig, PipelineConfig
+from d2mtl.errors import UserError
+from d2mtl.store import StoreSettings
+from d2mtl_pipeline import components
+from d2mtl_pipeline.placement import Placement
+from d2mtl_pipeline.steps import published_uri
+
+PIPELINE_NAME = "distill-2md-mtl"
+
+# stage -> the stages whose outputs it reads (the published stage folders of layout.STAGES)
+UPSTREAM: dict[str, tuple[str, ...]] = {
+    "ingest": (),
+    "teacher": ("ingest",),
+    "baselines": ("ingest",),
+    "pseudolabel": ("ingest", "teacher"),
+    "pseudolabel_single": ("ingest", "baselines"),
+    "student": ("ingest", "teacher", "pseudolabel"),
+    "student_single": ("ingest", "baselines", "pseudolabel_single"),
+    "evaluate": ("ingest", "teacher", "pseudolabel", "student", "baselines", "student_single"),
+}
+
+
+class Outputs(NamedTuple):
+    model: Model  # the final model: the student
+    report: HTML  # the evaluation report
+    evaluation: Artifact  # everything evaluate wrote (report.html, metrics.json, claims.json, confusion/)
+
+
+def enabled_stages(cfg: PipelineConfig) -> tuple[str, ...]:
+    off = set() if cfg.baselines else {"baselines"}
+    if not cfg.single_distill:
+        off |= {"pseudolabel_single", "student_single"}
+    return tuple(stage for stage in UPSTREAM if stage not in off)
+
+
+def check_stage(stage: str, cfg: PipelineConfig) -> None:
+    """A stage that this pipeline runs, else a UserError naming those it does."""
+    stages = enabled_stages(cfg)
+    if stage not in stages:
+        why = " (baselines / single_distill are off in the pipeline config)" if stage in UPSTREAM else ""
+        raise UserError(f"no stage {stage!r} in this pipeline{why}; stages: {', '.join(stages)}")
+
+
+def downstream(stage: str, stages: tuple[str, ...]) -> frozenset[str]:
+    """``stage`` and every enabled stage that reads its outputs, directly or not."""
+    found = {stage}
+    for name in stages:  # UPSTREAM is in topological order
+        if any(parent in found for parent in UPSTREAM[name]):
+            found.add(name)
+    return frozenset(found & set(stages))
+
+
+@dataclass(frozen=True)
+class Reuse:
+    """Recompute ``stage`` and what depends on it; import every other stage's outputs from run ``run_id``
+    published at ``prefix``."""
+
+    prefix: str
+    run_id: str
+    stage: str
+
+    def computed(self, stages: tuple[str, ...]) -> frozenset[str]:
+        return downstream(self.stage, stages)
+
+
+def store_parameter(settings: StoreSettings) -> str:
+    """The store settings a component gets: never the keys (a Kubernetes Secret provides those)."""
+    return settings.model_dump_json(exclude={"access_key", "secret_key"})
+
+
+def build(cfg: ExperimentConfig, reuse: Reuse | None = None, local: bool = False,
+          rerun_tokens: Mapping[str, str] | None = None):
+    """The pipeline for ``cfg``; ``local``: for kfp.local (no retries); ``rerun_tokens``: see local.py."""
+    p = cfg.pipeline
+    c = components.build(p.images)
+    stages = enabled_stages(p)
+    computed = frozenset(stages) if reuse is None else reuse.computed(stages)
+    place = Placement(p, local=local, rerun_tokens=dict(rerun_tokens or {}),
+                      fresh=frozenset({reuse.stage}) if reuse else frozenset())
+    res = p.resources
+    holdout = cfg.pseudolabel.holdout.fraction > 0
+    loop_limit = p.parallelism or None
+
+    def imported(stage: str, name: str, kind: type, task=None):
+        """An earlier run's published artifact; inside the baselines loop ``task`` (a channel) names it."""
+        if task is None:
+            uri = published_uri(reuse.prefix, reuse.run_id, stage, name)
+        else:
+            uri = place(c.locate(prefix=reuse.prefix, run=reuse.run_id, stage=stage, name=task), stage,
+                        res.utility).output
+        return dsl.importer(artifact_uri=uri, artifact_class=kind, reimport=False).output
+
+    @dsl.pipeline(name=PIPELINE_NAME,
+                  description="Distill-2MD-MTL: one network for age, gender, race and expression from disjointly "
+                              "labelled face datasets, by data distillation (arXiv 1907.03402).")
+    def distill_2md_mtl(
+        ingest_config: str = cfg.ingest.model_dump_json(),
+        teacher_config: str = cfg.teacher.model_dump_json(),
+        pseudolabel_config: str = cfg.pseudolabel.model_dump_json(),
+        student_config: str = cfg.student.model_dump_json(),
+        evaluate_config: str = cfg.evaluate.model_dump_json(),
+        store: str = store_parameter(cfg.store),
+        shards: int = p.shards,
+        baseline_tasks: list = list(p.baseline_tasks),
+        confusion_task: str = p.confusion_task,
+        publish_prefix: str = p.publish_prefix,
+        run_id: str = "",
+    ) -> Outputs:
+        """Distill-2MD-MTL.
+
+        Args:
+            ingest_config: the ingest section of the experiment (IngestConfig JSON): data root, datasets, splits.
+            teacher_config: the teacher section (TrainConfig JSON); the single-task baselines use it too.
+            pseudolabel_config: the pseudolabel section (PseudoLabelConfig JSON): transforms, selection rules.
+            student_config: the student section (StudentConfig JSON); the single-task students use it too.
+            evaluate_config: the evaluate section (EvaluateConfig JSON).
+            store: object-store settings (StoreSettings JSON without keys; the keys come from the Secret).
+            shards: how many pseudo-label shards run in parallel before the merge.
+            baseline_tasks: the tasks that get a single-task baseline (when the pipeline trains baselines).
+            confusion_task: the task whose student confusion matrix the KFP UI shows.
+            publish_prefix: copy every artifact to <publish_prefix>/<run>/<stage>/...; empty: publish nothing.
+            run_id: the <run> part of the published layout; empty: the KFP run id.
+        """
+
+        def publish(artifact, stage: str, name=""):
+            with dsl.If(publish_prefix != "", name=f"publish-{stage}"):
+                place(c.publish(store=store, source=artifact, prefix=publish_prefix, run=run_id,
+                                job=dsl.PIPELINE_JOB_ID_PLACEHOLDER, stage=stage, name=name),
+                      "publish", res.utility, cache=False)
+
+        # ---- ingest: datasets -> face table + label table ------------------------------------------------
+        if "ingest" in computed:
+            ingest = place(c.ingest(config=ingest_config, store=store), "ingest", res.ingest)
+            faces, labels = ingest.outputs["faces"], ingest.outputs["labels"]
+            publish(ingest.outputs["report"], "ingest", layout.INGEST_REPORT_MD)
+        else:
+            faces = imported("ingest", layout.FACES_DIR, Dataset)
+            labels = imported("ingest", layout.LABELS_FILE, Dataset)
+        publish(faces, "ingest", layout.FACES_DIR)
+        publish(labels, "ingest", layout.LABELS_FILE)
+
+        # ---- holdout (pseudolabel.holdout.fraction > 0): the teachers train without some known labels --
+        teacher_labels = labels
+        if holdout and {"teacher", "baselines"} & computed:
+            hide = place(c.holdout(config=pseudolabel_config, labels=labels), "teacher", res.utility)
+            teacher_labels = hide.outputs["train_labels"]
+
+        # ---- teacher: one multi-task network on every dataset, losses masked where labels are missing --
+        if "teacher" in computed:
+            teacher = place(c.teacher(config=teacher_config, faces=faces, labels=teacher_labels), "teacher",
+                            res.teacher)
+            teacher_model = teacher.outputs["model"]
+        else:
+            teacher_model = imported("teacher", "", Model)
+        publish(teacher_model, "teacher")
+
+        # ---- pseudo-label: the teacher labels what each dataset lacks, sharded, then merged -------------
+        if "pseudolabel" in computed:
+            plan = place(c.shard_plan(shards=shards), "pseudolabel", res.utility)
+            with dsl.ParallelFor(plan.output, name="pseudolabel-shards", parallelism=loop_limit) as shard:
+                part = place(c.pseudolabel_shard(config=pseudolabel_config, teacher=teacher_model, faces=faces,
+                                                 labels=labels, shard=shard, shards=shards),
+                             "pseudolabel", res.pseudolabel)
+            merge = place(c.pseudolabel_merge(config=pseudolabel_config, parts=dsl.Collected(part.outputs["part"])),
+                          "pseudolabel", res.pseudolabel)
+            pseudo = merge.outputs["pseudo"]
+        else:
+            pseudo = imported("pseudolabel", "", Dataset)
+        publish(pseudo, "pseudolabel")
+
+        # ---- student: ground truth + kept pseudo-labels -> the final model -------------------------------
+        if "student" in computed:
+            student = place(c.student(config=student_config, faces=faces, labels=labels, pseudo=pseudo,
+                                      teacher=teacher_model), "student", res.student)
+            student_model = student.outputs["model"]
+        else:
+            student_model = imported("student", "", Model)
+        publish(student_model, "student")
+
+        # ---- baselines and single-task distillation: per task, baseline -> its pseudo-labels -> student --
+        optional = {}
+        if "baselines" in stages:
+            with dsl.ParallelFor(baseline_tasks, name="single-task", parallelism=loop_limit) as task:
+                if "baselines" in computed:
+                    baseline_model = place(c.baseline(config=teacher_config, task=task, faces=faces,
+                                                      labels=teacher_labels),
+                                           "baselines", res.teacher).outputs["model"]
+                else:
+                    baseline_model = imported("baselines", "", Model, task=task)
+                publish(baseline_model, "baselines", task)
+                if "student_single" in stages:
+                    if "pseudolabel_single" in computed:
+                        single_pseudo = place(c.pseudolabel_single(config=pseudolabel_config, teacher=baseline_model,
+                                                                   faces=faces, labels=labels),
+                                              "pseudolabel_single", res.pseudolabel).outputs["pseudo"]
+                    else:
+                        single_pseudo = imported("pseudolabel_single", "", Dataset, task=task)
+                    publish(single_pseudo, "pseudolabel_single", task)
+                    if "student_single" in computed:
+                        single_student = place(c.student_single(config=student_config, faces=faces, labels=labels,
+                                                                pseudo=single_pseudo, teacher=baseline_model),
+                                               "student_single", res.student).outputs["model"]
+                    else:
+                        single_student = imported("student_single", "", Model, task=task)
+                    publish(single_student, "student_single", task)
+            optional["baselines"] = dsl.Collected(baseline_model)
+            if "student_single" in stages:
+                optional["single_students"] = dsl.Collected(single_student)
+
+        # ---- evaluate: every model per task x dataset x split, fairness audit, the paper's claims --------
+        if holdout:
+            optional["pseudo"] = pseudo
+        evaluate = place(c.evaluate(config=evaluate_config, confusion_task=confusion_task, faces=faces, labels=labels,
+                                    teacher=teacher_model, student=student_model, **optional),
+                         "evaluate", res.evaluate)
+        publish(evaluate.outputs["evaluation"], "evaluate")
+        return Outputs(model=student_model, report=evaluate.outputs["report"],
+                       evaluation=evaluate.outputs["evaluation"])
+
+    return distill_2md_mtl

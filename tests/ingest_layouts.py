@@ -1,0 +1,124 @@
+"""Tiny generated datasets in the real on-disk layouts the ingest adapters read (for the ingest tests).
+
+Images are small noise pictures: no face detector finds a face in them, so tests that need a
+written row use the ``trust_crop`` policy; real detection is tested on ../shared/data.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+FER_EMOTIONS = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+
+
+def image_bytes(seed: int, size: int = 40, gray: bool = False, fmt: str = "JPEG") -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (size, size) if gray else (size, size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def utkface(root: Path) -> Path:
+    """5 good names (one with a space, one without the dot, one without race) + 2 bad ones."""
+    folder = root / "utkface"
+    names = ["25_0_2_20170116174525125.jpg.chip.jpg", "3_1_0_20170109150557335.jpg.chip.jpg",
+             "24_0_1_20170116220224657 .jpg.chip.jpg", "55_0_0_20170116232725357jpg.chip.jpg",
+             "61_1_20170109142408075.jpg.chip.jpg", "face.jpg.chip.jpg", "30_7_0_20170116174525126.jpg.chip.jpg"]
+    for i, name in enumerate(names):
+        write(folder / name, image_bytes(i))
+    return folder
+
+
+def fer_folder(root: Path, per_class: int = 2) -> Path:
+    folder = root / "fer2013"
+    for split, prefix in (("train", "Training"), ("test", "PublicTest")):
+        for c, emotion in enumerate(FER_EMOTIONS):
+            for i in range(per_class):
+                write(folder / split / emotion / f"{prefix}_{c}{i:04d}.jpg", image_bytes(c * 100 + i, 48, gray=True))
+    return folder
+
+
+def fer_csv(path: Path, rows: list[tuple[str, str, str]] | None = None) -> Path:
+    """``emotion,pixels,Usage`` rows; default: 3 good rows (one per usage)."""
+    rng = np.random.default_rng(0)
+    good = " ".join(str(v) for v in rng.integers(0, 256, 48 * 48))
+    rows = rows or [("3", good, "Training"), ("0", good, "PublicTest"), ("6", good, "PrivateTest")]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["emotion", "pixels", "Usage"])
+    writer.writerows(rows)
+    return write(path, buffer.getvalue().encode())
+
+
+def ckplus(root: Path) -> Path:
+    folder = root / "ckplus"
+    for s, subject in enumerate(("S005", "S010", "S011", "S022")):
+        for e, emotion in enumerate(("anger", "happy", "contempt")):
+            write(folder / emotion / f"{subject}_001_00000011.png", image_bytes(s * 3 + e, 48, gray=True, fmt="PNG"))
+    return folder
+
+
+def jaffe(root: Path) -> Path:
+    folder = root / "jaffe"
+    for i, name in enumerate(["KA.AN1.39.tiff", "KA.HA2.30.tiff", "KL.SU1.164.tiff", "YM.NE3.51.tiff",
+                              "README.txt"]):
+        write(folder / name, b"JAFFE images" if name.endswith(".txt") else image_bytes(i, 64, True, "TIFF"))
+    return folder
+
+
+def adience(root: Path) -> Path:
+    folder = root / "adience"
+    header = ["user_id", "original_image", "face_id", "age", "gender", "x", "y", "dx", "dy", "tilt_ang",
+              "fiducial_yaw_angle", "fiducial_score"]
+    rows = {0: [("u1", "a.jpg", "1", "(25, 32)", "f"), ("u1", "b.jpg", "2", "35", "m")],
+            3: [("u2", "c.jpg", "3", "(0, 2)", "u")],
+            4: [("u3", "d.jpg", "4", "None", ""), ("u3", "e.jpg", "5", "(8, 12)", "x")]}
+    for fold, fold_rows in rows.items():
+        lines = ["\t".join(header)]
+        for user, image, face, age, gender in fold_rows:
+            lines.append("\t".join([user, image, face, age, gender, "0", "0", "10", "10", "0", "0", "50"]))
+            write(folder / "aligned" / user / f"landmark_aligned_face.{face}.{image}", image_bytes(int(face), 64))
+        write(folder / f"fold_{fold}_data.txt", ("\n".join(lines) + "\n").encode())
+    return folder
+
+
+def fairface(root: Path) -> Path:
+    folder = root / "fairface"
+    parts = {"train": [("1.jpg", "20-29", "Male", "East Asian"), ("2.jpg", "more than 70", "Female", "Latino_Hispanic"),
+                       ("3.jpg", "3-9", "Female", "Martian")],
+             "val": [("1.jpg", "0-2", "Male", "White")]}
+    for part, rows in parts.items():
+        lines = ["file,age,gender,race,service_test"]
+        for i, (name, age, gender, race) in enumerate(rows):
+            lines.append(f"{part}/{name},{age},{gender},{race},True")
+            write(folder / part / name, image_bytes(i, 64))
+        write(folder / f"fairface_label_{part}.csv", ("\n".join(lines) + "\n").encode())
+    return folder
+
+
+def image_folder(root: Path) -> Path:
+    folder = root / "moods"
+    for i, emotion in enumerate(("happy", "sad", "bored")):
+        write(folder / emotion / f"{i}.jpg", image_bytes(i))
+    return folder
+
+
+def manifest(root: Path) -> Path:
+    folder = root / "manifest"
+    for i in range(3):
+        write(folder / "img" / f"{i}.jpg", image_bytes(i))
+    write(folder / "labels.csv", b"path,age,gender,expression,split\nimg/0.jpg,31,female,,train\n"
+                                 b"img/1.jpg,,1,happy,test\nimg/2.jpg,250,,,val\n")
+    return folder

@@ -1,0 +1,98 @@
+from html.parser import HTMLParser
+
+import numpy as np
+
+from d2mtl import claims, metrics, report
+from d2mtl.roles import parse_role
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+class _Collector(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags: dict[str, int] = {}
+        self.sources: list[str] = []
+        self.links: list[str] = []
+        self.cells: list[str] = []
+        self._in_cell = False
+
+    def handle_starttag(self, tag, attrs):
+        self.tags[tag] = self.tags.get(tag, 0) + 1
+        attrs = dict(attrs)
+        if tag == "img":
+            self.sources.append(attrs.get("src", ""))
+        if "href" in attrs:
+            self.links.append(attrs["href"])
+        self._in_cell = tag in ("td", "th")
+
+    def handle_endtag(self, tag):
+        self._in_cell = False
+
+    def handle_data(self, data):
+        if self._in_cell:
+            self.cells.append(data)
+
+
+def test_confusion_png_is_a_png():
+    png = report.confusion_png(["male", "female"], [[5, 1], [0, 4]], "gender")
+    assert png.startswith(PNG_MAGIC)
+
+
+def test_history_series_finds_epochs_and_groups_panels():
+    doc = {"result": {"epochs": 2}, "lr": {"trace": [0.1, 0.2]}, "history": [
+        {"epoch": 1, "train": {"age": 2.0}, "val": {"age_loss": 2.2, "age_mae": 9.0, "age_n": 40, "gender_acc": 0.7},
+         "lr": 0.01, "plateau": False, "task_weights": {"age": 1.0}},
+        {"epoch": 2, "train": {"age": 1.5}, "val": {"age_loss": 1.9, "age_mae": 7.5, "age_n": 40, "gender_acc": 0.8},
+         "lr": 0.005, "plateau": True, "task_weights": {"age": 1.0}}]}
+    series = report.history_series(doc)
+    assert series["loss"] == {"train/age": ([1.0, 2.0], [2.0, 1.5]), "val/age_loss": ([1.0, 2.0], [2.2, 1.9])}
+    assert series["MAE (years)"] == {"val/age_mae": ([1.0, 2.0], [9.0, 7.5])}
+    assert series["scores"] == {"val/gender_acc": ([1.0, 2.0], [0.7, 0.8])}
+    assert series["learning rate"] == {"lr": ([1.0, 2.0], [0.01, 0.005])}
+    assert series["task weights"] == {"task_weights/age": ([1.0, 2.0], [1.0, 1.0])}
+    assert not any(label.endswith("_n") for lines in series.values() for label in lines)
+
+
+def test_threshold_series_from_holdout_curves():
+    doc = {"holdout": {"expression": {"rule": "fixed", "curve": [
+        {"threshold": 0.5, "hidden": 10, "kept": 8, "retention": 0.8, "accuracy": 0.6},
+        {"threshold": 0.9, "hidden": 10, "kept": 3, "retention": 0.3, "accuracy": 0.9}]},
+        "age": {"rule": "spread", "curve": [{"max_spread": 2.0, "retention": 0.4, "mae": 3.0},
+                                             {"max_spread": 6.0, "retention": 0.9, "mae": 5.0}]}}}
+    series, xlabels = report.threshold_series(doc)
+    assert series["holdout/expression/curve: accuracy"] == {"accuracy": ([0.5, 0.9], [0.6, 0.9])}
+    assert series["holdout/age/curve: mae"] == {"mae": ([2.0, 6.0], [3.0, 5.0])}
+    assert xlabels["holdout/age/curve: retention"] == "max_spread"
+    assert report.series_png(series, "t", xlabels).startswith(PNG_MAGIC)
+    assert report.series_png({}, "t", "x") is None
+
+
+def test_render_is_self_contained_html_with_tables_and_images():
+    truth = {"dataset": np.array(["utk"] * 4), "split": np.array(["test"] * 4),
+             "age": np.array([20, 30, 40, 50.0]), "gender": np.array([0, 0, 1, 1.0]), "race": np.array([0, 1, 0, 1.0])}
+    models = {"teacher": {"age": truth["age"] + 1, "gender": np.array([0, 0, 1, 1])},
+              "baseline_age": {"age": truth["age"] + 3}, "baseline_gender": {"gender": np.array([0, 1, 1, 1])}}
+    rows, confusions = [], []
+    for model, predictions in models.items():
+        model_rows, model_confusions = metrics.score(truth, predictions)
+        rows += [{"model": model, **r} for r in model_rows]
+        confusions += [{"model": model, **c} for c in model_confusions]
+    coverage = {"age": {"utk"}, "gender": {"utk"}}
+    roles = {name: parse_role(name) for name in models}
+    assessed = claims.assess(rows, roles, coverage)
+    plots = [report.Plot(f"{c['model']} {c['task']}", report.confusion_png(c["categories"], c["matrix"], "x"))
+             for c in confusions]
+    html = report.render(title="eval <test>", models=[{"name": "teacher", "role": "teacher", "uri": "/m/t",
+                                                       "tasks": ["age", "gender"]}],
+                         claims=assessed, comparison=claims.comparison_table(rows, list(roles), "test", coverage),
+                         rows=rows, gaps=metrics.fairness_gaps(rows), confusion_plots=plots, curve_plots=[],
+                         threshold_plots=[], notes=["a note"])
+    parser = _Collector()
+    parser.feed(html)
+    assert parser.tags["table"] >= 6  # models, claims, claim-1 numbers, comparison, metrics, gaps, groups
+    assert len(parser.sources) == 2 and all(s.startswith("data:image/png;base64,") for s in parser.sources)
+    assert parser.links == [] and parser.tags.get("script", 0) == 0 and parser.tags.get("link", 0) == 0
+    assert "eval <test>" in html.replace("&lt;", "<").replace("&gt;", ">")
+    assert "not measurable" in parser.cells  # claims 2 and 3 lack a student
+    assert "held" in parser.cells  # claim 1: the teacher beats both baselines (age MAE 1 vs 3, gender 1.0 vs 0.75)
