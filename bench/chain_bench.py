@@ -41,7 +41,7 @@ import numpy as np
 
 from d2mtl import claims, contracts, layout, store
 from d2mtl.config import ExperimentConfig, load_experiment
-from d2mtl.config.train import StudentConfig, TrainConfig
+from d2mtl.config.train import TrainConfig
 from d2mtl.data import FaceIndex
 from d2mtl.models import read_card
 from d2mtl.stages import evaluate, ingest, pseudolabel, student, teacher
@@ -51,7 +51,11 @@ log = logging.getLogger("chain_bench")
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "BENCHMARKS.md"
 SECTION = "## Chain benchmark: the paper's claims (bench/chain_bench.py)"
-DEFAULT_TRAIN_FRACTION = 0.5  # ten training runs at half an epoch-share each fit ~90 minutes on 2 cores
+# The cpu profile's 5 epochs over each run's own faces add up to ~1.26M training images for the ten runs (teacher
+# and student 192k each, baselines 320k, single-task students ~560k with half of the other dataset pseudo-
+# labelled): ~2 h at ~170 img/s. Half of that, plus ~15 min of range tests, validation, five pseudo-label
+# passes over 48k faces and the evaluation, is ~80-90 minutes on a quiet 2-core machine.
+DEFAULT_TRAIN_FRACTION = 0.5
 
 # Tiny, fast settings for --smoke: generated faces are trusted crops, networks are 32 px and untrained.
 SMOKE_OVERRIDES = [
@@ -115,11 +119,14 @@ def train_share(cfg: TrainConfig, faces: str, labels: str, fraction: float, pseu
     """``cfg`` with ``epoch_samples`` = ``fraction`` of the run's own labelled train faces (pseudo-labels too)."""
     if fraction == 1.0:
         return cfg
-    index = FaceIndex.load(faces, labels, cfg.task_names)
-    if pseudo is not None:
-        student.apply_pseudo_labels(index, contracts.read_table(pseudo, contracts.PSEUDO),
-                                    np.flatnonzero(index.split == "train"), cfg)
-    rows = len(index.rows("train")) if cfg.epoch_samples is None else cfg.epoch_samples
+    if cfg.epoch_samples is not None:
+        rows = cfg.epoch_samples
+    else:
+        index = FaceIndex.load(faces, labels, cfg.task_names)
+        if pseudo is not None:
+            student.apply_pseudo_labels(index, contracts.read_table(pseudo, contracts.PSEUDO),
+                                        np.flatnonzero(index.split == "train"), cfg)
+        rows = len(index.rows("train"))
     return cfg.model_copy(update={"epoch_samples": max(cfg.batch_size, round(fraction * rows))})
 
 
@@ -207,10 +214,15 @@ def results_markdown(command: str, profile: str, overrides: list[str], fraction:
 
 
 def append_to_benchmarks(text: str, path: Path = BENCHMARKS) -> None:
+    """Add ``text`` at the end of this benchmark's section (created at the end of the file if missing)."""
     existing = path.read_text() if path.exists() else ""
     if SECTION not in existing:
-        text = f"{SECTION}\n\n{text}"
-    path.write_text(existing.rstrip("\n") + ("\n\n" if existing else "") + text + "\n")
+        existing = existing.rstrip("\n") + ("\n\n" if existing else "") + SECTION + "\n"
+    start = existing.index(SECTION) + len(SECTION)
+    next_section = existing.find("\n## ", start)
+    end = len(existing) if next_section < 0 else next_section + 1
+    body = existing[:end].rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
+    path.write_text(body + ("\n" + existing[end:] if end < len(existing) else ""))
 
 
 def get_args_parser() -> argparse.ArgumentParser:

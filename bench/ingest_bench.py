@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import resource
 import subprocess
 import sys
@@ -75,6 +76,7 @@ def main() -> None:
     parser.add_argument("--out", default="/tmp/ingest-bench", help="scratch output prefix")
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--workers", type=int, default=0, help="0: one per core")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats of the 2,000-image comparison")
     parser.add_argument("--probe", type=int, default=None, help=argparse.SUPPRESS)  # internal: one memory run
     args = parser.parse_args()
     args.workers = args.workers or worker_count(IngestConfig())
@@ -82,13 +84,17 @@ def main() -> None:
         print(json.dumps(memory_probe(args.data_root, args.probe or None, args.workers, args.out)))
         return
 
-    small = probe_in_fresh_process(args, args.images)
-    detector_fps = detector_only(chosen_files(args.data_root, args.images), args.workers)
+    files = chosen_files(args.data_root, args.images)
+    runs, detector_fps = [], []
+    for _ in range(args.repeats):  # interleaved, best of each: other load on the machine hits both alike
+        runs.append(probe_in_fresh_process(args, args.images))
+        detector_fps.append(detector_only(files, args.workers))
+    small = max(runs, key=lambda run: run["faces_per_s"])
     full = probe_in_fresh_process(args, None)
     results = {
-        "workers": args.workers, "images": args.images,
-        "ingest_faces_per_s": small["faces_per_s"], "detector_only_faces_per_s": round(detector_fps, 1),
-        "ratio": round(small["faces_per_s"] / detector_fps, 2),
+        "workers": args.workers, "images": args.images, "load_average_1min": os.getloadavg()[0],
+        "ingest_faces_per_s": small["faces_per_s"], "detector_only_faces_per_s": round(max(detector_fps), 1),
+        "ratio": round(small["faces_per_s"] / max(detector_fps), 2),
         "memory_mb": {str(run["images"]): {"stage": round(run["stage_peak_mb"]), "worker": round(run["worker_peak_mb"])}
                       for run in (small, full)},
         "full_faces_per_s": full["faces_per_s"],

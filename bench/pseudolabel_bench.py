@@ -11,7 +11,8 @@ holdout: the honest way to choose thresholds. Hides a share of the known labels 
 
 Examples::
 
-    .venv/bin/python bench/pseudolabel_bench.py speed --ingest /work/runs/ingest-full --work /work/runs/pseudolabel/bench
+    .venv/bin/python bench/pseudolabel_bench.py speed --ingest /work/runs/ingest-full \
+        --work /work/runs/pseudolabel/bench
     .venv/bin/python bench/pseudolabel_bench.py holdout --ingest /work/runs/ingest-full \\
         --work /work/runs/pseudolabel/holdout --fraction 0.2
 """
@@ -62,7 +63,7 @@ def bare_inference_seconds(teacher: str, faces: str, transforms: list[str], batc
     batches = []
     for start in range(0, len(jpegs), batch_size):
         x = data.preprocess(jpegs[start:start + batch_size], card)
-        views = [pseudolabel.make_view(x, spec) for spec in transforms]
+        views = pseudolabel.make_views(x, transforms)
         batches.append([torch.cat([v for v in views if v.shape == shape])
                         for shape in dict.fromkeys(v.shape for v in views)])
     begin = time.perf_counter()
@@ -98,6 +99,8 @@ def speed(args: argparse.Namespace) -> None:
     print(f"| pseudo-label stage (read, decode, infer, select, write) | {count / min(stage):.0f} | "
           f"{count * k / min(stage):.0f} |")
     print(f"| stage / bare | {ratio:.2f} (goal >= 0.9) | |")
+    print("stage / bare of each repeat (the load moves between runs): "
+          + ", ".join(f"{b / s:.2f}" for b, s in zip(bare, stage)))
 
 
 def holdout(args: argparse.Namespace) -> None:
@@ -127,14 +130,15 @@ def holdout(args: argparse.Namespace) -> None:
         print(f"| {task} | {json.dumps(rule)} | {chosen['hidden']} | {chosen['kept']} | {chosen['retention']:.3f} | "
               f"{'-' if quality is None else f'{quality:.3f}'} |")
     for task, info in report["holdout"]["curves"].items():
-        parameter = info["parameter"]
         quality = "accuracy" if "accuracy" in info["chosen"] else "mae"
-        print(f"\n{task}: {quality} of the kept pseudo-labels on the hidden rows against {parameter}")
-        print(f"| {parameter} | kept | retention | {quality} |\n|---|---|---|---|")
-        for point in info["curve"]:
-            value = point[quality]
-            print(f"| {point[parameter]:g} | {point['kept']} | {point['retention']:.3f} | "
-                  f"{'-' if value is None else f'{value:.3f}'} |")
+        for rule, sweep in {info["rule"]: info, **info["other_rules"]}.items():
+            parameter = sweep["parameter"]
+            print(f"\n{task}, rule {rule}: {quality} of the kept pseudo-labels on the hidden rows")
+            print(f"| {parameter} | kept | retention | {quality} |\n|---|---|---|---|")
+            for point in sweep["curve"]:
+                value = point[quality]
+                print(f"| {point[parameter]:g} | {point['kept']} | {point['retention']:.3f} | "
+                      f"{'-' if value is None else f'{value:.3f}'} |")
     print(f"\ncurves: {store.join(args.work, 'pseudolabel', layout.PSEUDO_HOLDOUT_PLOT)}")
 
 

@@ -63,7 +63,7 @@ def cpu_locks(cuda_lock: str) -> tuple[str, str]:
         *(line for line in kept if not line.startswith("#")),
     ]) + "\n"
     torch_cpu = "\n".join([
-        f"# torch and torchvision from PyTorch's CPU-only index, the versions of train-cuda.txt. Regenerate: {REGENERATE}",
+        f"# torch and torchvision from PyTorch's CPU index at train-cuda.txt's versions. Regenerate: {REGENERATE}",
         f"--index-url {TORCH_CPU_INDEX}",
         *(f"{name}=={versions[name].split('+')[0]}+cpu" for name in TORCH_PACKAGES),
     ]) + "\n"

@@ -29,5 +29,5 @@ kind-down:
 
 # Re-resolve docker/requirements/*.txt after a dependency change in pyproject.toml.
 lock-images: venv
-	$(BIN)/pip install --quiet uv
+	$(BIN)/pip install --quiet uv==0.13.9
 	$(BIN)/python docker/lock.py

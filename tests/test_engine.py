@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from d2mtl import layout, store
 from d2mtl.config.train import TrainConfig
-from d2mtl.data import EpochSampler, FaceDataset, FaceIndex, decode_jpeg, label_targets, make_loader, preprocess
+from d2mtl.data import (EpochSampler, FaceDataset, FaceIndex, decode_jpeg, empty_targets, label_targets, make_loader,
+                        preprocess)
 from d2mtl.engine import Trainer
 from d2mtl.errors import UserError
 from d2mtl.models import build_model, load_model
@@ -23,7 +24,7 @@ TASK_NAMES = ("age", "gender", "race", "expression")
 
 
 def tiny_config(**overrides) -> TrainConfig:
-    settings = dict(weights="none", input_size=32, batch_size=8, epochs=2, num_workers=0, progress=False,
+    settings = dict(weights="none", input_size=32, batch_size=8, epochs=2, num_workers=0, progress=False, threads=1,
                     checkpoint_every=3, deterministic=True, lr={"range_steps": 8})
     settings.update(overrides)
     return TrainConfig(**settings)
@@ -42,6 +43,27 @@ def test_decode_gives_three_channels_and_bad_bytes_a_user_error():
     batch = preprocess([gray.tobytes()] * 2, {"input_size": 16, "mean": [0.5] * 3, "std": [0.25] * 3})
     assert batch.shape == (2, 3, 16, 16) and batch.dtype == torch.float32
     assert batch.mean().item() == pytest.approx((128 / 255 - 0.5) / 0.25, abs=0.05)
+
+
+def test_batched_colour_jitter_matches_torchvision_per_image():
+    from torchvision.transforms.v2 import functional as F
+
+    from d2mtl.config.train import AugmentConfig
+    from d2mtl.data import ColourJitter
+
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
+    jitter = ColourJitter(AugmentConfig(grayscale=0.5))
+    params = torch.tensor([[1.2, 0.8, 1.3, 0.9], [0.7, 1.25, 0.75, 0.9], [1.0, 1.0, 1.0, 0.1]])
+    out = jitter(images, params)
+    for image, (b, c, s, _), result in zip(images[:2], params[:2].tolist(), out[:2]):
+        expected = F.adjust_saturation(F.adjust_contrast(F.adjust_brightness(image.float() / 255, b), c), s) * 255
+        assert (result.float() - expected).abs().max() <= 1.0  # rounding
+    assert torch.equal(out[2, 0], out[2, 1]) and torch.equal(out[2, 1], out[2, 2])  # draw 0.1 < 0.5: gray
+    expected_gray = F.rgb_to_grayscale(images[2].float() / 255, num_output_channels=3) * 255
+    assert (out[2].float() - expected_gray).abs().max() <= 1.0
+    draw = jitter.draw()
+    assert 0.7 <= draw[0] <= 1.3 and 0 <= draw[3] < 1
 
 
 def test_label_targets_take_exact_ages_and_age_groups():
@@ -66,15 +88,12 @@ def fake_index(sizes: dict[str, int], shard_rows: int) -> FaceIndex:
     """A FaceIndex without files: datasets labelled like UTKFace (age...) and FER2013 (expression)."""
     dataset = np.concatenate([[name] * n for name, n in sizes.items()]).astype(object)
     n = len(dataset)
-    targets = label_targets(__import__("pyarrow").table({"sample_id": ["x"]}), np.full(n, -1), ())
-    from d2mtl.data import empty_targets
-
     targets = empty_targets(n, TASK_NAMES)
     utk = dataset == "utk"
     targets["gender"][utk], targets["gender_weight"][utk] = 0, 1
     targets["expression"][~utk], targets["expression_weight"][~utk] = 0, 1
-    return FaceIndex(faces="", shards=[f"s{i}" for i in range(-(-n // shard_rows))], sample_id=np.arange(n).astype(object),
-                     dataset=dataset, split=np.array(["train"] * n, object), shard=np.arange(n) // shard_rows,
+    return FaceIndex(faces="", shards=[f"s{i}" for i in range(-(-n // shard_rows))],
+                     sample_id=np.arange(n).astype(object), dataset=dataset, split=np.array(["train"] * n, object), shard=np.arange(n) // shard_rows,
                      row=np.arange(n) % shard_rows, tasks=("gender", "expression"), targets=targets)
 
 
@@ -90,8 +109,19 @@ def test_epoch_plan_is_deterministic_windowed_and_covers_every_row():
     assert all(len(w) <= 4 for w in windows)  # bounded memory: a window holds few shards
     assert all({"utk", "fer"} == set(index.dataset[rows[i:i + 200]]) for i in range(0, 1000, 200))
     sampler.set_epoch(0, start=95)
-    assert [b for b in sampler] == [list(zip(rows[950 + 10 * i:960 + 10 * i].tolist(), seeds[950 + 10 * i:960 + 10 * i].tolist()))
-                                    for i in range(5)]
+    expected = [list(zip(rows[i:i + 10].tolist(), seeds[i:i + 10].tolist())) for i in range(950, 1000, 10)]
+    assert list(sampler) == expected  # resumed at batch 95: the rest of the same plan
+
+
+def test_default_window_mixes_the_whole_table_even_when_shards_are_sorted_by_label():
+    index = fake_index({"fer": 1400}, shard_rows=200)
+    index.targets["expression"] = np.arange(1400) // 200  # one class per shard, as ingest writes FER2013
+    whole, _ = EpochSampler(index, np.arange(1400), 70, seed=0).plan(0)
+    windowed, _ = EpochSampler(index, np.arange(1400), 70, seed=0, window=1).plan(0)
+    classes_per_batch = [len(set(index.targets["expression"][rows[i:i + 70]])) for rows in (whole, windowed)
+                         for i in range(0, 1400, 70)]
+    assert min(classes_per_batch[:20]) >= 6  # every batch sees (nearly) every class
+    assert max(classes_per_batch[20:]) <= 2  # one-shard windows: one class (two where a batch spans two)
 
 
 @pytest.mark.parametrize("mix, utk_share", [("proportional", 0.1), ("dataset", 0.5), ("task", 0.5)])

@@ -79,7 +79,7 @@ def test_kfp_backend_is_the_release_of_the_kfp_sdk():
     dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     sdk = next(re.fullmatch(r"kfp==(\d+\.\d+\.\d+)", d).group(1) for d in dependencies if d.startswith("kfp=="))
     refs = {folder: re.search(r"\?ref=(.+)$", k["resources"][0]).group(1)
-            for folder, k in kustomizations().items() if folder.startswith("kfp/")}
+            for folder, k in kustomizations().items() if folder.startswith("kfp/") and not is_local(k)}
     assert refs == {"kfp/cluster-scoped-resources": sdk, "kfp/platform-agnostic": sdk}
     assert int(sdk.split(".")[0]) == 2
 
@@ -110,6 +110,20 @@ def test_object_store_and_pipeline_share_one_secret(storage, pipeline_settings):
     refs = {env["valueFrom"]["secretKeyRef"]["name"] for env in container["env"] if "valueFrom" in env}
     keys = {env["valueFrom"]["secretKeyRef"]["key"] for env in container["env"] if "valueFrom" in env}
     assert refs == {pipeline_settings.secret_name} and keys == pipeline_settings.secret_env.keys()
+
+
+def test_kfp_launcher_reads_s3_artifacts_from_the_object_store(storage, pipeline_settings):
+    (config_map,) = render("kfp/launcher")
+    assert config_map["metadata"]["name"] == "kfp-launcher" and "namespace" not in config_map["metadata"]
+    assert config_map["data"]["defaultPipelineRoot"].startswith("minio://"), "KFP's own artifact store stays"
+    s3 = yaml.safe_load(config_map["data"]["providers"])["s3"]["default"]
+    service = storage["Service"]
+    s3_port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "s3")
+    assert s3["endpoint"] == f"{service['metadata']['name']}:{s3_port}"
+    assert s3["forcePathStyle"] is True and s3["disableSSL"] is True
+    secret = s3["credentials"]["secretRef"]
+    assert secret["secretName"] == pipeline_settings.secret_name
+    assert {secret["accessKeyKey"], secret["secretKeyKey"]} == pipeline_settings.secret_env.keys()
 
 
 def test_no_manifest_or_script_holds_a_credential():

@@ -4,10 +4,11 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import torch
 
-from d2mtl import contracts, layout, models, store
+from d2mtl import contracts, data, layout, models, store
 from d2mtl.cli import main
 from d2mtl.config.pseudolabel import PseudoLabelConfig
 from d2mtl.errors import UserError
@@ -16,11 +17,20 @@ from d2mtl.stages import pseudolabel
 ALL_TASKS = ("age", "gender", "race", "expression")
 
 
-def _teacher(out: str, tasks=ALL_TASKS, seed: int = 0, **card) -> str:
+def _teacher(out: str, tasks=ALL_TASKS, seed: int = 0, input_size: int = 32, **card) -> str:
     torch.manual_seed(seed)
-    net = models.MultiTaskNet(models.ModelSpec(tasks=tasks, input_size=32), weights="none")
+    net = models.MultiTaskNet(models.ModelSpec(tasks=tasks, input_size=input_size), weights="none")
     models.save_model(net.eval(), out, role="teacher", **card)
     return out
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny batches gain nothing from threads, and on a busy machine two threads run many times slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture
@@ -34,7 +44,7 @@ def _config(**overrides) -> PseudoLabelConfig:
     rules = {"gender": {"rule": "fixed", "threshold": 0.5}, "race": {"rule": "prior", "retention": 0.5},
              "expression": {"rule": "fixed", "threshold": 0.0}, "age": {"rule": "spread", "max_spread": 100.0}}
     return PseudoLabelConfig(**{"transforms": ["identity", "hflip", "crop:0.8", "scale:1.25"], "batch_size": 8,
-                                "device": "cpu", "rules": rules, **overrides})
+                                "workers": 0, "device": "cpu", "rules": rules, **overrides})
 
 
 def _read(out: str) -> pa.Table:
@@ -59,7 +69,7 @@ def test_ground_truth_is_never_overwritten_and_gaps_are_filled(tables, tmp_path)
             if truth[task] is not None:
                 assert row[f"{task}_kept"] is False
         assert row["dataset"] == row["sample_id"].split("-")[0]
-    by_dataset = {d: pseudo.filter(pa.compute.equal(pseudo.column("dataset"), d)) for d in ("utk", "fer")}
+    by_dataset = {d: pseudo.filter(pc.equal(pseudo.column("dataset"), d)) for d in ("utk", "fer")}
     assert by_dataset["fer"].column("expression_kept").to_pylist() == [False] * 20
     assert all(by_dataset["fer"].column("age_kept").to_pylist())  # spread bound 100 keeps every candidate
     probs = np.array(pseudo.column("race_probs").to_pylist())
@@ -85,8 +95,9 @@ def test_shards_merged_equal_one_pass_and_output_is_deterministic(tables, tmp_pa
     whole = str(tmp_path / "whole")
     pseudolabel.run(cfg, [teacher], tables["faces"], tables["labels"], whole)
     shard_outs = [str(tmp_path / f"shard{i}") for i in range(3)]
+    decoding_workers = cfg.model_copy(update={"workers": 2})  # they split a shard's face shards between them
     for i, out in enumerate(shard_outs):
-        result = pseudolabel.run(cfg, [teacher], tables["faces"], tables["labels"], out, shard=(i, 3))
+        result = pseudolabel.run(decoding_workers, [teacher], tables["faces"], tables["labels"], out, shard=(i, 3))
         assert result["rows"] == (20 if i == 0 else 10)  # face shards 0 and 3 go to shard 0
     merged = str(tmp_path / "merged")
     pseudolabel.merge(cfg, list(reversed(shard_outs)), merged)
@@ -101,6 +112,18 @@ def test_shards_merged_equal_one_pass_and_output_is_deterministic(tables, tmp_pa
     pseudolabel.run(cfg, [teacher], tables["faces"], tables["labels"], again)
     assert (store.read_bytes(store.join(again, layout.PSEUDO_FILE))
             == store.read_bytes(store.join(whole, layout.PSEUDO_FILE)))
+
+
+def test_more_shards_than_face_shards_leaves_empty_parts(tables, tmp_path):
+    teacher = _teacher(str(tmp_path / "teacher"))
+    cfg = _config(transforms=["identity"])
+    pseudolabel.run(cfg, [teacher], tables["faces"], tables["labels"], str(tmp_path / "whole"))
+    outs = [str(tmp_path / f"shard{i}") for i in range(5)]
+    rows = [pseudolabel.run(cfg, [teacher], tables["faces"], tables["labels"], out, shard=(i, 5))["rows"]
+            for i, out in enumerate(outs)]
+    assert rows == [10, 10, 10, 10, 0]
+    pseudolabel.merge(cfg, outs, str(tmp_path / "merged"))
+    assert _read(str(tmp_path / "merged")).equals(_read(str(tmp_path / "whole")))
 
 
 def test_merge_refuses_missing_and_foreign_shards(tables, tmp_path):
@@ -131,7 +154,8 @@ def test_teacher_with_other_tasks_is_a_clear_error(tables, tmp_path):
 
 
 def test_single_task_ensemble_fills_only_its_task(tables, tmp_path):
-    teachers = [_teacher(str(tmp_path / f"age{seed}"), tasks=("age",), seed=seed) for seed in (0, 1)]
+    teachers = [_teacher(str(tmp_path / f"age{seed}"), tasks=("age",), seed=seed, input_size=size)
+                for seed, size in ((0, 32), (1, 40))]  # each teacher gets its own input size
     cfg = _config(tasks=["age"], transforms=["identity"])
     pseudolabel.run(cfg, teachers, tables["faces"], tables["labels"], str(tmp_path / "out"))
     pseudo = _read(str(tmp_path / "out"))
@@ -140,17 +164,13 @@ def test_single_task_ensemble_fills_only_its_task(tables, tmp_path):
     assert (spread > 0).all()  # two different teachers disagree; one transform alone would give 0
     faces = {r["sample_id"]: r["image"] for b in contracts.iter_face_batches(tables["faces"]) for r in b.to_pylist()}
     first = pseudo.column("sample_id")[0].as_py()
-    x = models_input(teachers, faces[first])
-    ages = [models.load_model(t)[0].predict(x)["age"].item() for t in teachers]
+    ages = [models.load_model(t)[0].predict(model_input(t, faces[first]))["age"].item() for t in teachers]
     assert pseudo.column("age")[0].as_py() == pytest.approx(np.mean(ages), rel=1e-5)
     assert spread[0] == pytest.approx(np.std(ages), abs=1e-3)
 
 
-def models_input(teachers, jpeg: bytes) -> torch.Tensor:
-    from d2mtl import data
-
-    card = models.read_card(teachers[0])
-    return data.preprocess([jpeg], card)
+def model_input(teacher: str, jpeg: bytes) -> torch.Tensor:
+    return data.preprocess([jpeg], models.read_card(teacher))
 
 
 def test_views_are_batched_and_grouped_by_size(tmp_path):
@@ -158,12 +178,11 @@ def test_views_are_batched_and_grouped_by_size(tmp_path):
     images = torch.randint(0, 256, (5, 3, 40, 40), dtype=torch.uint8)
     members = pseudolabel.predict_members([teacher], images, ["identity", "hflip", "scale:1.5"], torch.device("cpu"))
     assert members["gender"].shape == (3, 5, 2) and members["age"].shape == (3, 5)
-    from d2mtl import data
-
     x = data.normalize(data.eval_transform(32)(images), teacher.card["mean"], teacher.card["std"])
     np.testing.assert_allclose(members["race"][1], teacher.net.predict(x.flip(-1))["race"].numpy(), atol=1e-5)
-    assert pseudolabel.make_view(x, "scale:1.5").shape[-1] == 48
-    assert pseudolabel.make_view(x, "hflip+crop:0.5").shape == x.shape
+    scaled, flipped_crop, crop = pseudolabel.make_views(x, ["scale:1.5", "hflip+crop:0.5", "crop:0.5"])
+    assert scaled.shape[-1] == 48 and flipped_crop.shape == x.shape
+    torch.testing.assert_close(flipped_crop, crop.flip(-1))  # a centre crop commutes with the flip
 
 
 def test_holdout_mode_reports_quality_against_hidden_labels(tables, tmp_path):
@@ -180,9 +199,15 @@ def test_holdout_mode_reports_quality_against_hidden_labels(tables, tmp_path):
     report = json.loads(store.read_text(result["report"]))
     curves = report["holdout"]["curves"]
     assert set(curves) == {"age", "expression"}
-    assert [p["threshold"] for p in curves["expression"]["curve"]] == [0.0, 0.2, 0.5]
-    assert curves["expression"]["chosen"]["hidden"] == 5 and curves["expression"]["chosen"]["kept"] == 5
-    assert curves["age"]["parameter"] == "max_spread" and curves["age"]["chosen"]["mae"] >= 0
+    expression = curves["expression"]
+    assert expression["rule"] == "fixed" and expression["parameter"] == "threshold"
+    assert [p["threshold"] for p in expression["curve"]] == [0.0, 0.2, 0.5]
+    assert expression["curve"][0]["kept"] == 5  # threshold 0 keeps every hidden row
+    assert expression["chosen"]["hidden"] == 5 and expression["chosen"]["kept"] == 5
+    assert expression["other_rules"]["prior"]["parameter"] == "retention_target"
+    assert len(expression["other_rules"]["prior"]["curve"]) == 10
+    assert curves["age"]["parameter"] == "max_spread" and curves["age"]["other_rules"] == {}
+    assert curves["age"]["chosen"]["mae"] >= 0
     assert store.exists(store.join(str(tmp_path / "out"), layout.PSEUDO_HOLDOUT_PLOT))
     pseudo = _read(str(tmp_path / "out"))
     truth = contracts.read_table(hidden["hidden_truth"], contracts.LABELS)
@@ -194,7 +219,8 @@ def test_holdout_mode_reports_quality_against_hidden_labels(tables, tmp_path):
 
 def test_cli_runs_shards_merges_and_reports_errors_in_one_line(tables, tmp_path, capsys):
     teacher = _teacher(str(tmp_path / "teacher"))
-    common = ["--set", "pseudolabel.transforms=[identity]", "--set", "pseudolabel.device=cpu"]
+    common = ["--set", "pseudolabel.transforms=[identity]", "--set", "pseudolabel.device=cpu", "--set",
+              "pseudolabel.threads=1"]
     for i in range(2):
         assert main(["pseudolabel", *common, "--teacher", teacher, "--faces", tables["faces"], "--labels",
                      tables["labels"], "--out", str(tmp_path / f"s{i}"), "--shard", f"{i}/2"]) == 0
@@ -207,11 +233,14 @@ def test_cli_runs_shards_merges_and_reports_errors_in_one_line(tables, tmp_path,
     assert err.startswith("d2mtl pseudolabel: error: teacher") and "--tasks age,gender,race,expression" in err
 
 
-def test_shard_outputs_on_s3(tables, tmp_path, s3_env):
-    teacher = _teacher(str(tmp_path / "teacher"))
-    cfg = _config(transforms=["identity"])
+def test_everything_on_s3(tables, tmp_path, s3_env):
+    for path in store.list_files(tables["faces"]):
+        store.upload_file(path, f"s3://bucket/pl/faces/{path.rsplit('/', 1)[-1]}")
+    store.upload_file(tables["labels"], "s3://bucket/pl/labels.parquet")
+    teacher = _teacher("s3://bucket/pl/teacher")
+    cfg = _config(transforms=["identity"], workers=1)  # the decoding process reads the face shards from S3
     outs = [f"s3://bucket/pl/shard{i}" for i in range(2)]
     for i, out in enumerate(outs):
-        pseudolabel.run(cfg, [teacher], tables["faces"], tables["labels"], out, shard=(i, 2))
+        pseudolabel.run(cfg, [teacher], "s3://bucket/pl/faces", "s3://bucket/pl/labels.parquet", out, shard=(i, 2))
     result = pseudolabel.merge(cfg, outs, "s3://bucket/pl/merged")
     assert result["rows"] == 40 and contracts.read_table(result["pseudo"], contracts.PSEUDO).num_rows == 40

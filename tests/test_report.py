@@ -55,16 +55,18 @@ def test_history_series_finds_epochs_and_groups_panels():
 
 
 def test_threshold_series_from_holdout_curves():
-    doc = {"holdout": {"expression": {"rule": "fixed", "curve": [
-        {"threshold": 0.5, "hidden": 10, "kept": 8, "retention": 0.8, "accuracy": 0.6},
-        {"threshold": 0.9, "hidden": 10, "kept": 3, "retention": 0.3, "accuracy": 0.9}]},
-        "age": {"rule": "spread", "curve": [{"max_spread": 2.0, "retention": 0.4, "mae": 3.0},
-                                             {"max_spread": 6.0, "retention": 0.9, "mae": 5.0}]}}}
+    doc = {"rows": 10, "holdout": {"fraction": 0.2, "curves": {
+        "expression": {"parameter": "threshold", "chosen": {"accuracy": 0.8}, "curve": [
+            {"threshold": 0.5, "hidden": 10, "kept": 8, "retention": 0.8, "accuracy": 0.6},
+            {"threshold": 0.9, "hidden": 10, "kept": 3, "retention": 0.3, "accuracy": 0.9}]},
+        "age": {"parameter": "max_spread", "curve": [{"max_spread": 2.0, "retention": 0.4, "mae": 3.0},
+                                                     {"max_spread": 6.0, "retention": 0.9, "mae": None}]}}}}
     series, xlabels = report.threshold_series(doc)
-    assert series["holdout/expression/curve: accuracy"] == {"accuracy": ([0.5, 0.9], [0.6, 0.9])}
-    assert series["holdout/age/curve: mae"] == {"mae": ([2.0, 6.0], [3.0, 5.0])}
-    assert xlabels["holdout/age/curve: retention"] == "max_spread"
+    assert series["expression: accuracy"] == {"accuracy": ([0.5, 0.9], [0.6, 0.9])}
+    assert series["age: mae"] == {"mae": ([2.0], [3.0])}  # a point without a value (nothing kept) is left out
+    assert xlabels["age: retention"] == "max_spread" and xlabels["expression: retention"] == "threshold"
     assert report.series_png(series, "t", xlabels).startswith(PNG_MAGIC)
+    assert report.threshold_series({"holdout": None}) == ({}, {})
     assert report.series_png({}, "t", "x") is None
 
 

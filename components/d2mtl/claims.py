@@ -57,7 +57,7 @@ def _compare(best: dict, task: str, dataset: str, domain: str, model_a: str, mod
         return None
     metric = a[0]
     error_a, error_b = error_of(metric, a[1]), error_of(metric, b[1])
-    reduction = (error_b - error_a) / error_b if error_b > 0 else (0.0 if error_a == 0 else float("-inf"))
+    reduction = (error_b - error_a) / error_b if error_b > 0 else None  # undefined against a perfect reference
     return {"task": task, "dataset": dataset, "domain": domain, "metric": metric,
             "higher_is_better": HIGHER_IS_BETTER[metric], "model": model_a, "value": a[1], "n": a[2],
             "reference": model_b, "reference_value": b[1], "better": error_a < error_b,
@@ -73,11 +73,13 @@ def _claim(number: int, status: str, reason: str, comparisons: list[dict], **num
             "comparisons": comparisons, **numbers}
 
 
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
+def _mean(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
 
 
-def _fmt_pct(value: float | None) -> str:
+def format_percent(value: float | None) -> str:
+    """A relative change as a signed percentage; "n/a" when undefined."""
     return "n/a" if value is None else f"{100 * value:+.1f}%"
 
 
@@ -148,8 +150,11 @@ def claim_distillation_improves(best: dict, by_role: dict[str, str], coverage: M
     cross = _mean([c["relative_error_reduction"] for c in comparisons if c["domain"] == CROSS_DOMAIN])
     numbers = {"mean_error_reduction": overall, "mean_error_reduction_in_domain": in_domain,
                "mean_error_reduction_cross_domain": cross}
-    summary = (f"mean relative error reduction {_fmt_pct(overall)} (in-domain {_fmt_pct(in_domain)}, "
-               f"cross-domain {_fmt_pct(cross)})")
+    summary = (f"mean relative error reduction {format_percent(overall)} (in-domain {format_percent(in_domain)}, "
+               f"cross-domain {format_percent(cross)})")
+    if overall is None:
+        return _claim(2, NOT_MEASURABLE, "the teacher is perfect on every shared row: nothing to improve",
+                      comparisons, **numbers)
     if overall <= 0:
         return _claim(2, NOT_HELD, f"the student does not improve on the teacher: {summary}", comparisons, **numbers)
     if in_domain is None or cross is None:

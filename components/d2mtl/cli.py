@@ -13,6 +13,8 @@ Examples::
     d2mtl evaluate --config cpu --models runs/manual/teacher,runs/manual/student --faces ... --labels ... \\
                    --out runs/manual/evaluate
     d2mtl run                      # the whole pipeline on this machine (kfp.local)
+    d2mtl predict photos/ group.jpg --format csv      # faces + age, gender, race, expression (latest run's model)
+    d2mtl export --model runs/manual/student --format onnx --out exports/student-onnx
 
 Every path may be a local path or an ``s3://bucket/key`` URI.
 """
@@ -121,6 +123,35 @@ def cmd_upload_data(args: argparse.Namespace) -> None:
           f"{summary.skipped} already there")
 
 
+def _model_or_latest(model: str | None, cfg) -> str:
+    from d2mtl.predict import latest_model
+
+    return model or latest_model(cfg.pipeline.run_root)
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from d2mtl import predict
+
+    cfg = _experiment(args)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    images = predict.list_images(args.paths)
+    analyzer = predict.Analyzer(_model_or_latest(args.model, cfg), device=args.device, ingest=cfg.ingest,
+                                batch_size=args.batch_size)
+    counts = predict.write_results(analyzer.analyze_iter(images), args.format, sys.stdout, analyzer.tasks)
+    print(predict.summary_line(counts), file=sys.stderr)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from d2mtl import export, store
+
+    cfg = _experiment(args)
+    card = export.export_model(_model_or_latest(args.model, cfg), args.format, args.out)
+    print(f"wrote {store.join(args.out, card['export']['file'])} (outputs: {', '.join(card['export']['outputs'])})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="d2mtl", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -177,6 +208,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dest", required=True, help="destination prefix, e.g. s3://d2mtl/datasets")
     p.add_argument("--workers", type=int, default=8, help="parallel uploads (default 8)")
     p.add_argument("--overwrite", action="store_true", help="upload files that already exist at --dest again")
+
+    p = add("predict", cmd_predict, "detect faces in images and predict age, gender, race and expression in one pass")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders, s3:// prefixes")
+    p.add_argument("--model", default=None,
+                   help="model folder (teacher / student output); default: the final model of the latest d2mtl run "
+                        "(<pipeline.run_root>/latest.json)")
+    p.add_argument("--format", choices=("json", "csv", "table"), default="table",
+                   help="json: one object per image per line; csv: one row per face; table (default): a line per face")
+    p.add_argument("--batch-size", type=int, default=64, help="faces per forward pass (default 64)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for the network and the detector")
+
+    p = add("export", cmd_export, "export a model as ONNX or TorchScript (dynamic batch axis, model card included)")
+    p.add_argument("--model", default=None, help="model folder; default: the final model of the latest d2mtl run")
+    p.add_argument("--format", choices=("onnx", "torchscript"), required=True)
+    p.add_argument("--out", required=True, help="output folder (model.onnx or model.torchscript.pt + model_card.json)")
 
     try:
         from d2mtl_pipeline import cli as pipeline_cli

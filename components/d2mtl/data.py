@@ -6,11 +6,14 @@ Shared preprocessing (every stage that feeds a network uses these, never its own
 all three for a list of JPEGs and a model card.
 
 Training reads the sharded face table lazily: a ``FaceIndex`` holds only the small columns
-(sample id, dataset, split, shard position) and the targets; images are read one shard at a
-time into a small per-worker cache, and the ``EpochSampler`` orders each epoch window by window
-(a few shards at a time), so memory stays bounded whatever the table size. Each epoch's plan is
-a pure function of (seed, epoch), and each sample's augmentation has its own seed, so a run
-resumed at any batch continues exactly as the uninterrupted run would.
+(sample id, dataset, split, shard position) and the targets; the JPEG bytes are read a shard at a
+time into a per-worker cache. By default the cache holds every shard (compressed faces: ~3.6 KB
+each at 112 px, 176 MB for UTKFace + FER2013), so every batch draws from the whole table. With
+``window`` = N the ``EpochSampler`` orders each epoch N shards at a time and memory stays bounded
+whatever the table size; a batch then mixes only those shards, which is unbiased only when rows
+are in random order across shards (ingest writes them in source order: FER2013 by class, UTKFace
+by age). Each epoch's plan is a pure function of (seed, epoch), and each sample's augmentation has
+its own seed, so a run resumed at any batch continues exactly as the uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -51,15 +54,51 @@ def eval_transform(input_size: int) -> v2.Transform:
 
 
 def train_transform(input_size: int, augment) -> v2.Transform:
-    """uint8 (3, H, W) -> augmented uint8 (3, input_size, input_size); ``augment`` is an AugmentConfig."""
+    """uint8 (3, H, W) -> uint8 (3, input_size, input_size): the per-image geometric augmentation
+    (``augment`` is an AugmentConfig); the colour augmentation is ``ColourJitter``, per batch."""
     return v2.Compose([
         v2.RandomResizedCrop(input_size, scale=tuple(augment.crop_scale), ratio=tuple(augment.crop_ratio),
                              antialias=True),
         v2.RandomHorizontalFlip(augment.hflip),
-        v2.ColorJitter(brightness=augment.brightness, contrast=augment.contrast, saturation=augment.saturation,
-                       hue=augment.hue),
-        v2.RandomGrayscale(augment.grayscale),
     ])
+
+
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale
+
+
+def _gray(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) float -> (B, 1, H, W) luma."""
+    return torch.tensordot(images, images.new_tensor(GRAY_WEIGHTS), dims=([1], [0])).unsqueeze(1)
+
+
+class ColourJitter:
+    """Brightness, contrast and saturation jitter, then random grayscale, with each image's own draws,
+    applied to a whole uint8 batch at once.
+
+    The maths of v2.ColorJitter (in a fixed order) and v2.RandomGrayscale; batched because v2 spends
+    ~0.1 ms of per-op overhead on each 64 px face, the largest part of the data path on a 2-core machine,
+    where every data-path cycle is taken from training (BENCHMARKS.md, "Training").
+    """
+
+    def __init__(self, augment):
+        strengths = torch.tensor([augment.brightness, augment.contrast, augment.saturation])
+        self.low, self.high = (1 - strengths).clamp_min(0), 1 + strengths
+        self.grayscale = augment.grayscale
+
+    def draw(self) -> torch.Tensor:
+        """One image's parameters (4,) from the default generator: three factors and a grayscale draw."""
+        uniform = torch.rand(4)
+        return torch.cat([self.low + (self.high - self.low) * uniform[:3], uniform[3:]])
+
+    def __call__(self, images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, H, W) and (B, 4) draws -> uint8 (B, 3, H, W)."""
+        brightness, contrast, saturation, gray_draw = params.float().T[..., None, None, None]  # each (B, 1, 1, 1)
+        x = (images.float() * brightness).clamp(0, 255)
+        mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
+        x = (contrast * x + (1 - contrast) * mean).clamp(0, 255)
+        x = (saturation * x + (1 - saturation) * _gray(x)).clamp(0, 255)
+        x = torch.where(gray_draw < self.grayscale, _gray(x).expand_as(x), x)
+        return x.round().to(torch.uint8)
 
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
@@ -99,11 +138,10 @@ def empty_targets(n: int, tasks: Sequence[str]) -> dict[str, np.ndarray]:
     return targets
 
 
-def _column(table: pa.Table, name: str, positions: np.ndarray, fill: float) -> np.ndarray:
-    """``table[name]`` at ``positions`` (-1: no row) as float64, nulls and missing rows as ``fill``."""
-    values = table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
-    values = np.where(np.isnan(values), fill, values)
-    return np.where(positions >= 0, values[np.maximum(positions, 0)] if len(values) else fill, fill)
+def column_at(table: pa.Table, name: str, positions: np.ndarray, fill) -> np.ndarray:
+    """``table[name]`` at ``positions`` (-1: no row) as NumPy, nulls and missing rows as ``fill``."""
+    values = np.append(table.column(name).fill_null(fill).to_numpy(zero_copy_only=False), fill)
+    return values[np.where(positions >= 0, positions, len(values) - 1)]
 
 
 def label_targets(labels: pa.Table, positions: np.ndarray, tasks: Sequence[str]) -> dict[str, np.ndarray]:
@@ -115,13 +153,13 @@ def label_targets(labels: pa.Table, positions: np.ndarray, tasks: Sequence[str])
     targets = empty_targets(len(positions), tasks)
     for task in tasks:
         if TASKS[task].kind == "classification":
-            codes = _column(labels, task, positions, -1)
+            codes = column_at(labels, task, positions, -1)
             targets[task] = codes.astype(np.int64)
             targets[f"{task}_weight"] = (codes >= 0).astype(np.float32)
         else:
-            exact = _column(labels, task, positions, np.nan)
-            low = np.where(np.isnan(exact), _column(labels, f"{task}_low", positions, np.nan), exact)
-            high = np.where(np.isnan(exact), _column(labels, f"{task}_high", positions, np.nan), exact)
+            exact = column_at(labels, task, positions, np.nan)
+            low = np.where(np.isnan(exact), column_at(labels, f"{task}_low", positions, np.nan), exact)
+            high = np.where(np.isnan(exact), column_at(labels, f"{task}_high", positions, np.nan), exact)
             known = ~np.isnan(low) & ~np.isnan(high)
             targets[f"{task}_low"] = np.where(known, low, np.nan).astype(np.float32)
             targets[f"{task}_high"] = np.where(known, high, np.nan).astype(np.float32)
@@ -180,8 +218,7 @@ class FaceIndex:
 
     def labelled(self) -> np.ndarray:
         """(N,) bool: rows with a label (weight > 0) for at least one task."""
-        return np.any([self.targets[f"{t}_weight"] > 0 for t in self.tasks], axis=0) if self.tasks else \
-            np.zeros(len(self), bool)
+        return np.any([self.targets[f"{t}_weight"] > 0 for t in self.tasks], axis=0)
 
     def rows(self, split: str, labelled_only: bool = True) -> np.ndarray:
         """Row numbers of ``split`` (with at least one target unless ``labelled_only`` is False)."""
@@ -210,11 +247,12 @@ class FaceDataset(torch.utils.data.Dataset):
     augmentation, so it does not depend on which worker draws it or on what ran before.
     """
 
-    def __init__(self, index: FaceIndex, input_size: int, augment=None, cache_shards: int = 8):
+    def __init__(self, index: FaceIndex, input_size: int, augment=None, cache_shards: int = 0):
         self.index = index
         self.resize = eval_transform(input_size)
         self.augment = train_transform(input_size, augment) if augment is not None else None
-        self.cache_shards = max(1, cache_shards)
+        self.jitter = ColourJitter(augment) if augment is not None else None
+        self.cache_shards = cache_shards if cache_shards > 0 else max(1, len(index.shards))  # 0: every shard
         self._cache: OrderedDict[int, pa.Array] = OrderedDict()
 
     def __len__(self) -> int:
@@ -234,21 +272,34 @@ class FaceDataset(torch.utils.data.Dataset):
             self._cache.popitem(last=False)
         return images
 
-    def image(self, row: int, seed: int) -> torch.Tensor:
+    def decode(self, row: int) -> torch.Tensor:
         data = self._shard_images(int(self.index.shard[row]))[int(self.index.row[row])].as_py()
         try:
-            image = decode_jpeg(data)
+            return decode_jpeg(data)
         except UserError as err:
             raise UserError(f"sample {self.index.sample_id[row]}: {err}") from None
-        if seed < 0 or self.augment is None:
-            return self.resize(image)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.augment(image)
+
+    def augmented(self, row: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The geometric augmentation of one face and its colour draws, both from ``seed``."""
+        image = self.decode(row)
+        # The transforms draw from the default CPU generator: seed it for this sample, then put it back
+        # (torch.manual_seed + fork_rng cost ~0.1 ms per call; the generator's own methods ~5 us).
+        generator = torch.default_generator
+        state = generator.get_state()
+        generator.manual_seed(seed)
+        try:
+            return self.augment(image), self.jitter.draw()
+        finally:
+            generator.set_state(state)
 
     def __getitems__(self, items: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
         rows = np.fromiter((r for r, _ in items), np.int64, len(items))
-        batch = {"image": torch.stack([self.image(r, s) for r, s in items]), "row": torch.from_numpy(rows)}
+        if self.augment is None or min(seed for _, seed in items) < 0:
+            images = torch.stack([self.resize(self.decode(r)) for r, _ in items])
+        else:
+            faces, draws = zip(*(self.augmented(r, s) for r, s in items))
+            images = self.jitter(torch.stack(faces), torch.stack(draws))
+        batch = {"image": images, "row": torch.from_numpy(rows)}
         for key, values in self.index.targets.items():
             batch[key] = torch.from_numpy(values[rows])
         return batch
@@ -277,13 +328,14 @@ class EpochSampler(torch.utils.data.Sampler):
 
     The epoch plan draws ``samples`` rows by the mix weights (each row once when proportional and not
     oversampling), then orders them window by window: shards interleaved by dataset, ``window`` shards at
-    a time, rows shuffled within a window. ``set_epoch(epoch, start)`` positions it (resume).
+    a time (0: all of them), rows shuffled within a window. ``set_epoch(epoch, start)`` positions it (resume).
     """
 
     def __init__(self, index: FaceIndex, rows: np.ndarray, batch_size: int, seed: int, mix: str = "proportional",
-                 samples: int | None = None, window: int = 8, shuffle: bool = True):
+                 samples: int | None = None, window: int = 0, shuffle: bool = True):
         self.index, self.rows, self.batch_size = index, np.asarray(rows, np.int64), batch_size
-        self.seed, self.window, self.shuffle = seed, max(1, window), shuffle
+        self.seed, self.shuffle = seed, shuffle
+        self.window = window if window > 0 else max(1, len(index.shards))
         self.samples = samples or len(self.rows)
         self.weights = torch.as_tensor(mix_weights(index, self.rows, mix), dtype=torch.float64)
         self.replacement = mix != "proportional" or self.samples > len(self.rows)
@@ -344,13 +396,15 @@ def _whole_batch(batch):
     return batch
 
 
-def make_loader(dataset: FaceDataset, sampler: EpochSampler, num_workers: int = 0,
-                pin_memory: bool = False) -> DataLoader:
+def make_loader(dataset: FaceDataset, sampler: EpochSampler, num_workers: int = 0, pin_memory: bool = False,
+                persistent: bool = False) -> DataLoader:
     """A DataLoader whose batches are FaceDataset.__getitems__ dicts, in the sampler's order.
 
-    It gets its own generator: the default one would draw from the global RNG each time an epoch
-    starts, and a run resumed mid-epoch would then see other dropout masks than the uninterrupted run.
+    ``persistent`` keeps the workers, and so their shard caches, from one epoch to the next (position
+    the sampler with ``set_epoch`` before each pass). The loader gets its own generator: the default
+    one would draw from the global RNG each time an epoch starts, and a run resumed mid-epoch would
+    then see other dropout masks than the uninterrupted run.
     """
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=_whole_batch,
                       pin_memory=pin_memory, prefetch_factor=4 if num_workers else None,
-                      persistent_workers=False, generator=torch.Generator())
+                      persistent_workers=persistent and num_workers > 0, generator=torch.Generator())

@@ -53,6 +53,13 @@ def aggregate_regression(values: np.ndarray) -> TaskPrediction:
     return TaskPrediction(value=values.mean(axis=0).astype(np.float32), score=values.std(axis=0).astype(np.float32))
 
 
+def concatenate(parts: list[TaskPrediction]) -> TaskPrediction:
+    """Row-wise concatenation of one task's predictions (e.g. of successive batches)."""
+    probs = np.concatenate([p.probs for p in parts]) if parts[0].probs is not None else None
+    return TaskPrediction(value=np.concatenate([p.value for p in parts]),
+                          score=np.concatenate([p.score for p in parts]), probs=probs)
+
+
 def class_prior(labels: np.ndarray, num_classes: int) -> np.ndarray:
     """Class frequencies of the known labels (integer codes); ValueError when there are none."""
     if labels.size == 0:

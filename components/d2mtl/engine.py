@@ -1,6 +1,6 @@
 """The training engine shared by the teacher, the single-task baselines and the student.
 
-``Trainer(cfg, index, out, net).fit()`` runs: LR range test (unless resumed or fixed), then epochs of
+``setup_run(cfg)``, then ``Trainer(cfg, index, out, build_model(cfg)).fit()`` runs: LR range test (unless resumed or fixed), then epochs of
 ``train_one_epoch`` + ``evaluate`` on val with the plateau rule, checkpointing to ``out`` every epoch and
 every ``cfg.checkpoint_every`` steps, and finally writes the model folder (weights, card, metrics, curves).
 When ``out`` already holds a checkpoint the run resumes from it: model, optimiser, scheduler, task
@@ -36,14 +36,22 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "d2mtl-checkpoint/1"
 # Fields that change how a run executes, not what it computes: a resume may change them.
-EXECUTION_FIELDS = {"progress", "num_workers", "threads", "device", "eval_batch_size", "checkpoint_every",
-                    "shard_window"}
+EXECUTION_FIELDS = {"progress", "num_workers", "threads", "device", "eval_batch_size", "checkpoint_every"}
 
 OPTIMIZERS = {
     "adamw": lambda groups, cfg: torch.optim.AdamW(groups, lr=cfg.lr.lr, weight_decay=cfg.weight_decay),
     "sgd": lambda groups, cfg: torch.optim.SGD(groups, lr=cfg.lr.lr, momentum=cfg.momentum, nesterov=True,
                                                weight_decay=cfg.weight_decay),
 }
+
+
+def setup_run(cfg) -> None:
+    """Threads, determinism and the seed, before the network is built (its initial weights use the seed)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+    torch.manual_seed(cfg.seed)
 
 
 def param_groups(net: torch.nn.Module, weighting: TaskWeighting) -> list[dict]:
@@ -83,10 +91,6 @@ class Trainer:
                  card_extra: dict | None = None):
         self.cfg, self.index, self.out, self.role = cfg, index, out, role
         self.card_extra = card_extra or {}
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        if cfg.deterministic:
-            torch.use_deterministic_algorithms(True)
         self.device = resolve_device(cfg.device)
         self.cuda = self.device.type == "cuda"
         self.memory_format = torch.channels_last if self.cuda else torch.contiguous_format
@@ -98,10 +102,17 @@ class Trainer:
         self.train_rows, self.val_rows, self.test_rows = (index.rows(s) for s in ("train", "val", "test"))
         if not len(self.train_rows):
             raise UserError(f"no train faces labelled for {', '.join(self.tasks)}: check the label table and tasks")
+        if 0 < cfg.shard_window < len(index.shards):
+            log.warning("shard_window %d < %d shards: each batch mixes only a window of shards; unbiased only when "
+                        "the face table's rows are in random order", cfg.shard_window, len(index.shards))
+        if index.unmatched_labels:
+            log.warning("%d label rows name no face of %s; they are not used", index.unmatched_labels, index.faces)
         self.train_data = FaceDataset(index, cfg.input_size, cfg.augment, cfg.shard_window)
         self.eval_data = FaceDataset(index, cfg.input_size, None, cfg.shard_window)
         self.sampler = EpochSampler(index, self.train_rows, cfg.batch_size, cfg.seed, cfg.mix, cfg.epoch_samples,
                                     cfg.shard_window)
+        self.train_loader = make_loader(self.train_data, self.sampler, cfg.num_workers, pin_memory=self.cuda,
+                                        persistent=True)
         self.optimizer = OPTIMIZERS[cfg.optimizer](param_groups(self.net, self.weighting), cfg)
         self.scheduler: DynamicLR | None = None
         self.progress = Progress()
@@ -133,13 +144,12 @@ class Trainer:
         """Train from the sampler position to the end of ``epoch``; returns its mean loss per task."""
         progress = self.progress
         self.sampler.set_epoch(epoch, progress.step_in_epoch)
-        loader = make_loader(self.train_data, self.sampler, self.cfg.num_workers, pin_memory=self.cuda)
         sums = {t: torch.tensor(v, device=self.device) for t, v in progress.loss_sums.items()}
         counts = dict(progress.loss_counts)
         bar = tqdm(total=len(self.sampler), initial=progress.step_in_epoch, desc=f"{self.role} epoch {epoch + 1}",
                    disable=not self.cfg.progress, mininterval=2, leave=False)
         started = time.perf_counter()
-        for batch in loader:
+        for batch in self.train_loader:
             progress.lr_trace.append(self.optimizer.param_groups[0]["lr"])
             for task, loss in self.train_step(batch).items():
                 sums[task] = sums.get(task, 0) + loss
@@ -232,13 +242,12 @@ class Trainer:
         return result.peak
 
     def _cycle_batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        sampler = EpochSampler(self.index, self.train_rows, self.cfg.batch_size, self.cfg.seed + 1, self.cfg.mix,
-                               self.cfg.epoch_samples, self.cfg.shard_window)
-        epoch = 0
+        """Train batches from plans of their own (negative epochs), through the training loader."""
+        epoch = -1
         while True:
-            sampler.set_epoch(epoch)
-            yield from make_loader(self.train_data, sampler, self.cfg.num_workers)
-            epoch += 1
+            self.sampler.set_epoch(epoch)
+            yield from self.train_loader
+            epoch -= 1
 
     def _make_scheduler(self) -> DynamicLR:
         steps = len(self.sampler)
@@ -272,16 +281,16 @@ class Trainer:
             raise UserError(f"{self.out} holds a checkpoint of a run with other settings ({', '.join(changed)}); "
                             "use another --out, or delete it to start over")
         self.net.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
         self.weighting.load_state_dict(state["weighting"])
         self.progress = Progress(**state["progress"])
-        self.scheduler = self._make_scheduler()
+        self.scheduler = self._make_scheduler()  # sets the first step's rates: the optimiser state comes after
         self.scheduler.load_state_dict(state["scheduler"])
+        self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"])
         if self.cuda and "cuda" in state["rng"]:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        log.info("resuming %s at epoch %d, step %d of %d", self.out, self.progress.epoch + 1,
-                 self.progress.step_in_epoch, len(self.sampler))
+        log.info("checkpoint at %s: %d of %d epochs done, then %d of %d steps", self.out, self.progress.epoch,
+                 self.cfg.epochs, self.progress.step_in_epoch, len(self.sampler))
         return True
 
     # ---- the run --------------------------------------------------------------------------------------
@@ -293,7 +302,6 @@ class Trainer:
             log.info("%s: training already finished; keeping its outputs", self.out)
             return json.loads(store.read_text(store.join(self.out, layout.TRAIN_METRICS)))["result"]
         if not resumed:
-            torch.manual_seed(self.cfg.seed)
             self.progress.peak_lr = self.find_peak_lr()
             self.scheduler = self._make_scheduler()
         log.info("%s: %d train faces %s, %d batches/epoch, %d val, %d test, peak rate %.2e, device %s", self.role,
@@ -326,7 +334,8 @@ class Trainer:
                   "val": val, "test": test}
         training = {"config": self.cfg.model_dump(mode="json"), "data": {
             "train": self.index.summary(self.train_rows), "val": self.index.summary(self.val_rows),
-            "test": self.index.summary(self.test_rows)}, "epochs": progress.epoch, "peak_lr": progress.peak_lr,
+            "test": self.index.summary(self.test_rows), "unmatched_labels": self.index.unmatched_labels},
+            "epochs": progress.epoch, "peak_lr": progress.peak_lr,
             "train_seconds": result["train_seconds"]}
         save_model(self.net, self.out, role=self.role, training=training, metrics={"val": val, "test": test},
                    **self.card_extra)

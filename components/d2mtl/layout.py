@@ -40,6 +40,13 @@ EVAL_CLAIMS = "claims.json"
 EVAL_DETAILS = "evaluation.json"  # every row (per group too), gaps, confusion matrices, coverage, skipped faces
 CONFUSION_DIR = "confusion"
 
+# d2mtl run: <run_root>/latest.json records the latest finished run (its final model is predict's default)
+LATEST_RUN = "latest.json"
+
+# export/ (d2mtl export --out): the graph, and MODEL_CARD with an "export" section describing its inputs/outputs
+ONNX_FILE = "model.onnx"  # the card is also in the ONNX metadata (key MODEL_CARD)
+TORCHSCRIPT_FILE = "model.torchscript.pt"  # the card is also an extra file of the archive (name MODEL_CARD)
+
 
 def faces(ingest_out: str) -> str:
     return join(ingest_out, FACES_DIR)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from matplotlib.figure import Figure
 
-from d2mtl.claims import HELD, NOT_HELD
+from d2mtl.claims import HELD, NOT_HELD, format_percent
 
 _STATUS_CLASS = {HELD: "held", NOT_HELD: "not-held"}
 _STYLE = """
@@ -121,6 +121,7 @@ def _lines(records: list[dict], x_key: str, y_keys: Iterable[str]) -> dict[str, 
     return lines
 
 
+_CURVE_PANELS = ("loss", "scores", "MAE (years)", "learning rate", "task weights")  # in the order drawn
 _NOT_CURVES = ("epoch", "step", "steps", "samples", "images", "plateau")
 
 
@@ -146,34 +147,26 @@ def history_series(doc) -> Series:
         keys = sorted({key for record in records for key in _numbers(record) if _curve_panel(key) is not None})
         for key, line in _lines(records, "epoch", keys).items():
             series.setdefault(_curve_panel(key), {})[f"{path}/{key}" if len(histories) > 1 else key] = line
-    return series
+    return {panel: series[panel] for panel in _CURVE_PANELS if panel in series}
 
 
-SWEPT_PARAMETERS = ("threshold", "max_spread", "retention")  # what a holdout curve varies (retention: also a quality)
 _CURVE_QUALITIES = ("accuracy", "mae", "retention")
 
 
-def threshold_series(doc) -> tuple[Series, dict[str, str]]:
-    """Pseudo-label quality vs the selection parameter, from every holdout curve in a pseudo-label report.
+def threshold_series(pseudo_report: dict) -> tuple[Series, dict[str, str]]:
+    """Pseudo-label quality on the hidden labels as the selection parameter sweeps, one panel per task and quality.
 
-    A curve is a list of objects sharing a swept parameter (``threshold``, ``retention`` or ``max_spread``)
-    and carrying ``accuracy`` / ``mae`` and ``retention``; one panel per curve and quality. Returns the
-    series and each panel's x label.
+    Reads the pseudo-label report of a holdout run: ``holdout.curves[task] = {"parameter": name, "curve":
+    [{name: value, "accuracy" | "mae": ..., "retention": ...}, ...]}``. Returns the series and each panel's x label.
     """
     series: Series = {}
     xlabels: dict[str, str] = {}
-    for path, records in _record_lists(doc):
-        swept = next((p for p in SWEPT_PARAMETERS if all(p in r for r in records)), None)
-        if swept is None:
-            continue
+    for task, entry in ((pseudo_report.get("holdout") or {}).get("curves") or {}).items():
         for quality in _CURVE_QUALITIES:
-            if quality == swept:
-                continue
-            lines = _lines(records, swept, [quality])
+            lines = _lines(entry["curve"], entry["parameter"], [quality])
             if lines:
-                panel = f"{path or 'curve'}: {quality}"
-                series[panel] = lines
-                xlabels[panel] = swept
+                series[f"{task}: {quality}"] = lines
+                xlabels[f"{task}: {quality}"] = entry["parameter"]
     return series, xlabels
 
 
@@ -221,9 +214,9 @@ def _claims_section(claims: list[dict]) -> str:
         parts.append(table(
             ["task", "dataset", "domain", "metric", "model", "value", "reference", "reference value", "better",
              "relative error reduction"],
-            [[c["task"], c["dataset"], c["domain"], c["metric"] + ("" if c["higher_is_better"] else " (lower is better)"),
-              c["model"], c["value"], c["reference"], c["reference_value"], "yes" if c["better"] else "no",
-              f"{100 * c['relative_error_reduction']:+.1f}%"] for c in claim["comparisons"]],
+            [[c["task"], c["dataset"], c["domain"],
+              c["metric"] + ("" if c["higher_is_better"] else " (lower is better)"), c["model"], c["value"], c["reference"], c["reference_value"], "yes" if c["better"] else "no",
+              format_percent(c["relative_error_reduction"])] for c in claim["comparisons"]],
             ["held" if c["better"] else "not-held" for c in claim["comparisons"]]))
     return "".join(parts)
 
@@ -257,7 +250,8 @@ def render(*, title: str, models: list[dict], claims: list[dict], comparison: tu
                    r["value"], r["n"]] for r in grouped]) + "</details>"),
         ("Confusion matrices", _figures(confusion_plots) or "<p>None.</p>"),
         ("Training curves", _figures(curve_plots) or "<p>No training metrics found in the model folders.</p>"),
-        ("Pseudo-label threshold curves", _figures(threshold_plots) or "<p>No pseudo-label report given.</p>"),
+        ("Pseudo-label threshold curves", _figures(threshold_plots) or "<p>None: they need the pseudo-label report of "
+         "a holdout run (pseudolabel.holdout.fraction > 0).</p>"),
     ]
     body = "".join(f"<h2>{html.escape(name)}</h2>{content}" for name, content in sections)
     note_html = "".join(f"<p>{html.escape(n)}</p>" for n in notes)

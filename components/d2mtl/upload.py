@@ -9,6 +9,7 @@ interruption sends only what is missing. ``overwrite=True`` sends everything aga
 from __future__ import annotations
 
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,13 +30,19 @@ class UploadSummary:
     bytes_uploaded: int
 
 
-def _local_files(root: Path) -> list[Path]:
-    """Every file below ``root``, sorted, leaving out hidden files and folders (.DS_Store, .cache, ...)."""
-    return sorted(path for path in root.rglob("*")
-                  if path.is_file() and not any(part.startswith(".") for part in path.relative_to(root).parts))
+def _local_names(root: Path) -> list[str]:
+    """POSIX names (``utkface/x.jpg``) of every file below ``root``, sorted, leaving out hidden files and folders
+    (.DS_Store, .cache, ...). os.walk rather than Path.rglob: 0.4 s instead of 2 s for UTKFace + FER2013 (48k files)."""
+    names = []
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        prefix = Path(folder).relative_to(root).as_posix()
+        names += [name if prefix == "." else f"{prefix}/{name}" for name in files
+                  if not name.startswith(".") and os.path.isfile(os.path.join(folder, name))]
+    return sorted(names)
 
 
-def _relative_names(dest: str) -> set[str]:
+def _present_names(dest: str) -> set[str]:
     """Names (``utkface/x.jpg``) of the files already below ``dest``."""
     if not store.is_remote(dest):
         return {Path(uri).relative_to(dest).as_posix() for uri in store.list_files(dest)}
@@ -51,20 +58,24 @@ def upload_tree(source: str | Path, dest: str, workers: int = 8, overwrite: bool
         raise UserError(f"the data root {source} is not a local folder")
     if workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
-    files = _local_files(root)
-    if not files:
+    names = _local_names(root)
+    if not names:
         raise UserError(f"{source} holds no files to upload")
-    present = set() if overwrite else _relative_names(dest)
-    todo = [(path, name) for path in files if (name := path.relative_to(root).as_posix()) not in present]
-    log.info("%d files under %s: %d to upload to %s, %d already there", len(files), root, len(todo), dest,
-             len(files) - len(todo))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(store.upload_file, path, store.join(dest, name)) for path, name in todo]
+    present = set() if overwrite else _present_names(dest)
+    todo = [name for name in names if name not in present]
+    log.info("%d files under %s: %d to upload to %s, %d already there", len(names), root, len(todo), dest,
+             len(names) - len(todo))
+    with tqdm(total=len(todo), unit="file", desc="upload") as progress, ThreadPoolExecutor(workers) as pool:
+        if todo:  # the first file alone: it creates the bucket, and a wrong endpoint or key fails once, here
+            store.upload_file(root / todo[0], store.join(dest, todo[0]))
+            progress.update()
+        futures = [pool.submit(store.upload_file, root / name, store.join(dest, name)) for name in todo[1:]]
         try:
-            for future in tqdm(as_completed(futures), total=len(futures), unit="file", desc="upload"):
+            for future in as_completed(futures):
                 future.result()
+                progress.update()
         except BaseException:
             pool.shutdown(cancel_futures=True)  # one clear error, not thousands of further failed uploads
             raise
-    return UploadSummary(dest=dest, uploaded=len(todo), skipped=len(files) - len(todo),
-                         bytes_uploaded=sum(path.stat().st_size for path, _ in todo))
+    return UploadSummary(dest=dest, uploaded=len(todo), skipped=len(names) - len(todo),
+                         bytes_uploaded=sum((root / name).stat().st_size for name in todo))

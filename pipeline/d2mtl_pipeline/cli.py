@@ -26,7 +26,7 @@ SUBMIT_EXAMPLES = """examples:
 def cmd_run(args: argparse.Namespace) -> None:
     from d2mtl_pipeline import local
 
-    result = local.run(_experiment(args), rerun=args.rerun)
+    result = local.run(_experiment(args), rerun=args.rerun, from_run=args.from_run)
     print(local.summary(result))
 
 
@@ -48,7 +48,8 @@ def cmd_submit(args: argparse.Namespace) -> None:
 
 def _rerun_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rerun", metavar="STAGE", choices=layout.STAGES,
-                        help=f"recompute STAGE and what depends on it; stages: {', '.join(layout.STAGES)}")
+                        help=f"recompute STAGE and everything downstream of it, nothing upstream; stages: "
+                             f"{', '.join(layout.STAGES)}")
     parser.add_argument("--from-run", metavar="RUN_ID",
                         help="with --rerun: import the other stages' outputs from what run RUN_ID published under "
                              "pipeline.publish_prefix (<prefix>/<RUN_ID>/<stage>/...)")
@@ -64,9 +65,7 @@ def register(sub, add_common: Callable[[argparse.ArgumentParser], None]) -> None
 
     p = add("run", cmd_run, "run the whole pipeline on this machine (kfp.local; cached, resumable stage by stage)",
             RUN_EXAMPLES)
-    p.add_argument("--rerun", metavar="STAGE", choices=layout.STAGES,
-                   help=f"recompute STAGE and everything downstream, nothing upstream; stages: "
-                        f"{', '.join(layout.STAGES)}")
+    _rerun_flags(p)
 
     p = add("compile", cmd_compile, "compile the pipeline to KFP IR YAML (upload it in the KFP UI, or use submit)")
     p.add_argument("--out", default="pipeline.yaml", help="output file (default pipeline.yaml)")

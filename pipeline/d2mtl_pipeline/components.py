@@ -119,20 +119,21 @@ def pseudolabel_merge(config: str, parts: Input[List[Dataset]], pseudo: Output[D
     steps.main(steps.pseudolabel_merge, config, parts, pseudo, metrics)
 
 
-def pseudolabel_single(config: str, teacher: Input[Model], faces: Input[Dataset], labels: Input[Dataset],
-                       pseudo: Output[Dataset], metrics: Output[Metrics]):
-    """Pseudo-label the faces with a single-task baseline (for the single-task distillation variant).
+def pseudolabel_single(config: str, baselines: Input[Model], task: str, faces: Input[Dataset],
+                       labels: Input[Dataset], pseudo: Output[Dataset], metrics: Output[Metrics]):
+    """Pseudo-label one task with its single-task baseline (the single-task distillation variant).
 
     Args:
-        config: the pseudolabel section of the experiment (PseudoLabelConfig JSON); its tasks follow the baseline.
-        teacher: the baseline model folder.
+        config: the pseudolabel section of the experiment (PseudoLabelConfig JSON); its tasks become [task].
+        baselines: the baselines folder (<task>/ model folders).
+        task: the task.
         faces: the face table.
         labels: the label table.
         pseudo: the pseudo-label folder (pseudo.parquet + report.json).
-        metrics: retention.
+        metrics: retention and time.
     """
     from d2mtl_pipeline import steps
-    steps.main(steps.pseudolabel_single, config, teacher, faces, labels, pseudo, metrics)
+    steps.main(steps.pseudolabel_single, config, baselines, task, faces, labels, pseudo, metrics)
 
 
 def student(config: str, faces: Input[Dataset], labels: Input[Dataset], pseudo: Input[Dataset],
@@ -149,31 +150,53 @@ def student(config: str, faces: Input[Dataset], labels: Input[Dataset], pseudo: 
         metrics: final train/val metrics.
     """
     from d2mtl_pipeline import steps
-    steps.main(steps.student, config, faces, labels, pseudo, teacher, model, metrics, single=False)
+    steps.main(steps.student, config, faces, labels, pseudo.path, teacher.path, model, metrics)
 
 
-def student_single(config: str, faces: Input[Dataset], labels: Input[Dataset], pseudo: Input[Dataset],
-                   teacher: Input[Model], model: Output[Model], metrics: Output[Metrics]):
-    """Train a single-task student on ground truth + its baseline's pseudo-labels (the task follows the baseline).
+def student_single(config: str, task: str, faces: Input[Dataset], labels: Input[Dataset],
+                   pseudo: Input[Dataset], baselines: Input[Model], model: Output[Model], metrics: Output[Metrics]):
+    """Train a single-task student on ground truth + its baseline's pseudo-labels.
 
     Args:
-        config: the student section of the experiment (StudentConfig JSON).
+        config: the student section of the experiment (StudentConfig JSON); its tasks become [task].
+        task: the task.
         faces: the face table.
         labels: the label table.
-        pseudo: the baseline's pseudo-label folder.
-        teacher: the baseline model folder.
+        pseudo: the single-task pseudo-label folders (<task>/).
+        baselines: the baselines folder (<task>/ model folders; the starting point when student.init is teacher).
         model: the single-task student's model folder.
         metrics: final train/val metrics.
     """
     from d2mtl_pipeline import steps
-    steps.main(steps.student, config, faces, labels, pseudo, teacher, model, metrics, single=True)
+    steps.main(steps.student_single, config, task, faces, labels, pseudo, baselines, model, metrics)
+
+
+def gather_models(items: Input[List[Model]], folder: Output[Model]):
+    """The models of a per-task loop in one folder, <task>/ each.
+
+    Args:
+        items: single-task model folders.
+        folder: <task>/ model folders.
+    """
+    from d2mtl_pipeline import steps
+    steps.main(steps.gather, items, folder)
+
+
+def gather_pseudo(items: Input[List[Dataset]], folder: Output[Dataset]):
+    """The pseudo-label folders of a per-task loop in one folder, <task>/ each.
+
+    Args:
+        items: single-task pseudo-label folders.
+        folder: <task>/ pseudo-label folders.
+    """
+    from d2mtl_pipeline import steps
+    steps.main(steps.gather, items, folder)
 
 
 def evaluate(config: str, confusion_task: str, faces: Input[Dataset], labels: Input[Dataset],
              teacher: Input[Model], student: Input[Model], evaluation: Output[Artifact], report: Output[HTML],
              metrics: Output[Metrics], confusion: Output[ClassificationMetrics], claims: Output[Markdown],
-             baselines: Input[List[Model]] = None, single_students: Input[List[Model]] = None,
-             pseudo: Input[Dataset] = None):
+             baselines: Input[Model] = None, single_students: Input[Model] = None, pseudo: Input[Dataset] = None):
     """Score every model per task x dataset x split, audit fairness, judge the paper's claims, write the report.
 
     Args:
@@ -188,8 +211,8 @@ def evaluate(config: str, confusion_task: str, faces: Input[Dataset], labels: In
         metrics: every scalar metric.
         confusion: the student's confusion matrix for confusion_task.
         claims: the paper's three claims, held or not, with their numbers.
-        baselines: single-task baselines, when trained.
-        single_students: single-task distilled students, when trained.
+        baselines: the single-task baselines (<task>/ model folders), when trained.
+        single_students: the single-task distilled students (<task>/ model folders), when trained.
         pseudo: the teacher's pseudo-label folder, for its threshold curves (holdout runs).
     """
     from d2mtl_pipeline import steps
@@ -213,19 +236,6 @@ def publish(store: str, source: Input[Artifact], prefix: str, run: str, job: str
     return steps.main(steps.publish, store, source, prefix, run or job, stage, name)
 
 
-def locate(prefix: str, run: str, stage: str, name: str) -> str:
-    """The URI that publish gave an artifact of an earlier run (for dsl.importer in --from-run reruns).
-
-    Args:
-        prefix: the publish prefix.
-        run: the earlier run's id.
-        stage: the stage folder.
-        name: the artifact's name inside it.
-    """
-    from d2mtl_pipeline import steps
-    return steps.published_uri(prefix, run, stage, name)
-
-
 @dataclass(frozen=True)
 class Components:
     ingest: PythonComponent
@@ -238,9 +248,10 @@ class Components:
     pseudolabel_single: PythonComponent
     student: PythonComponent
     student_single: PythonComponent
+    gather_models: PythonComponent
+    gather_pseudo: PythonComponent
     evaluate: PythonComponent
     publish: PythonComponent
-    locate: PythonComponent
 
 
 def build(images: StageImages) -> Components:
@@ -250,7 +261,7 @@ def build(images: StageImages) -> Components:
 
     return Components(
         ingest=on("ingest", ingest),
-        holdout=on("utility", holdout),
+        holdout=on("pseudolabel", holdout),  # the stage module imports torch
         teacher=on("teacher", teacher),
         baseline=on("teacher", baseline),
         shard_plan=on("utility", shard_plan),
@@ -259,7 +270,8 @@ def build(images: StageImages) -> Components:
         pseudolabel_single=on("pseudolabel", pseudolabel_single),
         student=on("student", student),
         student_single=on("student", student_single),
+        gather_models=on("utility", gather_models),
+        gather_pseudo=on("utility", gather_pseudo),
         evaluate=on("evaluate", evaluate),
         publish=on("utility", publish),
-        locate=on("utility", locate),
     )

@@ -12,6 +12,7 @@ because its inputs changed, nothing upstream does.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import json
 import logging
@@ -28,6 +29,7 @@ from pathlib import Path
 from d2mtl import layout, store
 from d2mtl.config import ExperimentConfig
 from d2mtl.errors import UserError
+from d2mtl_pipeline import compile as compile_module
 from d2mtl_pipeline import pipeline
 from d2mtl_pipeline.steps import STAGE_SECONDS
 
@@ -100,27 +102,33 @@ def executed_tasks(run_dir: Path | None) -> dict[str, float | None]:
     return tasks
 
 
-def run(cfg: ExperimentConfig, rerun: str | None = None) -> LocalRun:
-    """Run the pipeline locally; ``rerun``: recompute that stage and everything downstream of it."""
+def run(cfg: ExperimentConfig, rerun: str | None = None, from_run: str | None = None) -> LocalRun:
+    """Run the pipeline locally; ``rerun``: recompute that stage and everything downstream of it, reusing this
+    run root's cache, or with ``from_run`` the other stages' outputs that run published (to a local folder)."""
     from kfp import local
 
     run_root = Path(cfg.pipeline.run_root).resolve()
     run_root.mkdir(parents=True, exist_ok=True)
     tokens = load_tokens(run_root)
-    if rerun is not None:
+    reuse = compile_module.plan_rerun(cfg, rerun, from_run) if from_run else None
+    if reuse is not None and store.is_remote(reuse.prefix):
+        raise UserError(f"--from-run on this machine imports from a folder, not {reuse.prefix} (kfp.local does not "
+                        "download artifacts); use d2mtl submit for a cluster")
+    if rerun is not None and reuse is None:
         pipeline.check_stage(rerun, cfg.pipeline)
         tokens[rerun] = uuid.uuid4().hex[:12]
         store.write_text(str(run_root / RERUNS_FILE), json.dumps(tokens, indent=1, sort_keys=True))
         stages = pipeline.enabled_stages(cfg.pipeline)
         log.info("recomputing %s", ", ".join(s for s in stages if s in pipeline.downstream(rerun, stages)))
     cfg = with_absolute_data_root(cfg)
-    run_id = f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
-    pipeline_func = pipeline.build(cfg, local=True, rerun_tokens=tokens)
+    run_id = f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:4]}"
+    pipeline_func = pipeline.build(cfg, reuse=reuse, local=True, rerun_tokens=tokens)
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(run_root),
                enable_caching=cfg.pipeline.caching, raise_on_error=True)
     before = {p for p in run_root.iterdir() if p.is_dir()}
     start = time.perf_counter()
+    plain_print = builtins.print  # kfp.local indents print() per task, racily across loop threads: restore it
     with warnings.catch_warnings(), store_keys_in_environment(cfg):
         for pattern in _LOCAL_NOISE:
             warnings.filterwarnings("ignore", message=pattern)
@@ -128,21 +136,27 @@ def run(cfg: ExperimentConfig, rerun: str | None = None) -> LocalRun:
             task = pipeline_func(run_id=run_id)
         except RuntimeError as err:
             raise UserError(f"the pipeline failed: {_ANSI.sub('', str(err))} (its log is above)") from None
+        finally:
+            builtins.print = plain_print
     wall = time.perf_counter() - start
     new_dirs = sorted(p for p in run_root.iterdir() if p.is_dir() and p not in before)
     run_dir = new_dirs[-1] if new_dirs else None
     executed = executed_tasks(run_dir)
     prefix = cfg.pipeline.publish_prefix
-    return LocalRun(
+    result = LocalRun(
         run_id=run_id, run_dir=run_dir, model=task.outputs["model"].path,
         report=store.join(task.outputs["evaluation"].path, layout.EVAL_REPORT_HTML), wall_seconds=wall,
         executed=list(executed), stage_seconds={k: v for k, v in executed.items() if v is not None},
         published=store.join(prefix, run_id) if prefix else None)
+    # `d2mtl predict` and `d2mtl export` default to this run's final model
+    store.write_text(str(run_root / layout.LATEST_RUN), json.dumps(
+        {"run_id": run_id, "model": result.model, "report": result.report, "published": result.published}, indent=1))
+    return result
 
 
 def summary(result: LocalRun) -> str:
-    ran = (f"{len(result.executed)} task(s) ran in {result.run_dir} (the others came from the cache)"
-           if result.executed else "every task came from the cache")
+    ran = (f"{len(result.executed)} task(s) ran in {result.run_dir}" if result.executed
+           else "every task came from the cache")
     lines = [f"pipeline finished in {result.wall_seconds:.1f} s; {ran}",
              f"  report:      {result.report}",
              f"  final model: {result.model}"]

@@ -1,10 +1,13 @@
 """The Distill-2MD-MTL pipeline (KFP v2): the DAG of stages, wiring only.
 
-    ingest ──┬──> teacher ──> pseudo-label shards (ParallelFor) ──> merge ──> student ─────────┐
-             │                                                                                ├──> evaluate
-             └──> baselines (ParallelFor over tasks) ──> pseudolabel_single ──> student_single ┘
-                  (when pipeline.baselines / pipeline.single_distill are on)
+    ingest ──┬──> teacher ──> pseudo-label shards (ParallelFor) ──> merge ──> student ───────────┐
+             │                                                                                  ├──> evaluate
+             └──> baselines ──> pseudolabel_single ──> student_single ──────────────────────────┘
+                  (each a ParallelFor over the tasks, gathered into <stage>/<task>/ folders; when
+                  pipeline.baselines / pipeline.single_distill are on)
 
+In holdout mode (pseudolabel.holdout.fraction > 0) a holdout step first hides some known labels from the teacher
+and the baselines, so the pseudo-label report can measure the pseudo-labels against them.
 Every artifact is also copied to ``<publish_prefix>/<run>/<stage>/...`` when a publish prefix is given.
 ``build(cfg)`` returns the ``@dsl.pipeline`` for an experiment: the stage configs are the defaults of its
 parameters, the images and resources come from the ``pipeline`` section. ``Reuse`` turns the stages that a
@@ -101,17 +104,14 @@ def build(cfg: ExperimentConfig, reuse: Reuse | None = None, local: bool = False
     place = Placement(p, local=local, rerun_tokens=dict(rerun_tokens or {}),
                       fresh=frozenset({reuse.stage}) if reuse else frozenset())
     res = p.resources
+    pseudolabel_cpu = res.pseudolabel.model_copy(update={"gpus": 0})  # label-table work in the pseudolabel image
     holdout = cfg.pseudolabel.holdout.fraction > 0
     loop_limit = p.parallelism or None
 
-    def imported(stage: str, name: str, kind: type, task=None):
-        """An earlier run's published artifact; inside the baselines loop ``task`` (a channel) names it."""
-        if task is None:
-            uri = published_uri(reuse.prefix, reuse.run_id, stage, name)
-        else:
-            uri = place(c.locate(prefix=reuse.prefix, run=reuse.run_id, stage=stage, name=task), stage,
-                        res.utility).output
-        return dsl.importer(artifact_uri=uri, artifact_class=kind, reimport=False).output
+    def imported(stage: str, name: str, kind: type):
+        """What an earlier run published for ``stage`` (``name``: a file or folder inside it)."""
+        return dsl.importer(artifact_uri=published_uri(reuse.prefix, reuse.run_id, stage, name), artifact_class=kind,
+                            reimport=False).output
 
     @dsl.pipeline(name=PIPELINE_NAME,
                   description="Distill-2MD-MTL: one network for age, gender, race and expression from disjointly "
@@ -151,6 +151,18 @@ def build(cfg: ExperimentConfig, reuse: Reuse | None = None, local: bool = False
                                 job=dsl.PIPELINE_JOB_ID_PLACEHOLDER, stage=stage, name=name),
                       "publish", res.utility, cache=False)
 
+        def per_task(stage: str, make, resources, output: str, gather, kind: type):
+            """``make(task)`` for every task of baseline_tasks in parallel, gathered into <task>/ folders (or what an
+            earlier run published for the stage), published."""
+            if stage in computed:
+                with dsl.ParallelFor(baseline_tasks, name=stage.replace("_", "-"), parallelism=loop_limit) as task:
+                    each = place(make(task), stage, resources)
+                folder = place(gather(items=dsl.Collected(each.outputs[output])), stage, res.utility).outputs["folder"]
+            else:
+                folder = imported(stage, "", kind)
+            publish(folder, stage)
+            return folder
+
         # ---- ingest: datasets -> face table + label table ------------------------------------------------
         if "ingest" in computed:
             ingest = place(c.ingest(config=ingest_config, store=store), "ingest", res.ingest)
@@ -165,7 +177,7 @@ def build(cfg: ExperimentConfig, reuse: Reuse | None = None, local: bool = False
         # ---- holdout (pseudolabel.holdout.fraction > 0): the teachers train without some known labels --
         teacher_labels = labels
         if holdout and {"teacher", "baselines"} & computed:
-            hide = place(c.holdout(config=pseudolabel_config, labels=labels), "teacher", res.utility)
+            hide = place(c.holdout(config=pseudolabel_config, labels=labels), "teacher", pseudolabel_cpu)
             teacher_labels = hide.outputs["train_labels"]
 
         # ---- teacher: one multi-task network on every dataset, losses masked where labels are missing --
@@ -185,7 +197,7 @@ def build(cfg: ExperimentConfig, reuse: Reuse | None = None, local: bool = False
                                                  labels=labels, shard=shard, shards=shards),
                              "pseudolabel", res.pseudolabel)
             merge = place(c.pseudolabel_merge(config=pseudolabel_config, parts=dsl.Collected(part.outputs["part"])),
-                          "pseudolabel", res.pseudolabel)
+                          "pseudolabel", pseudolabel_cpu)
             pseudo = merge.outputs["pseudo"]
         else:
             pseudo = imported("pseudolabel", "", Dataset)
@@ -200,35 +212,25 @@ def build(cfg: ExperimentConfig, reuse: Reuse | None = None, local: bool = False
             student_model = imported("student", "", Model)
         publish(student_model, "student")
 
-        # ---- baselines and single-task distillation: per task, baseline -> its pseudo-labels -> student --
+        # ---- baselines: the teacher's recipe on one task each, in parallel; gathered as baselines/<task>/ --
         optional = {}
         if "baselines" in stages:
-            with dsl.ParallelFor(baseline_tasks, name="single-task", parallelism=loop_limit) as task:
-                if "baselines" in computed:
-                    baseline_model = place(c.baseline(config=teacher_config, task=task, faces=faces,
-                                                      labels=teacher_labels),
-                                           "baselines", res.teacher).outputs["model"]
-                else:
-                    baseline_model = imported("baselines", "", Model, task=task)
-                publish(baseline_model, "baselines", task)
-                if "student_single" in stages:
-                    if "pseudolabel_single" in computed:
-                        single_pseudo = place(c.pseudolabel_single(config=pseudolabel_config, teacher=baseline_model,
-                                                                   faces=faces, labels=labels),
-                                              "pseudolabel_single", res.pseudolabel).outputs["pseudo"]
-                    else:
-                        single_pseudo = imported("pseudolabel_single", "", Dataset, task=task)
-                    publish(single_pseudo, "pseudolabel_single", task)
-                    if "student_single" in computed:
-                        single_student = place(c.student_single(config=student_config, faces=faces, labels=labels,
-                                                                pseudo=single_pseudo, teacher=baseline_model),
-                                               "student_single", res.student).outputs["model"]
-                    else:
-                        single_student = imported("student_single", "", Model, task=task)
-                    publish(single_student, "student_single", task)
-            optional["baselines"] = dsl.Collected(baseline_model)
-            if "student_single" in stages:
-                optional["single_students"] = dsl.Collected(single_student)
+            baselines = optional["baselines"] = per_task(
+                "baselines", lambda task: c.baseline(config=teacher_config, task=task, faces=faces,
+                                                     labels=teacher_labels),
+                res.teacher, "model", c.gather_models, Model)
+
+        # ---- single-task distillation: each baseline pseudo-labels its task, a single-task student learns it -
+        if "student_single" in stages:
+            single_pseudo = per_task(
+                "pseudolabel_single", lambda task: c.pseudolabel_single(
+                    config=pseudolabel_config, baselines=baselines, task=task, faces=faces, labels=labels),
+                res.pseudolabel, "pseudo", c.gather_pseudo, Dataset)
+            optional["single_students"] = per_task(
+                "student_single", lambda task: c.student_single(
+                    config=student_config, task=task, faces=faces, labels=labels, pseudo=single_pseudo,
+                    baselines=baselines),
+                res.student, "model", c.gather_models, Model)
 
         # ---- evaluate: every model per task x dataset x split, fairness audit, the paper's claims --------
         if holdout:

@@ -83,10 +83,6 @@ def model_metadata(model) -> None:
             model.metadata[key] = card[key]
 
 
-def model_tasks(model_path: str) -> list[str]:
-    return list(json.loads(store.read_text(store.join(model_path, layout.MODEL_CARD)))["tasks"])
-
-
 @contextlib.contextmanager
 def workdir(next_to: str) -> Iterator[str]:
     """A scratch folder beside an output artifact (same file system, so results move by rename)."""
@@ -164,14 +160,14 @@ def pseudolabel_merge(config: str, parts: list, pseudo, metrics) -> None:
     log_metrics(metrics, {**flat_numbers(result), STAGE_SECONDS: seconds})
 
 
-def pseudolabel_single(config: str, teacher, faces, labels, pseudo, metrics) -> None:
-    """Pseudo-labels from a single-task baseline (the tasks follow its model card), in one shard."""
+def pseudolabel_single(config: str, baselines, task: str, faces, labels, pseudo, metrics) -> None:
+    """Pseudo-labels for one task from its single-task baseline (``baselines/<task>``), in one shard."""
     from d2mtl.config import PseudoLabelConfig
     from d2mtl.stages import pseudolabel as stage
 
-    cfg = validate(PseudoLabelConfig, config, "pseudolabel")
-    cfg = cfg.model_copy(update={"tasks": model_tasks(teacher.path)})
-    result, seconds = timed(lambda: stage.run(cfg, teachers=[teacher.path], faces=faces.path, labels=labels.path,
+    cfg = validate(PseudoLabelConfig, config, "pseudolabel").model_copy(update={"tasks": [task]})
+    teacher = member(baselines.path, task)
+    result, seconds = timed(lambda: stage.run(cfg, teachers=[teacher], faces=faces.path, labels=labels.path,
                                               out=pseudo.path))
     log_metrics(metrics, {**flat_numbers(result), STAGE_SECONDS: seconds})
 
@@ -188,28 +184,60 @@ def holdout(config: str, labels, train_labels, hidden) -> None:
         os.replace(written["hidden_truth"], hidden.path)
 
 
-def student(config: str, faces, labels, pseudo, teacher, model, metrics, single: bool) -> None:
-    """The student on ground truth + kept pseudo-labels; ``single``: only the teacher's tasks (a baseline's)."""
+def student(config: str, faces, labels, pseudo: str, teacher: str, model, metrics, task: str = "") -> None:
+    """The student on ground truth + kept pseudo-labels (``pseudo``: a pseudo-label folder; ``teacher``: a model
+    folder); ``task``: a single-task student of that task only."""
     from d2mtl.config import StudentConfig
     from d2mtl.stages import student as stage
 
     cfg = validate(StudentConfig, config, "student")
-    if single:
-        cfg = cfg.model_copy(update={"tasks": model_tasks(teacher.path)})
+    if task:
+        cfg = cfg.model_copy(update={"tasks": [task]})
     result, seconds = timed(lambda: stage.run(
-        cfg, faces=faces.path, labels=labels.path, pseudo=store.join(pseudo.path, layout.PSEUDO_FILE),
-        out=model.path, teacher=teacher.path))
+        cfg, faces=faces.path, labels=labels.path, pseudo=store.join(pseudo, layout.PSEUDO_FILE), out=model.path,
+        teacher=teacher))
     model_metadata(model)
     log_metrics(metrics, {**flat_numbers(result), STAGE_SECONDS: seconds})
 
 
-def evaluation_models(teacher, student, baselines: list, single_students: list) -> list[str]:
+def student_single(config: str, task: str, faces, labels, pseudo, baselines, model, metrics) -> None:
+    """A single-task student from its task's folders of the gathered pseudo-labels and baselines."""
+    student(config, faces, labels, member(pseudo.path, task), member(baselines.path, task), model, metrics, task=task)
+
+
+def single_task(path: str) -> str:
+    """The one task of a single-task model folder (its card) or pseudo-label folder (its report)."""
+    for name in (layout.MODEL_CARD, layout.PSEUDO_REPORT):
+        uri = store.join(path, name)
+        if store.exists(uri):
+            tasks = json.loads(store.read_text(uri))["tasks"]
+            if len(tasks) != 1:
+                raise UserError(f"{path} is not single-task (tasks {', '.join(tasks)})")
+            return tasks[0]
+    raise UserError(f"{path} has neither {layout.MODEL_CARD} nor {layout.PSEUDO_REPORT}")
+
+
+def gather(items: list, folder) -> None:
+    """Per-task outputs of a loop into one folder, ``<task>/`` each (the published layout of that stage)."""
+    for item in items:
+        shutil.copytree(item.path, os.path.join(folder.path, single_task(item.path)))
+
+
+def member(folder: str, task: str) -> str:
+    """``<folder>/<task>`` of a gathered folder; a clear error when that task is missing."""
+    path = store.join(folder, task)
+    if not os.path.isdir(path):
+        present = sorted(p.name for p in Path(folder).iterdir()) if os.path.isdir(folder) else []
+        raise UserError(f"no {task!r} in {folder} (it holds {', '.join(present) or 'nothing'})")
+    return path
+
+
+def evaluation_models(teacher, student, baselines, single_students) -> list[str]:
     """``NAME=path`` items whose names give the evaluate stage each model's role."""
     items = [f"teacher={teacher.path}", f"student={student.path}"]
-    for kind, models in (("baseline", baselines), ("student_single", single_students)):
-        for model in models:
-            (task,) = model_tasks(model.path)
-            items.append(f"{kind}_{task}={model.path}")
+    for kind, folder in (("baseline", baselines), ("student_single", single_students)):
+        if folder is not None:
+            items += [f"{kind}_{path.name}={path}" for path in sorted(Path(folder.path).iterdir()) if path.is_dir()]
     return items
 
 
@@ -227,7 +255,7 @@ def evaluate(config: str, confusion_task: str, faces, labels, teacher, student, 
     from d2mtl.stages import evaluate as stage
 
     cfg = validate(EvaluateConfig, config, "evaluate")
-    models = evaluation_models(teacher, student, baselines or [], single_students or [])
+    models = evaluation_models(teacher, student, baselines, single_students)
     pseudo_reports = [store.join(pseudo.path, layout.PSEUDO_REPORT)] if pseudo is not None else []
     result, seconds = timed(lambda: stage.run(cfg, models=models, faces=faces.path, labels=labels.path,
                                               out=evaluation.path, pseudo_reports=pseudo_reports))

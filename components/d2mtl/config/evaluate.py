@@ -23,7 +23,7 @@ class DomainView(BaseModel):
     name: str  # suffix of the view's dataset name, e.g. gray48
     datasets: list[str] = Field(default_factory=list)  # datasets to view this way; empty: every dataset
     grayscale: bool = False  # average the colour channels
-    downscale_to: int | None = None  # shrink the face to this side first (then the model's resize enlarges it)
+    downscale_to: int | None = Field(None, ge=4)  # shrink the face to this side and back: the detail is lost
 
     @field_validator("name")
     @classmethod
@@ -37,17 +37,17 @@ class EvaluateConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     splits: list[str] = ["test"]  # face-table splits to evaluate
-    batch_size: int = 256  # faces per inference batch
+    batch_size: int = Field(256, ge=1)  # faces per inference batch
     device: str = "auto"  # auto: cuda when available, else cpu
     threads: int | None = None  # torch CPU threads; None: torch's default
     roles: dict[str, str] = Field(default_factory=dict)  # model name -> teacher | student | baseline:<task> |
     # student_single:<task>; unnamed models get a role from their name (baseline_age, ...) or their folder
     claims_split: str = "test"  # the split the claims and the comparison table are judged on
-    fairness_min_group: int = 30  # groups with fewer labelled faces are listed but left out of the largest gap
+    fairness_min_group: int = Field(30, ge=1)  # groups with fewer labelled faces are listed but left out of the largest gap
     in_domain: dict[str, list[str]] | None = None  # task -> datasets that gave training labels for it;
-    # None: read from the teacher's model card, else from the label table's train split
+    # None: from the model cards of the teacher and the baselines, else from the label table's train split
     views: list[DomainView] = Field(default_factory=list)  # synthetic cross-domain copies (DomainView)
-    max_faces_per_dataset: int | None = None  # evaluate only the first N faces of each dataset x split
+    max_faces_per_dataset: int | None = Field(None, ge=1)  # a deterministic sample of N faces per dataset x split
 
     @field_validator("splits")
     @classmethod
@@ -82,6 +82,4 @@ class EvaluateConfig(BaseModel):
     def _claims_split_evaluated(self) -> EvaluateConfig:
         if self.claims_split not in self.splits:
             raise ValueError(f"claims_split {self.claims_split!r} is not among the evaluated splits {self.splits}")
-        if self.batch_size < 1 or self.fairness_min_group < 1:
-            raise ValueError("batch_size >= 1 and fairness_min_group >= 1 are required")
         return self

@@ -36,7 +36,7 @@ class StageImages(BaseModel):
     pseudolabel: str = "d2mtl-train-cpu"
     student: str = "d2mtl-train-cpu"  # also the single-task students
     evaluate: str = "d2mtl-train-cpu"
-    utility: str = "d2mtl-ingest"  # publish, shard plan: no torch needed
+    utility: str = "d2mtl-ingest"  # publish, shard plan, gather: no torch needed
 
     def reference(self, stage: str) -> str:
         name = getattr(self, stage)
@@ -48,7 +48,7 @@ class Resources(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    cpu: str = "1"  # CPU request (and limit)
+    cpu: str = "1"  # CPU request
     memory: str = "4Gi"  # memory request (and limit)
     gpus: int = Field(0, ge=0)  # accelerators; > 0 also adds the GPU node selector, tolerations and /dev/shm
     timeout_s: int | None = Field(None, ge=1)  # pod deadline; None: no limit
@@ -103,7 +103,7 @@ class PipelineConfig(BaseModel):
     retry_backoff: str = "60s"  # first retry delay, then multiplied by retry_backoff_factor
     retry_backoff_factor: float = Field(2.0, ge=1.0)
     retry_backoff_max: str = "1h"
-    caching: bool = True  # reuse a task's earlier outputs when its inputs and code did not change
+    caching: bool = True  # reuse a task's outputs when its inputs, settings and image are unchanged
 
     @field_validator("baseline_tasks")
     @classmethod

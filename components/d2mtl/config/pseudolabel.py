@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from d2mtl.tasks import TASKS, get_task
 
 TRANSFORM_OPS = ("identity", "hflip", "scale", "crop")  # scale:F resizes to F x input size; crop:F centre-crops F
+RULES_BY_KIND = {"classification": ("fixed", "prior"), "regression": ("spread",)}  # selection rules a task may use
 
 
 def parse_transform(spec: str) -> list[tuple[str, float]]:
@@ -71,8 +72,9 @@ class PseudoLabelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     tasks: list[str] | None = None  # tasks to pseudo-label (None: every registry task); must equal the teacher's
-    transforms: list[str] = ["identity", "hflip"]  # test-time views, each "op[+op...]": identity, hflip, scale:F, crop:F
+    transforms: list[str] = ["identity", "hflip"]  # test-time views "op[+op...]": identity, hflip, scale:F, crop:F
     batch_size: int = Field(256, ge=1)  # faces per forward pass (each pass runs all transforms)
+    workers: int = Field(1, ge=0)  # processes reading + decoding faces while the network runs (0: in-process)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = Field(0, ge=0)  # torch CPU threads; 0 keeps torch's default
     rules: dict[str, TaskRule] = {}  # per task; a task not listed: fixed 0.9 (classification), spread 3 (age)
@@ -103,10 +105,9 @@ class PseudoLabelConfig(BaseModel):
     def _rules_fit_tasks(self) -> PseudoLabelConfig:
         for name, rule in self.rules.items():
             task = get_task(name)
-            fits = rule.rule == "spread" if task.kind == "regression" else rule.rule in ("fixed", "prior")
-            if not fits:
-                allowed = "spread" if task.kind == "regression" else "fixed or prior"
-                raise ValueError(f"rules.{name}: rule {rule.rule!r} does not fit a {task.kind} task; use {allowed}")
+            if rule.rule not in RULES_BY_KIND[task.kind]:
+                raise ValueError(f"rules.{name}: rule {rule.rule!r} does not fit a {task.kind} task; use "
+                                 + " or ".join(RULES_BY_KIND[task.kind]))
         return self
 
     @property

@@ -13,18 +13,18 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class AugmentConfig(BaseModel):
-    """torchvision.transforms.v2 train augmentation; the eval transform only resizes and normalises."""
+    """Train augmentation (d2mtl.data): crop + flip per image (transforms.v2), colour jitter + grayscale
+    per batch with per-image draws; the eval transform only resizes and normalises."""
 
     model_config = ConfigDict(extra="forbid")
 
-    hflip: float = 0.5  # probability of a horizontal flip
+    hflip: float = Field(0.5, ge=0, le=1)  # probability of a horizontal flip
     crop_scale: tuple[float, float] = (0.75, 1.0)  # random resized crop: share of the face area kept
     crop_ratio: tuple[float, float] = (0.9, 1.1)  # random resized crop: aspect ratio range
-    brightness: float = 0.3  # colour jitter strengths (0 disables each)
-    contrast: float = 0.3
-    saturation: float = 0.3
-    hue: float = 0.0  # hue jitter is the costly one on CPU
-    grayscale: float = 0.2  # probability of a gray copy, so colour and gray domains meet
+    brightness: float = Field(0.3, ge=0)  # colour jitter strengths: factors in [1 - x, 1 + x] (0 disables)
+    contrast: float = Field(0.3, ge=0)
+    saturation: float = Field(0.3, ge=0)
+    grayscale: float = Field(0.2, ge=0, le=1)  # probability of a gray copy, so colour and gray domains meet
 
 
 class LRConfig(BaseModel):
@@ -66,7 +66,7 @@ class TrainConfig(BaseModel):
     batch_size: int = 64
     mix: Literal["proportional", "dataset", "task"] = "proportional"  # how datasets share each epoch
     epoch_samples: int | None = None  # samples drawn per epoch; None: the train rows once each
-    shard_window: int = 8  # face-table shards held in memory per loader worker
+    shard_window: int = 0  # face-table shards in memory per loader worker; 0: all (see d2mtl.data)
     num_workers: int = 1  # DataLoader worker processes (0: decode in the training process)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     # optimisation

@@ -9,15 +9,15 @@ relative paths, hence the same sample ids.
 from __future__ import annotations
 
 import contextlib
-import io
+import os
 import posixpath
 import stat
 import tarfile
 import tempfile
 import zipfile
 from collections.abc import Iterator
-from typing import IO
 from pathlib import Path, PurePosixPath
+from typing import IO
 
 from d2mtl import store
 from d2mtl.errors import UserError
@@ -52,10 +52,9 @@ class Tree:
     def uri(self, rel: str) -> str:
         return store.join(self.base_uri, rel)
 
-    @contextlib.contextmanager
-    def open(self, rel: str) -> Iterator[IO[bytes]]:
-        """A binary file object, streamed where the tree allows (large CSVs)."""
-        yield io.BytesIO(self.read(rel))
+    def open(self, rel: str) -> contextlib.AbstractContextManager[IO[bytes]]:
+        """A streamed binary file object (large CSVs)."""
+        raise NotImplementedError
 
     def find(self, name: str) -> str | None:
         """``name`` itself if present, else the one file whose path ends with ``/name``."""
@@ -80,8 +79,8 @@ class FolderTree(Tree):
                 prefix = self.base_uri.rstrip("/") + "/"
                 self._files = [uri[len(prefix):] for uri in store.list_files(self.base_uri)]
             else:
-                self._files = sorted(Path(path).relative_to(self.base_uri).as_posix()
-                                     for path in store.list_files(self.base_uri))
+                prefix = len(str(Path(self.base_uri))) + 1
+                self._files = sorted(path[prefix:].replace(os.sep, "/") for path in store.list_files(self.base_uri))
         return self._files
 
     def read(self, rel: str) -> bytes:

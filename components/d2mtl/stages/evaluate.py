@@ -36,7 +36,7 @@ from d2mtl import claims, contracts, data, layout, metrics, report, store
 from d2mtl.config.evaluate import DomainView, EvaluateConfig
 from d2mtl.errors import UserError
 from d2mtl.models import load_model, resolve_device
-from d2mtl.roles import Role, parse_role
+from d2mtl.roles import Role, index_roles, parse_role
 from d2mtl.tasks import TASKS
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,7 @@ def load_models(items: list[str], cfg: EvaluateConfig, device: torch.device) -> 
     if unknown:
         raise UserError(f"evaluate.roles names model(s) {', '.join(unknown)} that are not among --models "
                         f"({', '.join(m.name for m in loaded)})")
+    index_roles({m.name: m.role for m in loaded})  # one model per role, checked before any inference
     return loaded
 
 
@@ -152,24 +153,32 @@ def _predict(models: list[EvalModel], images: list[torch.Tensor], device: torch.
             store_to.setdefault(task, []).append(value.cpu().numpy())
 
 
-def _wanted(batch: pa.RecordBatch, cfg: EvaluateConfig, counts: Counter) -> pa.RecordBatch:
-    batch = batch.filter(pc.is_in(batch.column("split"), value_set=pa.array(cfg.splits)))
+def sampled_ids(faces: str, cfg: EvaluateConfig) -> pa.Array | None:
+    """With ``max_faces_per_dataset``: the sample ids kept, the lowest ids of each dataset x split (ids are
+    hashes, so this is a deterministic random sample, whatever the face-table order); else None (all)."""
     if cfg.max_faces_per_dataset is None:
-        return batch
-    keep = []
-    for key in zip(batch.column("dataset").to_pylist(), batch.column("split").to_pylist()):
-        counts[key] += 1
-        keep.append(counts[key] <= cfg.max_faces_per_dataset)
-    return batch.filter(pa.array(keep, pa.bool_()))
+        return None
+    meta = contracts.read_face_columns(faces, ["sample_id", "dataset", "split"])
+    meta = meta.filter(pc.is_in(meta.column("split"), value_set=pa.array(cfg.splits)))
+    kept = []
+    for dataset, split in {(r["dataset"], r["split"]) for r in meta.select(["dataset", "split"]).to_pylist()}:
+        rows = meta.filter(pc.and_(pc.equal(meta.column("dataset"), dataset), pc.equal(meta.column("split"), split)))
+        kept += sorted(rows.column("sample_id").to_pylist())[:cfg.max_faces_per_dataset]
+    return pa.array(kept, pa.string())
+
+
+def _wanted(batch: pa.RecordBatch, cfg: EvaluateConfig, sample: pa.Array | None) -> pa.RecordBatch:
+    batch = batch.filter(pc.is_in(batch.column("split"), value_set=pa.array(cfg.splits)))
+    return batch if sample is None else batch.filter(pc.is_in(batch.column("sample_id"), value_set=sample))
 
 
 def collect(models: list[EvalModel], faces: str, cfg: EvaluateConfig, device: torch.device) -> Collected:
     """Run every model over the selected faces (and their views), decoding each face once."""
     collected = Collected()
-    counts: Counter = Counter()
+    sample = sampled_ids(faces, cfg)
     columns = ["sample_id", "dataset", "split", "image"]
     for batch in contracts.iter_face_batches(faces, columns=columns, batch_rows=cfg.batch_size):
-        batch = _wanted(batch, cfg, counts)
+        batch = _wanted(batch, cfg, sample)
         ids, datasets, splits = (batch.column(c).to_pylist() for c in ("sample_id", "dataset", "split"))
         images, kept = [], []
         for i, jpeg in enumerate(batch.column("image").to_pylist()):
@@ -295,13 +304,61 @@ def training_curves(model: EvalModel) -> report.Plot | None:
 
 
 def threshold_curves(uri: str) -> list[report.Plot]:
+    """The holdout threshold curves of a pseudo-label report.json as a plot (none when it has no curves)."""
     try:
         pseudo_report = json.loads(store.read_text(uri))
     except FileNotFoundError:
         raise UserError(f"pseudo-label report {uri} not found") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"pseudo-label report {uri} is not JSON ({err})") from None
     series, xlabels = report.threshold_series(pseudo_report)
     png = report.series_png(series, f"pseudo-label quality on hidden labels ({uri})", xlabels)
     return [report.Plot(f"pseudo-label quality vs threshold: {uri}", png)] if png else []
+
+
+def score_models(loaded: list[EvalModel], truth: dict[str, np.ndarray],
+                 predictions: dict[str, dict[str, np.ndarray]]) -> tuple[list[dict], list[dict]]:
+    """Every model's metric rows and confusion matrices, each tagged with the model's name."""
+    rows, confusions = [], []
+    for model in loaded:
+        model_rows, model_confusions = metrics.score(truth, predictions[model.name])
+        rows += [{"model": model.name, **row} for row in model_rows]
+        confusions += [{"model": model.name, **c} for c in model_confusions]
+    return rows, confusions
+
+
+def write_confusions(confusions: list[dict], out: str) -> list[report.Plot]:
+    """PNG + KFP-shaped JSON per confusion matrix under ``out/confusion/``; adds each PNG's URI as ``png``."""
+    plots = []
+    for c in confusions:
+        base = store.join(out, layout.CONFUSION_DIR, confusion_name(c["model"], c["task"], c["dataset"], c["split"]))
+        caption = f"{c['model']}: {c['task']} on {c['dataset']} ({c['split']})"
+        png = report.confusion_png(c["categories"], c["matrix"], caption)
+        store.write_bytes(base + ".png", png, content_type="image/png")
+        store.write_text(base + ".json", _json({"categories": c["categories"], "matrix": c["matrix"]}))
+        c["png"] = base + ".png"
+        plots.append(report.Plot(caption, png))
+    return plots
+
+
+def report_notes(cfg: EvaluateConfig, evaluated: list[dict], coverage: dict[str, set[str]], coverage_source: str,
+                 collected: Collected, unlabelled: int) -> list[str]:
+    """What the reader of the report must know about the data behind the numbers."""
+    counts = ", ".join(f"{e['dataset']}/{e['split']} {e['faces']}" for e in evaluated)
+    domains = "; ".join(f"{task}: {', '.join(sorted(ds)) or '-'}" for task, ds in coverage.items())
+    notes = [f"Faces evaluated: {counts}.",
+             f"In-domain (datasets whose labels of a task were used in training, from {coverage_source}): {domains}. "
+             f"Every other task x dataset row, and every {VIEW_SEPARATOR}view, is cross-domain."]
+    names = {e["dataset"] for e in evaluated}
+    for view in cfg.views:
+        if not any(name.endswith(f"{VIEW_SEPARATOR}{view.name}") for name in names):
+            log.warning("view %s matched no evaluated dataset (datasets: %s)", view.name, view.datasets or "all")
+            notes.append(f"View {view.name} matched no evaluated dataset ({', '.join(view.datasets) or 'all'}).")
+    if collected.skipped:
+        notes.append(f"{len(collected.skipped)} face(s) skipped as undecodable (listed in {layout.EVAL_DETAILS}).")
+    if unlabelled:
+        notes.append(f"{unlabelled} evaluated face row(s) have no row in the label table.")
+    return notes
 
 
 def run(cfg: EvaluateConfig, models: list[str], faces: str, labels: str, out: str,
@@ -311,56 +368,32 @@ def run(cfg: EvaluateConfig, models: list[str], faces: str, labels: str, out: st
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
+    try:
+        label_table = contracts.read_table(labels, contracts.LABELS)
+    except FileNotFoundError:
+        raise UserError(f"label table {labels} not found (an ingest output's {layout.LABELS_FILE})") from None
+    contracts.read_manifest(faces)  # a missing or unfinished face table fails here, before any model loads
+    threshold_plots = [plot for uri in pseudo_reports for plot in threshold_curves(uri)]
     loaded = load_models(list(models), cfg, device)
-    label_table = contracts.read_table(labels, contracts.LABELS)
     collected = collect(loaded, faces, cfg, device)
     truth, unlabelled = ground_truth(collected, label_table)
-    predictions = collected.arrays()
-
-    rows, confusions = [], []
-    for model in loaded:
-        model_rows, model_confusions = metrics.score(truth, predictions[model.name])
-        rows += [{"model": model.name, **row} for row in model_rows]
-        confusions += [{"model": model.name, **c} for c in model_confusions]
+    rows, confusions = score_models(loaded, truth, collected.arrays())
     gaps = metrics.fairness_gaps(rows, cfg.fairness_min_group)
     coverage, coverage_source = in_domain_coverage(cfg, loaded, faces, label_table)
-    roles = {m.name: m.role for m in loaded}
-    assessed = claims.assess(rows, roles, coverage, cfg.claims_split)
+    assessed = claims.assess(rows, {m.name: m.role for m in loaded}, coverage, cfg.claims_split)
     names = [m.name for m in loaded]
     comparison = claims.comparison_table(rows, names, cfg.claims_split, coverage)
-
-    confusion_plots = []
-    for c in confusions:
-        base = store.join(out, layout.CONFUSION_DIR, confusion_name(c["model"], c["task"], c["dataset"], c["split"]))
-        png = report.confusion_png(c["categories"], c["matrix"], f"{c['model']}: {c['task']} on {c['dataset']} "
-                                   f"({c['split']})")
-        store.write_bytes(base + ".png", png, content_type="image/png")
-        store.write_text(base + ".json", _json({"categories": c["categories"], "matrix": c["matrix"]}))
-        c["png"] = base + ".png"
-        confusion_plots.append(report.Plot(f"{c['model']}: {c['task']} on {c['dataset']} ({c['split']})", png))
-
+    evaluated = [{"dataset": d, "split": s, "faces": n}
+                 for (d, s), n in sorted(Counter(zip(collected.dataset, collected.split)).items())]
     model_info = [{"name": m.name, "role": str(m.role) if m.role else None, "uri": m.uri, "tasks": m.card["tasks"],
                    "backbone": m.card.get("backbone"), "input_size": m.card.get("input_size")} for m in loaded]
-    faces_count = Counter(zip(collected.dataset, collected.split))
-    evaluated = [{"dataset": d, "split": s, "faces": n} for (d, s), n in sorted(faces_count.items())]
-    counts_text = ", ".join(f"{e['dataset']}/{e['split']} {e['faces']}" for e in evaluated)
-    notes = [f"Faces evaluated: {counts_text}.",
-             f"In-domain coverage (datasets whose labels of a task were used in training) from {coverage_source}: "
-             + "; ".join(f"{t}: {', '.join(sorted(ds)) or '-'}" for t, ds in coverage.items()) + "."]
-    for view in cfg.views:
-        if not any(d.endswith(f"{VIEW_SEPARATOR}{view.name}") for d in {d for d, _ in faces_count}):
-            log.warning("view %s matched no evaluated dataset (datasets: %s)", view.name, view.datasets or "all")
-            notes.append(f"View {view.name} matched no evaluated dataset ({', '.join(view.datasets) or 'all'}).")
-    if collected.skipped:
-        notes.append(f"{len(collected.skipped)} face(s) skipped as undecodable (listed in evaluation.json).")
-    if unlabelled:
-        notes.append(f"{unlabelled} evaluated face row(s) have no row in the label table.")
+
     html = report.render(
         title="Distill-2MD-MTL evaluation", models=model_info, claims=assessed, comparison=comparison, rows=rows,
-        gaps=gaps, confusion_plots=confusion_plots,
+        gaps=gaps, confusion_plots=write_confusions(confusions, out),
         curve_plots=[p for p in (training_curves(m) for m in loaded) if p is not None],
-        threshold_plots=[p for uri in pseudo_reports for p in threshold_curves(uri)], notes=notes)
-
+        threshold_plots=threshold_plots,
+        notes=report_notes(cfg, evaluated, coverage, coverage_source, collected, unlabelled))
     scalars = scalar_metrics(rows, gaps)
     store.write_text(store.join(out, layout.EVAL_METRICS), _json(scalars))
     store.write_text(store.join(out, layout.EVAL_CLAIMS), _json({

@@ -5,6 +5,9 @@ splits; entries are then decoded, detected and aligned in worker processes (one 
 session with one thread each) in a bounded window, so memory does not grow with the dataset,
 and written in listing order, so the output is deterministic. Every listed input ends up either
 as a face row or as a rejected row with its reason: the report checks inputs == written + rejected.
+
+Workers are started with ``spawn`` (no inherited threads or locks from the caller), so a script
+that calls ``run`` with more than one worker needs the usual ``if __name__ == "__main__":`` guard.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import hashlib
 import json
 import logging
 import multiprocessing
+import multiprocessing.pool
 import os
 import sys
 import threading
@@ -127,17 +131,34 @@ def _work(job: tuple[int, Entry, Payload, str]) -> tuple[int, Entry, AlignedFace
     return index, entry, _aligner(payload, policy)
 
 
-def ordered_parallel(jobs: Iterable, cfg: IngestConfig, workers: int) -> Iterator:
-    """``_work`` over ``jobs`` in order, in ``workers`` processes, with at most a few chunks in flight.
+@contextlib.contextmanager
+def worker_pool(cfg: IngestConfig, workers: int) -> Iterator[multiprocessing.pool.Pool | None]:
+    """``workers`` processes, each with its aligner (None: work in this process). Started before the
+    datasets are listed, so their start-up overlaps the listing."""
+    if workers == 1:
+        _init_worker(cfg.model_dump_json())
+        yield None
+        return
+    pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (cfg.model_dump_json(),))
+    try:
+        yield pool
+        pool.close()
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def ordered_parallel(jobs: Iterable, pool: multiprocessing.pool.Pool | None, in_flight: int,
+                     chunk_size: int) -> Iterator:
+    """``_work`` over ``jobs`` in order, with at most ``in_flight`` jobs read ahead.
 
     Pool.imap alone would read the whole input ahead (all image bytes in memory); a semaphore,
     released as results are consumed, bounds the read-ahead.
     """
-    if workers == 1:
-        _init_worker(cfg.model_dump_json())
+    if pool is None:
         yield from map(_work, jobs)
         return
-    window = threading.Semaphore(workers * cfg.chunk_size * 4)
+    window = threading.Semaphore(in_flight)
     stop = threading.Event()
 
     def gated() -> Iterator:
@@ -147,16 +168,12 @@ def ordered_parallel(jobs: Iterable, cfg: IngestConfig, workers: int) -> Iterato
                     return
             yield job
 
-    pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (cfg.model_dump_json(),))
     try:
-        for result in pool.imap(_work, gated(), chunksize=cfg.chunk_size):
+        for result in pool.imap(_work, gated(), chunksize=chunk_size):
             window.release()
             yield result
-        pool.close()
     finally:
         stop.set()
-        pool.terminate()
-        pool.join()
 
 
 # ---------------------------------------------------------------- the report
@@ -334,17 +351,20 @@ def run(cfg: IngestConfig, out: str) -> dict:
     """Ingest every dataset of ``cfg`` into ``out``: faces/, labels.parquet, report.json, report.md."""
     started = time.perf_counter()
     report = IngestReport()
+    workers = worker_count(cfg)
     with contextlib.ExitStack() as stack:
-        plans = [plan_dataset(spec, source, report) for spec, source in open_sources(cfg, stack)]
+        sources = open_sources(cfg, stack)
+        pool = stack.enter_context(worker_pool(cfg, workers))
+        plans = [plan_dataset(spec, source, report) for spec, source in sources]
         total = sum(len(plan.entries) for plan in plans)
-        workers = min(worker_count(cfg), max(1, total // cfg.chunk_size))
         log.info("ingest: %d images from %s with %d worker(s)", total, ", ".join(p.spec.name for p in plans), workers)
         store.delete(layout.faces(out))
         writer = contracts.FaceTableWriter(layout.faces(out), cfg.shard_rows,
                                            metadata={"image_size": str(cfg.image_size), "template": "tight_5pt_v1"})
         labels: dict[str, list] = {name: [] for name in contracts.LABEL_SCHEMA.names}
-        results = tqdm(ordered_parallel(jobs_of(plans), cfg, workers), total=total, unit="face", desc="ingest",
-                       mininterval=1 if sys.stderr.isatty() else 30)
+        in_flight = workers * cfg.chunk_size * 4
+        results = tqdm(ordered_parallel(jobs_of(plans), pool, in_flight, cfg.chunk_size), total=total, unit="face",
+                       desc="ingest", mininterval=1 if sys.stderr.isatty() else 30)
         for index, entry, result in results:
             plan = plans[index]
             sid = sample_id(plan.spec.name, entry.path)

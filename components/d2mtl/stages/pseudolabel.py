@@ -32,7 +32,7 @@ from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
 from d2mtl import contracts, data, distill, layout, store
-from d2mtl.config.pseudolabel import PseudoLabelConfig, parse_transform
+from d2mtl.config.pseudolabel import RULES_BY_KIND, PseudoLabelConfig, parse_transform
 from d2mtl.errors import UserError
 from d2mtl.models import MultiTaskNet, load_model, read_card, resolve_device
 from d2mtl.tasks import TASKS
@@ -84,11 +84,19 @@ OPS = {"identity": lambda x, factor: x, "hflip": lambda x, factor: F.horizontal_
        "scale": _scale}
 
 
-def make_view(x: torch.Tensor, spec: str) -> torch.Tensor:
-    """A transform ("hflip+crop:0.9") applied to a whole batch (B, 3, H, W)."""
-    for name, factor in parse_transform(spec):
-        x = OPS[name](x, factor)
-    return x
+def make_views(x: torch.Tensor, transforms: list[str]) -> list[torch.Tensor]:
+    """Each transform ("crop:0.9+hflip") applied to the whole batch (B, 3, H, W); transforms that start with
+    the same ops share them ("crop:0.9" and "crop:0.9+hflip" crop once)."""
+    done: dict[tuple, torch.Tensor] = {(): x}
+    views = []
+    for spec in transforms:
+        ops = tuple(parse_transform(spec))
+        for end in range(1, len(ops) + 1):
+            if ops[:end] not in done:
+                name, factor = ops[end - 1]
+                done[ops[:end]] = OPS[name](done[ops[:end - 1]], factor)
+        views.append(done[ops])
+    return views
 
 
 def predict_members(teachers: list[Teacher], images: torch.Tensor, transforms: list[str],
@@ -99,10 +107,11 @@ def predict_members(teachers: list[Teacher], images: torch.Tensor, transforms: l
     transforms. Views of one size go through the network together.
     """
     members: dict[str, list[torch.Tensor]] = {}
+    images = images.to(device)
     for teacher in teachers:
-        resized = data.eval_transform(int(teacher.card["input_size"]))(images.to(device))
+        resized = data.eval_transform(int(teacher.card["input_size"]))(images)
         x = data.normalize(resized, teacher.card["mean"], teacher.card["std"], device)  # (B, 3, S, S)
-        views = [make_view(x, spec) for spec in transforms]
+        views = make_views(x, transforms)
         outputs: list[dict[str, torch.Tensor] | None] = [None] * len(views)
         for shape in dict.fromkeys(v.shape for v in views):
             chosen = [i for i, v in enumerate(views) if v.shape == shape]
@@ -117,42 +126,64 @@ def predict_members(teachers: list[Teacher], images: torch.Tensor, transforms: l
 
 # ---- inference over a shard ---------------------------------------------------------------------
 
-def _decoded_batches(faces: str, shards: list[str], batch_size: int) -> Iterator[tuple[pa.RecordBatch, torch.Tensor]]:
-    """(sample_id + dataset columns, uint8 images (B, 3, H, W)) per batch; batches never span face shards."""
-    for batch in contracts.iter_face_batches(faces, columns=["sample_id", "dataset", "image"], shards=shards,
-                                             batch_rows=batch_size):
-        images = []
-        for sample_id, jpeg in zip(batch.column("sample_id").to_pylist(), batch.column("image").to_pylist()):
-            try:
-                images.append(data.decode_jpeg(jpeg))
-            except UserError as err:
-                raise UserError(f"{faces}: face {sample_id}: {err}; re-run ingest") from None
-        if len({tuple(image.shape) for image in images}) > 1:  # the contract says one size; tolerate mixed
-            side = max(image.shape[-1] for image in images)
-            images = [data.eval_transform(side)(image) for image in images]
-        yield batch.select(["sample_id", "dataset"]), torch.stack(images)
+class FaceBatches(torch.utils.data.IterableDataset):
+    """Decoded batches of some face-table shards: {"sample_id", "dataset", "images" uint8 (B, 3, H, W)}.
+
+    Batches never span face shards, so a face meets the same batch mates whatever the sharding. DataLoader
+    workers split the shards between them.
+    """
+
+    def __init__(self, faces: str, shards: list[str], batch_size: int):
+        self.faces, self.shards, self.batch_size = faces, shards, batch_size
+
+    def __iter__(self) -> Iterator[dict]:
+        worker = torch.utils.data.get_worker_info()
+        shards = self.shards if worker is None else self.shards[worker.id::worker.num_workers]
+        for batch in contracts.iter_face_batches(self.faces, columns=["sample_id", "dataset", "image"],
+                                                 shards=shards, batch_rows=self.batch_size):
+            ids = batch.column("sample_id").to_pylist()
+            images = []
+            for sample_id, jpeg in zip(ids, batch.column("image").to_pylist()):
+                try:
+                    images.append(data.decode_jpeg(jpeg))
+                except UserError as err:
+                    raise UserError(f"{self.faces}: face {sample_id}: {err}; re-run ingest") from None
+            if len({tuple(image.shape) for image in images}) > 1:  # the contract says one size; tolerate mixed
+                side = max(image.shape[-1] for image in images)
+                images = [data.eval_transform(side)(image) for image in images]
+            yield {"sample_id": ids, "dataset": batch.column("dataset").to_pylist(), "images": torch.stack(images)}
 
 
-def infer(teachers: list[Teacher], faces: str, shards: list[str], transforms: list[str], batch_size: int,
-          device: torch.device, rows: int) -> tuple[pa.Table, dict[str, distill.TaskPrediction]]:
-    """Aggregated predictions for every face in ``shards``: (sample_id + dataset, task -> prediction)."""
-    keys, members = [], {}
+def infer(teachers: list[Teacher], faces: str, shards: list[str], cfg: PseudoLabelConfig, device: torch.device,
+          rows: int) -> tuple[pa.Table, dict[str, distill.TaskPrediction]]:
+    """Aggregated predictions for every face in ``shards``: (sample_id + dataset, task -> prediction).
+
+    ``cfg.workers`` processes read and decode while the network runs. Each batch is aggregated as it comes
+    (rows are independent), so memory holds no per-member outputs.
+    """
+    loader = torch.utils.data.DataLoader(FaceBatches(faces, shards, cfg.batch_size), batch_size=None,
+                                         num_workers=cfg.workers, prefetch_factor=2 if cfg.workers else None,
+                                         pin_memory=device.type == "cuda")
+    ids, datasets, chunks = [], [], {}
     with tqdm(total=rows, unit="face", desc="pseudo-label", mininterval=10) as progress:
-        for ids, images in _decoded_batches(faces, shards, batch_size):
-            keys.append(ids)
-            for task, values in predict_members(teachers, images, transforms, device).items():
-                members.setdefault(task, []).append(values)
-            progress.update(len(ids))
-    table = pa.Table.from_batches(keys, schema=pa.schema([contracts.FACE_SCHEMA.field("sample_id"),
-                                                          contracts.FACE_SCHEMA.field("dataset")]))
+        for batch in loader:
+            ids += batch["sample_id"]
+            datasets += batch["dataset"]
+            for task, values in predict_members(teachers, batch["images"], cfg.transforms, device).items():
+                chunks.setdefault(task, []).append(_aggregate(task, values))
+            progress.update(len(batch["sample_id"]))
+    keys = pa.table({"sample_id": pa.array(ids, pa.string()), "dataset": pa.array(datasets, pa.string())})
     predictions = {}
     for task in teachers[0].card["tasks"]:
-        classification = TASKS[task].kind == "classification"
-        empty = np.zeros((1, 0, TASKS[task].num_classes) if classification else (1, 0))  # a shard without faces
-        values = np.concatenate(members[task], axis=1) if task in members else empty
-        aggregate = distill.aggregate_classification if classification else distill.aggregate_regression
-        predictions[task] = aggregate(values)
-    return table, predictions
+        no_rows = (1, 0, TASKS[task].num_classes) if TASKS[task].kind == "classification" else (1, 0)
+        predictions[task] = distill.concatenate(chunks.get(task) or [_aggregate(task, np.zeros(no_rows))])
+    return keys, predictions
+
+
+def _aggregate(task: str, values: np.ndarray) -> distill.TaskPrediction:
+    if TASKS[task].kind == "classification":
+        return distill.aggregate_classification(values)
+    return distill.aggregate_regression(values)
 
 
 # ---- labels of record and hidden truth ----------------------------------------------------------
@@ -246,23 +277,21 @@ def _numpy(table: pa.Table, column: str) -> np.ndarray:
 
 # ---- selection and the report ---------------------------------------------------------------------
 
-def _band(age: float) -> str:
-    low = int(age // AGE_BAND * AGE_BAND)
-    return f"{low}-{low + AGE_BAND - 1}"
-
-
 def retention_rows(task: str, part: pa.Table, pred: distill.TaskPrediction, candidate: np.ndarray,
                    kept: np.ndarray) -> list[dict]:
     """Candidates and kept pseudo-labels per dataset x predicted class (age: 10-year band), plus "all"."""
     names = TASKS[task].classes
-    classes = np.array([names[int(v)] if names else _band(v) for v in pred.value[candidate]], dtype=object)
+    codes = (pred.value[candidate] if names else pred.value[candidate] // AGE_BAND).astype(np.int64)
     datasets = np.asarray(part.column("dataset").to_pylist(), dtype=object)[candidate]
     kept = kept[candidate]
     rows = []
     for dataset in sorted(set(datasets)):
         in_dataset = datasets == dataset
-        for label in ["all", *sorted(set(classes[in_dataset]), key=lambda c: (len(c), c))]:
-            mask = in_dataset & (classes == label) if label != "all" else in_dataset
+        groups = [("all", in_dataset)]
+        for code in np.unique(codes[in_dataset]):
+            label = names[code] if names else f"{code * AGE_BAND}-{code * AGE_BAND + AGE_BAND - 1}"
+            groups.append((label, in_dataset & (codes == code)))
+        for label, mask in groups:
             total, count = int(mask.sum()), int(kept[mask].sum())
             rows.append({"task": task, "dataset": dataset, "class": label, "candidates": total, "kept": count,
                          "retention": count / total})
@@ -294,42 +323,45 @@ def select_all(cfg: PseudoLabelConfig, part: pa.Table, tasks: tuple[str, ...],
         retention += retention_rows(task, part, pred, candidate, selection.kept)
         truth = _numpy(part, f"{task}_hidden")
         if with_truth and not np.isnan(truth).all():
-            curves[task] = {"parameter": distill.CURVE_KEY[distill.SWEPT[rule.rule]],
-                            "chosen": distill.holdout_point(task, selection.kept, pred, truth),
-                            "curve": distill.holdout_curve(task, rule, pred, candidate, known, truth,
-                                                           cfg.holdout.sweep(rule.rule))}
+            sweeps = {name: {"parameter": distill.CURVE_KEY[distill.SWEPT[name]],
+                             "curve": distill.holdout_curve(task, rule.model_copy(update={"rule": name}), pred,
+                                                            candidate, known, truth, cfg.holdout.sweep(name))}
+                      for name in RULES_BY_KIND[TASKS[task].kind]}
+            curves[task] = {"rule": rule.rule, **sweeps.pop(rule.rule),
+                            "chosen": distill.holdout_point(task, selection.kept, pred, truth), "other_rules": sweeps}
     return kept_columns, summary, retention, curves
 
 
-def holdout_plot(curves: dict, chosen: dict[str, float]) -> bytes:
-    """One panel per task: accuracy (or MAE) and retention of the hidden rows against the rule's parameter."""
-    import matplotlib
+def holdout_plot(curves: dict) -> bytes:
+    """One panel per task: quality of the kept pseudo-labels on the hidden rows against the share kept, one
+    line per rule (points labelled with the rule's parameter), the configured rule's point starred."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.6), squeeze=False)
+    fig = Figure(figsize=(4.5 * len(curves), 3.8))
+    axes = fig.subplots(1, len(curves), squeeze=False)
     for ax, (task, info) in zip(axes[0], curves.items()):
-        parameter, points = info["parameter"], info["curve"]
         quality = "accuracy" if TASKS[task].kind == "classification" else "mae"
-        x = [p[parameter] for p in points]
-        ax.plot(x, [np.nan if p[quality] is None else p[quality] for p in points], "o-", label=quality)
-        ax.set_xlabel(parameter)
+        for rule, sweep in {info["rule"]: info, **info["other_rules"]}.items():
+            key = sweep["parameter"]
+            points = [p for p in sweep["curve"] if p[quality] is not None]
+            x, y = [p["retention"] for p in points], [p[quality] for p in points]
+            ax.plot(x, y, "o-", markersize=3, label=f"{rule} ({key})")
+            for p in points:
+                ax.annotate(f"{p[key]:g}", (p["retention"], p[quality]), fontsize=6, xytext=(2, 2),
+                            textcoords="offset points")
+        chosen = info["chosen"]
+        if chosen[quality] is not None:
+            ax.plot([chosen["retention"]], [chosen[quality]], "k*", markersize=10, label="configured")
+        ax.set_xlim(0, 1.05)
         if quality == "accuracy":
             ax.set_ylim(0, 1.05)
+        ax.set_xlabel("share of hidden labels kept")
         ax.set_ylabel("accuracy" if quality == "accuracy" else "MAE (years)")
-        ax.axvline(chosen[task], color="grey", linestyle=":", label="configured")
-        share = ax.twinx()
-        share.plot(x, [p["retention"] for p in points], "s--", color="tab:orange", label="retention")
-        share.set_ylim(0, 1.05)
-        share.set_ylabel("share of hidden labels kept")
-        ax.set_title(f"{task} ({points[0]['hidden']} hidden)")
-        handles = ax.get_legend_handles_labels()[0] + share.get_legend_handles_labels()[0]
-        ax.legend(handles=handles, loc="lower left", fontsize=8)
+        ax.set_title(f"{task}: {chosen['hidden']} hidden labels")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
     return buffer.getvalue()
 
 
@@ -360,7 +392,7 @@ def run(cfg: PseudoLabelConfig, teachers: list[str], faces: str, labels: str, ou
         check_holdout_teachers(cfg, models)
     log.info("pseudo-labelling %d faces (shard %d/%d) with %d teacher(s) x %d transforms on %s",
              rows, index, count, len(models), len(cfg.transforms), device)
-    keys, predictions = infer(models, faces, mine, cfg.transforms, cfg.batch_size, device, rows)
+    keys, predictions = infer(models, faces, mine, cfg, device, rows)
     columns = {"sample_id": keys.column("sample_id").combine_chunks(),
                "dataset": keys.column("dataset").combine_chunks(),
                **_prediction_columns(predictions), **label_columns(keys, record, hidden)}
@@ -382,7 +414,8 @@ def _part_files(uri: str) -> list[str]:
         return [uri]
     found = [f for f in store.list_files(store.join(uri, layout.PSEUDO_SHARDS_DIR)) if f.endswith(".parquet")]
     if not found:
-        raise UserError(f"{uri}: no pseudo-label parts under {layout.PSEUDO_SHARDS_DIR}/ (run pseudolabel --shard first)")
+        raise UserError(f"{uri}: no pseudo-label parts under {layout.PSEUDO_SHARDS_DIR}/ "
+                        "(run pseudolabel --shard first)")
     return found
 
 
@@ -436,8 +469,7 @@ def merge(cfg: PseudoLabelConfig, parts: list[str], out: str) -> dict:
     report = {**meta, "rows": part.num_rows, "shards": provenance["shards"], "selection": summary,
               "retention": retention}
     if curves:
-        chosen = {task: getattr(cfg.rule_for(task), distill.SWEPT[cfg.rule_for(task).rule]) for task in curves}
-        store.write_bytes(store.join(out, layout.PSEUDO_HOLDOUT_PLOT), holdout_plot(curves, chosen), "image/png")
+        store.write_bytes(store.join(out, layout.PSEUDO_HOLDOUT_PLOT), holdout_plot(curves), "image/png")
         report["holdout"] = {**provenance["holdout"], "curves": curves, "plot": layout.PSEUDO_HOLDOUT_PLOT}
     store.write_text(report_uri, json.dumps(report, indent=1))
     log.info("pseudo-labels: %s", ", ".join(f"{t} {s['kept']}/{s['candidates']}" for t, s in summary.items()))
@@ -448,7 +480,8 @@ def merge(cfg: PseudoLabelConfig, parts: list[str], out: str) -> dict:
 def write_holdout_labels(cfg: PseudoLabelConfig, labels: str, out: str) -> dict:
     """Holdout mode, before the teacher: write the label table to train it on and the hidden truth."""
     if cfg.holdout.fraction == 0:
-        raise UserError("pseudolabel.holdout.fraction is 0: nothing to hide (e.g. --set pseudolabel.holdout.fraction=0.2)")
+        raise UserError("pseudolabel.holdout.fraction is 0: nothing to hide "
+                        "(e.g. --set pseudolabel.holdout.fraction=0.2)")
     record, hidden = labels_of_record(cfg, contracts.read_table(labels, contracts.LABELS))
     setting = {HOLDOUT_KEY: cfg.holdout.model_dump_json(include={"fraction", "tasks", "seed"})}
     train_uri, truth_uri = store.join(out, layout.HOLDOUT_LABELS_FILE), store.join(out, layout.HOLDOUT_TRUTH_FILE)

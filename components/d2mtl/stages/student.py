@@ -14,18 +14,11 @@ import pyarrow as pa
 
 from d2mtl import contracts
 from d2mtl.config.train import StudentConfig
-from d2mtl.data import FaceIndex, positions_in
-from d2mtl.engine import Trainer
+from d2mtl.data import FaceIndex, column_at, positions_in
+from d2mtl.engine import Trainer, setup_run
 from d2mtl.errors import UserError
 from d2mtl.models import MultiTaskNet, build_model, load_model
 from d2mtl.tasks import TASKS
-
-
-def _values(table: pa.Table, column: str, positions: np.ndarray, fill) -> np.ndarray:
-    """``table[column]`` at ``positions`` (-1: no row), nulls and missing rows as ``fill``."""
-    values = np.asarray(table.column(column).fill_null(fill).to_numpy(zero_copy_only=False))
-    picked = values[np.maximum(positions, 0)] if len(values) else np.full(len(positions), fill)
-    return np.where(positions >= 0, picked, fill)
 
 
 def _probabilities(table: pa.Table, task: str, positions: np.ndarray) -> np.ndarray:
@@ -45,21 +38,21 @@ def apply_pseudo_labels(index: FaceIndex, pseudo: pa.Table, rows: np.ndarray, cf
     report = {}
     for task in index.tasks:
         targets = index.targets
-        kept = _values(pseudo, f"{task}_kept", positions, False).astype(bool) & (positions >= 0)
+        kept = column_at(pseudo, f"{task}_kept", positions, False).astype(bool) & (positions >= 0)
         has_truth = targets[f"{task}_weight"][rows] > 0
         use = kept & ~has_truth
         chosen = rows[use]
         weight = np.full(len(chosen), cfg.pseudo_weight, np.float32)
         if TASKS[task].kind == "classification":
-            targets[task][chosen] = _values(pseudo, task, positions, -1)[use]
+            targets[task][chosen] = column_at(pseudo, task, positions, -1)[use]
             if cfg.targets == "soft":
                 targets[f"{task}_probs"][chosen] = _probabilities(pseudo, task, positions[use])
                 targets[f"{task}_soft"][chosen] = True
             if cfg.confidence_weighting:
-                weight *= _values(pseudo, f"{task}_confidence", positions, 0.0)[use].astype(np.float32)
+                weight *= column_at(pseudo, f"{task}_confidence", positions, 0.0)[use].astype(np.float32)
         else:
-            age = _values(pseudo, task, positions, np.nan)[use].astype(np.float32)
-            band = _values(pseudo, f"{task}_spread", positions, 0.0)[use].astype(np.float32) \
+            age = column_at(pseudo, task, positions, np.nan)[use].astype(np.float32)
+            band = column_at(pseudo, f"{task}_spread", positions, 0.0)[use].astype(np.float32) \
                 if cfg.targets == "soft" else 0.0
             targets[f"{task}_low"][chosen], targets[f"{task}_high"][chosen] = age - band, age + band
         targets[f"{task}_weight"][chosen] = weight
@@ -87,6 +80,7 @@ def initial_network(cfg: StudentConfig, teacher: str | None) -> MultiTaskNet:
 def run(cfg: StudentConfig, faces: str, labels: str, pseudo: str, out: str, teacher: str | None = None) -> dict:
     """Train the student on ``faces`` + ``labels`` + the pseudo-label table ``pseudo``; write the model folder
     to ``out`` and return the results (as the teacher stage, plus the pseudo-labels used per task)."""
+    setup_run(cfg)
     index = FaceIndex.load(faces, labels, cfg.task_names)
     pseudo_table = contracts.read_table(pseudo, contracts.PSEUDO)
     used = apply_pseudo_labels(index, pseudo_table, np.flatnonzero(index.split == "train"), cfg)

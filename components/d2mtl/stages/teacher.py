@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from d2mtl.config.train import TrainConfig
 from d2mtl.data import FaceIndex
-from d2mtl.engine import Trainer
+from d2mtl.engine import Trainer, setup_run
 from d2mtl.models import build_model
 
 
 def run(cfg: TrainConfig, faces: str, labels: str, out: str) -> dict:
     """Train on ``faces`` + ``labels`` (URIs), write the model folder to ``out``; returns the results
     (val / test metrics per task, epochs, peak rate, train seconds). Resumes from a checkpoint at ``out``."""
+    setup_run(cfg)
     index = FaceIndex.load(faces, labels, cfg.task_names)
     role = "teacher" if cfg.tasks is None or len(cfg.task_names) > 1 else f"baseline:{cfg.task_names[0]}"
     trainer = Trainer(cfg, index, out, build_model(cfg), role=role,
