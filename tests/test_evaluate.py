@@ -70,7 +70,6 @@ def test_evaluate_end_to_end(tables, model_dirs, tmp_path):
         _direct_age_mae(model_dirs["teacher"], **tables, dataset="utk", split="test"), rel=1e-5)
     assert "teacher/expression/fer/test/macro_f1" in scalars
     assert not any(k.startswith("baselines_age/") and "/age/" not in k for k in scalars)  # only its own task
-    assert scalars["teacher/age/utk~gray/test/mae"] != scalars["teacher/age/utk/test/mae"]  # the view changes faces
 
     details = json.loads(store.read_text(store.join(out, layout.EVAL_DETAILS)))
     roles = {m["name"]: m["role"] for m in details["models"]}

@@ -225,12 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("onnx", "torchscript"), required=True)
     p.add_argument("--out", required=True, help="output folder (model.onnx or model.torchscript.pt + model_card.json)")
 
-    try:
-        from d2mtl_pipeline import cli as pipeline_cli
-    except ImportError:
-        pipeline_cli = None
-    if pipeline_cli is not None:
-        pipeline_cli.register(sub, _common)
+    from d2mtl_pipeline import cli as pipeline_cli
+
+    pipeline_cli.register(sub, _common)
     return parser
 
 

@@ -54,51 +54,15 @@ def eval_transform(input_size: int) -> v2.Transform:
 
 
 def train_transform(input_size: int, augment) -> v2.Transform:
-    """uint8 (3, H, W) -> uint8 (3, input_size, input_size): the per-image geometric augmentation
-    (``augment`` is an AugmentConfig); the colour augmentation is ``ColourJitter``, per batch."""
+    """uint8 (3, H, W) -> augmented uint8 (3, input_size, input_size); ``augment`` is an AugmentConfig."""
     return v2.Compose([
         v2.RandomResizedCrop(input_size, scale=tuple(augment.crop_scale), ratio=tuple(augment.crop_ratio),
                              antialias=True),
         v2.RandomHorizontalFlip(augment.hflip),
+        v2.ColorJitter(brightness=augment.brightness, contrast=augment.contrast, saturation=augment.saturation,
+                       hue=augment.hue),
+        v2.RandomGrayscale(augment.grayscale),
     ])
-
-
-GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale
-
-
-def _gray(images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) float -> (B, 1, H, W) luma."""
-    return torch.tensordot(images, images.new_tensor(GRAY_WEIGHTS), dims=([1], [0])).unsqueeze(1)
-
-
-class ColourJitter:
-    """Brightness, contrast and saturation jitter, then random grayscale, with each image's own draws,
-    applied to a whole uint8 batch at once.
-
-    The maths of v2.ColorJitter (in a fixed order) and v2.RandomGrayscale; batched because v2 spends
-    ~0.1 ms of per-op overhead on each 64 px face, the largest part of the data path on a 2-core machine,
-    where every data-path cycle is taken from training (BENCHMARKS.md, "Training").
-    """
-
-    def __init__(self, augment):
-        strengths = torch.tensor([augment.brightness, augment.contrast, augment.saturation])
-        self.low, self.high = (1 - strengths).clamp_min(0), 1 + strengths
-        self.grayscale = augment.grayscale
-
-    def draw(self) -> torch.Tensor:
-        """One image's parameters (4,) from the default generator: three factors and a grayscale draw."""
-        uniform = torch.rand(4)
-        return torch.cat([self.low + (self.high - self.low) * uniform[:3], uniform[3:]])
-
-    def __call__(self, images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, 3, H, W) and (B, 4) draws -> uint8 (B, 3, H, W)."""
-        brightness, contrast, saturation, gray_draw = params.float().T[..., None, None, None]  # each (B, 1, 1, 1)
-        x = (images.float() * brightness).clamp(0, 255)
-        mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
-        x = (contrast * x + (1 - contrast) * mean).clamp(0, 255)
-        x = (saturation * x + (1 - saturation) * _gray(x)).clamp(0, 255)
-        x = torch.where(gray_draw < self.grayscale, _gray(x).expand_as(x), x)
-        return x.round().to(torch.uint8)
 
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
@@ -251,7 +215,6 @@ class FaceDataset(torch.utils.data.Dataset):
         self.index = index
         self.resize = eval_transform(input_size)
         self.augment = train_transform(input_size, augment) if augment is not None else None
-        self.jitter = ColourJitter(augment) if augment is not None else None
         self.cache_shards = cache_shards if cache_shards > 0 else max(1, len(index.shards))  # 0: every shard
         self._cache: OrderedDict[int, pa.Array] = OrderedDict()
 
@@ -272,34 +235,27 @@ class FaceDataset(torch.utils.data.Dataset):
             self._cache.popitem(last=False)
         return images
 
-    def decode(self, row: int) -> torch.Tensor:
+    def image(self, row: int, seed: int) -> torch.Tensor:
         data = self._shard_images(int(self.index.shard[row]))[int(self.index.row[row])].as_py()
         try:
-            return decode_jpeg(data)
+            image = decode_jpeg(data)
         except UserError as err:
             raise UserError(f"sample {self.index.sample_id[row]}: {err}") from None
-
-    def augmented(self, row: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The geometric augmentation of one face and its colour draws, both from ``seed``."""
-        image = self.decode(row)
+        if seed < 0 or self.augment is None:
+            return self.resize(image)
         # The transforms draw from the default CPU generator: seed it for this sample, then put it back
         # (torch.manual_seed + fork_rng cost ~0.1 ms per call; the generator's own methods ~5 us).
         generator = torch.default_generator
         state = generator.get_state()
         generator.manual_seed(seed)
         try:
-            return self.augment(image), self.jitter.draw()
+            return self.augment(image)
         finally:
             generator.set_state(state)
 
     def __getitems__(self, items: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
         rows = np.fromiter((r for r, _ in items), np.int64, len(items))
-        if self.augment is None or min(seed for _, seed in items) < 0:
-            images = torch.stack([self.resize(self.decode(r)) for r, _ in items])
-        else:
-            faces, draws = zip(*(self.augmented(r, s) for r, s in items))
-            images = self.jitter(torch.stack(faces), torch.stack(draws))
-        batch = {"image": images, "row": torch.from_numpy(rows)}
+        batch = {"image": torch.stack([self.image(r, s) for r, s in items]), "row": torch.from_numpy(rows)}
         for key, values in self.index.targets.items():
             batch[key] = torch.from_numpy(values[rows])
         return batch

@@ -27,6 +27,8 @@ from pydantic import BaseModel, ConfigDict, SecretStr
 from d2mtl.errors import UserError
 
 S3_SCHEMES = ("s3://", "minio://")
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 class StoreError(UserError):
@@ -156,6 +158,7 @@ def write_bytes(uri: str, data: bytes, content_type: str = "application/octet-st
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
+            os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
                 handle.flush()
@@ -173,8 +176,15 @@ def write_bytes(uri: str, data: bytes, content_type: str = "application/octet-st
 
 
 def _ensure_bucket(client, bucket: str) -> None:
-    if not client.bucket_exists(bucket):
+    from minio.error import S3Error
+
+    if client.bucket_exists(bucket):
+        return
+    try:
         client.make_bucket(bucket)
+    except S3Error as err:  # a parallel writer (another shard pod) created it first
+        if err.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+            raise
 
 
 def write_text(uri: str, text: str) -> None:

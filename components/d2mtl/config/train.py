@@ -13,8 +13,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class AugmentConfig(BaseModel):
-    """Train augmentation (d2mtl.data): crop + flip per image (transforms.v2), colour jitter + grayscale
-    per batch with per-image draws; the eval transform only resizes and normalises."""
+    """torchvision.transforms.v2 train augmentation; the eval transform only resizes and normalises."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -24,6 +23,7 @@ class AugmentConfig(BaseModel):
     brightness: float = Field(0.3, ge=0)  # colour jitter strengths: factors in [1 - x, 1 + x] (0 disables)
     contrast: float = Field(0.3, ge=0)
     saturation: float = Field(0.3, ge=0)
+    hue: float = Field(0.0, ge=0, le=0.5)  # off by default: the costliest jitter on CPU
     grayscale: float = Field(0.2, ge=0, le=1)  # probability of a gray copy, so colour and gray domains meet
 
 
