@@ -384,7 +384,7 @@ def plot_curves(history: list[dict], lr_trace: list[float]) -> bytes:
             mae_ax = mae_ax or acc_ax.twinx()
             mae_ax.plot(epochs, [h["val"].get(f"{task}_mae", math.nan) for h in history], marker="s", linestyle=":",
                         color=line.get_color(), label=f"{task} MAE (years, right)")
-            mae_ax.legend(fontsize=7, loc="upper right")
+            mae_ax.legend(fontsize=7, loc="center right")
     loss_ax.set(title="loss per task", xlabel="epoch")
     loss_ax.legend(fontsize=7)
     acc_ax.set(title="validation metrics", xlabel="epoch", ylabel="accuracy")
