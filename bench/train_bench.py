@@ -27,7 +27,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 from d2mtl.config import load_experiment
 from d2mtl.data import EpochSampler, FaceIndex, make_loader

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,8 +28,6 @@ from torch import nn
 from d2mtl import layout, store
 from d2mtl.errors import UserError
 from d2mtl.tasks import TASKS
-
-log = logging.getLogger(__name__)
 
 CARD_FORMAT = "d2mtl-model/1"
 AGE_MIN, AGE_MAX = (int(v) for v in TASKS["age"].value_range)
