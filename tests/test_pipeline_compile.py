@@ -17,8 +17,8 @@ from d2mtl_pipeline import pipeline, submit
 from d2mtl_pipeline.placement import RERUN_ENV
 
 GPU_FULL = ["pipeline.baselines=true", "pipeline.single_distill=true"]
-STAGE_COMPONENTS = ("ingest", "teacher", "baseline", "pseudolabel-shard", "pseudolabel-merge", "pseudolabel-single",
-                    "student", "student-single", "evaluate")
+STAGE_COMPONENTS = ("ingest-shard", "ingest-merge", "teacher", "baseline", "pseudolabel-shard", "pseudolabel-merge",
+                    "pseudolabel-single", "student", "student-single", "evaluate")
 GPU_COMPONENTS = ("teacher", "baseline", "pseudolabel-shard", "pseudolabel-single", "student", "student-single")
 
 
@@ -81,9 +81,36 @@ def loop_containing(compiled: Compiled, component: str) -> str:
     raise AssertionError(f"no loop runs {component}")
 
 
+def iterated_plan(compiled: Compiled, loop: str) -> str:
+    """The shard-plan task whose output the loop iterates over."""
+    channel = compiled.tasks()[loop]["parameterIterator"]["items"]["inputParameter"]
+    plan = channel.removeprefix("pipelinechannel--").removesuffix("-Output")
+    assert compiled.component_of(compiled.tasks()[plan]).startswith("shard-plan")
+    return plan
+
+
+def test_ingest_fans_out_then_merges(gpu):
+    deps = {name: set(task.get("dependentTasks", [])) for name, task in gpu.spec["root"]["dag"]["tasks"].items()}
+    shards = loop_containing(gpu, "ingest-shard")
+    merge, merge_task = root_task(gpu, "ingest-merge")
+    plan = iterated_plan(gpu, shards)
+    assert deps[shards] == {plan} and deps[merge] == {shards} and deps[plan] == set()
+    assert gpu.tasks()[plan]["inputs"]["parameters"]["shards"] == {"componentInputParameter": "ingest_shards"}
+    (shard,) = gpu.tasks_of("ingest-shard")
+    assert shard["inputs"]["parameters"]["shards"] == {"componentInputParameter": "pipelinechannel--ingest_shards"}
+    assert shard["inputs"]["parameters"]["shard"]["componentInputParameter"].endswith("loop-item")
+    (collected,) = merge_task["inputs"]["artifacts"].values()
+    assert collected["taskOutputArtifact"] == {"outputArtifactKey": "pipelinechannel--ingest-shard-part",
+                                               "producerTask": shards}
+    for consumer in ("teacher", "student", "evaluate"):
+        (task,) = gpu.tasks_of(consumer)
+        for name in ("faces", "labels"):
+            assert task["inputs"]["artifacts"][name]["taskOutputArtifact"]["producerTask"] == merge, consumer
+
+
 def test_dag_edges(gpu):
     deps = {name: set(task.get("dependentTasks", [])) for name, task in gpu.spec["root"]["dag"]["tasks"].items()}
-    ingest, _ = root_task(gpu, "ingest")
+    ingest, _ = root_task(gpu, "ingest-merge")
     teacher, _ = root_task(gpu, "teacher")
     merge, _ = root_task(gpu, "pseudolabel-merge")
     student, _ = root_task(gpu, "student")
@@ -105,8 +132,9 @@ def test_dag_edges(gpu):
     assert gathered[singles] == gather_pseudo
     assert deps[students] == {gather_pseudo, gathered[baselines], ingest}
     assert {student, teacher, gathered[baselines], gathered[students], ingest} <= deps[evaluate]
-    # the shard loop iterates over the shard plan; the per-task loops over the baseline_tasks parameter
-    assert gpu.tasks()[shards]["parameterIterator"]["items"]["inputParameter"].endswith("shard-plan-Output")
+    # the shard loop iterates over its shard plan (of the shards parameter); the per-task loops over baseline_tasks
+    plan = iterated_plan(gpu, shards)
+    assert gpu.tasks()[plan]["inputs"]["parameters"]["shards"] == {"componentInputParameter": "shards"}
     for loop in (baselines, singles, students):
         assert gpu.tasks()[loop]["parameterIterator"]["items"]["inputParameter"].endswith("baseline_tasks")
     evaluate_inputs = gpu.tasks()[evaluate]["inputs"]["artifacts"]
@@ -118,6 +146,7 @@ def test_parameters_carry_each_stage_config(gpu):
     cfg = load_experiment("gpu", GPU_FULL)
     assert IngestConfig.model_validate_json(params["ingest_config"]["defaultValue"]) == cfg.ingest
     assert params["shards"]["defaultValue"] == cfg.pipeline.shards == 4
+    assert params["ingest_shards"]["defaultValue"] == cfg.pipeline.ingest_shards == 4
     assert all(p.get("description") for p in params.values()), "every pipeline parameter is documented"
 
 
@@ -139,7 +168,8 @@ def test_gpu_stages_get_gpu_nodes(gpu):
     images = {gpu.component_of(t): gpu.executor(t)["container"]["image"] for t in gpu.tasks().values()
               if "componentRef" in t and gpu.component_of(t) in STAGE_COMPONENTS}
     assert images["teacher"].startswith("ghcr.io/distill-2md-mtl/d2mtl-train-cuda:")
-    assert images["ingest"].startswith("ghcr.io/distill-2md-mtl/d2mtl-ingest:")
+    assert images["ingest-shard"].startswith("ghcr.io/distill-2md-mtl/d2mtl-ingest:")
+    assert images["ingest-merge"].startswith("ghcr.io/distill-2md-mtl/d2mtl-ingest:")
 
 
 def test_credentials_come_from_the_secret_only(gpu):
@@ -183,8 +213,8 @@ def test_rerun_from_run_imports_upstream(tmp_path):
                            "--set=pipeline.publish_prefix=s3://results/d2mtl", "--rerun", "student",
                            "--from-run", "run-7")
     components = {compiled.component_of(t) for t in compiled.tasks().values()}
-    assert not components & {"ingest", "teacher", "pseudolabel-shard", "pseudolabel-merge", "baseline",
-                             "pseudolabel-single", "student-single"}
+    assert not components & {"ingest-shard", "ingest-merge", "shard-plan", "teacher", "pseudolabel-shard",
+                             "pseudolabel-merge", "baseline", "pseudolabel-single", "student-single"}
     assert {"student", "evaluate"} <= components
     imported = {e["importer"]["artifactUri"]["constant"] for e in compiled.spec["deploymentSpec"]["executors"].values()
                 if "importer" in e}
@@ -225,12 +255,13 @@ def test_local_rerun_tokens_mark_only_that_stage(tmp_path):
     out = tmp_path / "local.yaml"
     compiler.Compiler().compile(pipeline.build(cfg, local=True, rerun_tokens={"pseudolabel": "t1"}), str(out))
     compiled = Compiled(out)
-    for task in compiled.tasks().values():
+    expected = {iterated_plan(compiled, loop_containing(compiled, "pseudolabel-shard")), "pseudolabel-shard",
+                "pseudolabel-merge"}
+    for name, task in compiled.tasks().items():
         if "componentRef" not in task or "dag" in compiled.spec["components"][task["componentRef"]["name"]]:
             continue
         env = {e["name"]: e["value"] for e in compiled.executor(task)["container"].get("env", [])}
-        marked = compiled.component_of(task) in ("shard-plan", "pseudolabel-shard", "pseudolabel-merge")
-        assert (env.get(RERUN_ENV) == "t1") == marked, compiled.component_of(task)
+        assert (env.get(RERUN_ENV) == "t1") == (name in expected), name
         assert "retryPolicy" not in task, "local runs never retry"
 
 

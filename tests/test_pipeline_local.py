@@ -39,8 +39,8 @@ def tiny_experiment(path: Path, run_root: Path) -> Path:
         "teacher": TRAIN, "student": TRAIN,
         "pseudolabel": {"batch_size": 64, "threads": 1, "device": "cpu"},
         "evaluate": {"threads": 1, "device": "cpu", "views": []},
-        "pipeline": {"shards": 2, "baselines": True, "single_distill": True, "baseline_tasks": ["expression"],
-                     "run_root": str(run_root)},
+        "pipeline": {"ingest_shards": 2, "shards": 2, "baselines": True, "single_distill": True,
+                     "baseline_tasks": ["expression"], "run_root": str(run_root)},
     }
     path.write_text(yaml.safe_dump(experiment))
     return path
@@ -66,9 +66,11 @@ def task_names(result: local.LocalRun) -> set[str]:
 
 
 def test_whole_pipeline(first_run):
-    assert task_names(first_run) == {"shard-plan", "ingest", "teacher", "pseudolabel-shard", "pseudolabel-merge",
-                                     "student", "baseline", "gather-models", "pseudolabel-single", "gather-pseudo",
-                                     "student-single", "gather-models-2", "evaluate"}
+    assert task_names(first_run) == {"shard-plan", "ingest-shard", "ingest-merge", "teacher", "shard-plan-2",
+                                     "pseudolabel-shard", "pseudolabel-merge", "student", "baseline", "gather-models",
+                                     "pseudolabel-single", "gather-pseudo", "student-single", "gather-models-2",
+                                     "evaluate"}
+    assert sum(name.endswith("/ingest-shard") for name in first_run.executed) == 2
     assert sum(name.endswith("/pseudolabel-shard") for name in first_run.executed) == 2
     card = json.loads(Path(first_run.model, layout.MODEL_CARD).read_text())
     assert card["role"] == "student" and card["tasks"] == ["age", "gender", "race", "expression"]
@@ -77,7 +79,7 @@ def test_whole_pipeline(first_run):
     metrics = json.loads(Path(first_run.report).with_name(layout.EVAL_METRICS).read_text())
     assert {"student_single_expression", "baseline_expression", "teacher", "student"} == {
         key.split("/")[0] for key in metrics}
-    assert {"teacher", "student", "evaluate", "ingest", "pseudolabel-merge"} <= {
+    assert {"teacher", "student", "evaluate", "ingest-shard", "ingest-merge", "pseudolabel-merge"} <= {
         name.rsplit("/", 1)[-1] for name in first_run.stage_seconds}
     merged = next(first_run.run_dir.glob("pseudolabel-merge/pseudo"))
     pseudo = contracts.read_table(str(merged / layout.PSEUDO_FILE), contracts.PSEUDO)
@@ -138,7 +140,7 @@ def test_failing_stage_is_one_clear_line(experiment, tmp_path, capsys):
                      "--set", f"pipeline.run_root={tmp_path / 'runs'}"])
     assert code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith("d2mtl run: error: the pipeline failed") and "'ingest'" in last
+    assert last.startswith("d2mtl run: error: the pipeline failed") and "'ingest-shard'" in last
 
 
 def test_publish_to_s3(experiment, first_run, s3_env):
@@ -160,3 +162,15 @@ def test_bench_reports_the_overhead(first_run):
     section, ratio = bench.report(first_run.run_dir, first_run.wall_seconds, "d2mtl run")
     assert ratio == pytest.approx(first_run.wall_seconds / compute)
     assert "| teacher |" in section and "wall / sum of stages" in section and "expression/fer2013/test" in section
+
+
+def test_sharded_ingest_gives_the_tables_of_one_pass(experiment, first_run, tmp_path):
+    from d2mtl.stages import ingest
+
+    merged = first_run.run_dir / "ingest-merge"
+    ingest.run(local.with_absolute_data_root(experiment["cfg"]()).ingest, str(tmp_path))
+    names = sorted(p.name for p in (tmp_path / "faces").iterdir())
+    assert sorted(p.name for p in (merged / "faces").iterdir()) == names
+    for shard in (tmp_path / "faces").iterdir():
+        assert (merged / "faces" / shard.name).read_bytes() == shard.read_bytes(), shard.name
+    assert (merged / "labels").read_bytes() == (tmp_path / layout.LABELS_FILE).read_bytes()

@@ -3,6 +3,8 @@
 Examples::
 
     d2mtl ingest   --config cpu --data-root ../shared/data --out runs/manual/ingest
+    d2mtl ingest   ... --out runs/manual/ingest-1 --shard 1/4      # one part; then merge the four parts:
+    d2mtl ingest   --out runs/manual/ingest --merge runs/manual/ingest-0 runs/manual/ingest-1 ...
     d2mtl teacher  --config cpu --faces runs/manual/ingest/faces --labels runs/manual/ingest/labels.parquet \\
                    --out runs/manual/teacher
     d2mtl teacher  ... --tasks age --out runs/manual/baselines/age      # a single-task baseline
@@ -66,7 +68,10 @@ def cmd_ingest(args: argparse.Namespace) -> None:
     from d2mtl.stages import ingest
 
     cfg = _experiment(args)
-    ingest.run(cfg.ingest, args.out)
+    if args.merge:
+        ingest.merge(args.merge, args.out)
+    else:
+        ingest.run(cfg.ingest, args.out, shard=args.shard)
 
 
 def cmd_teacher(args: argparse.Namespace) -> None:
@@ -166,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("ingest", cmd_ingest, "read datasets, detect and align faces, write the face and label tables")
     p.add_argument("--out", required=True, help="output prefix (faces/, labels.parquet, report.json/.md)")
+    p.add_argument("--shard", type=_shard, default=(0, 1),
+                   help="ingest part i of n of the planned images (i/n, default 0/1: all), a complete output each")
+    p.add_argument("--merge", nargs="+", metavar="PART",
+                   help="merge the --out folders of every --shard i/n run into --out instead (same tables as one pass)")
 
     p = add("teacher", cmd_teacher, "train the multi-task teacher (or a single-task baseline with --tasks)")
     p.add_argument("--faces", required=True, help="face table (folder with _manifest.json)")

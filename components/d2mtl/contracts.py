@@ -4,13 +4,15 @@ Documented for humans in docs/contracts.md; this module is the executable form. 
 carries ``d2mtl.schema`` = ``<table>/<version>`` in its Parquet metadata and readers refuse
 a table or version they do not know.
 
-The face table is sharded: ``<faces>/part-00000.parquet``, ... plus ``<faces>/_manifest.json``,
-written last, which lists the shards and their row counts. Readers go by the manifest only,
-so a half-written face table is never read.
+The face table is sharded: ``<faces>/part-00000-<sha256 prefix>.parquet``, ... plus
+``<faces>/_manifest.json``, written last, which lists the shards, their row counts and content
+hashes. Readers go by the manifest only, so a half-written face table is never read, and shards
+are named by their content, so two writers under one prefix cannot mix their rows.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from collections.abc import Iterable, Iterator
@@ -155,10 +157,13 @@ class FaceTableWriter:
     def _flush(self) -> None:
         if not self._rows:
             return
-        name = f"part-{len(self._shards):05d}.parquet"
         table = pa.Table.from_pylist(self._rows, schema=FACE_SCHEMA)
-        store.write_bytes(store.join(self.uri, name), table_to_bytes(_with_version(table, FACES, self.metadata)))
-        self._shards.append({"path": name, "rows": len(self._rows)})
+        data = table_to_bytes(_with_version(table, FACES, self.metadata))
+        digest = hashlib.sha256(data).hexdigest()
+        # named by content: a concurrent writer under the same prefix cannot replace a shard this manifest lists
+        name = f"part-{len(self._shards):05d}-{digest[:12]}.parquet"
+        store.write_bytes(store.join(self.uri, name), data)
+        self._shards.append({"path": name, "rows": len(self._rows), "sha256": digest})
         self._rows = []
 
     def close(self) -> dict:

@@ -285,11 +285,17 @@ class EpochSampler(torch.utils.data.Sampler):
     The epoch plan draws ``samples`` rows by the mix weights (each row once when proportional and not
     oversampling), then orders them window by window: shards interleaved by dataset, ``window`` shards at
     a time (0: all of them), rows shuffled within a window. ``set_epoch(epoch, start)`` positions it (resume).
+
+    Data-parallel: every rank draws the same plan (it depends on the seed only) and yields its own contiguous
+    share of each global batch of ``batch_size`` rows, so the ranks' batches together are the batch that
+    one process would train on. Positions (``start``, ``len``) count global batches.
     """
 
     def __init__(self, index: FaceIndex, rows: np.ndarray, batch_size: int, seed: int, mix: str = "proportional",
-                 samples: int | None = None, window: int = 0, shuffle: bool = True):
+                 samples: int | None = None, window: int = 0, shuffle: bool = True, rank: int = 0,
+                 world_size: int = 1):
         self.index, self.rows, self.batch_size = index, np.asarray(rows, np.int64), batch_size
+        self.rank, self.world_size = rank, world_size
         self.seed, self.shuffle = seed, shuffle
         self.window = window if window > 0 else max(1, len(index.shards))
         self.samples = samples or len(self.rows)
@@ -298,6 +304,9 @@ class EpochSampler(torch.utils.data.Sampler):
         self.epoch, self.start = 0, 0
         if not len(self.rows):
             raise UserError("no rows to sample from (the split has no labelled faces for the configured tasks)")
+        if batch_size % world_size or min(batch_size, self.samples) < world_size:
+            raise UserError(f"batch_size {batch_size} (the global batch) must be a multiple of the {world_size} "
+                            f"training processes, and at least {world_size} samples are needed per epoch")
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
@@ -344,8 +353,9 @@ class EpochSampler(torch.utils.data.Sampler):
         rows, seeds = self.plan(self.epoch)
         count = len(self)
         for b in range(self.start, count):
-            chunk = slice(b * self.batch_size, (b + 1) * self.batch_size)
-            yield list(zip(rows[chunk].tolist(), seeds[chunk].tolist()))
+            batch = np.arange(b * self.batch_size, min((b + 1) * self.batch_size, len(rows)))
+            share = np.array_split(batch, self.world_size)[self.rank]
+            yield list(zip(rows[share].tolist(), seeds[share].tolist()))
 
 
 def _whole_batch(batch):

@@ -6,6 +6,11 @@ every ``cfg.checkpoint_every`` steps, and finally writes the model folder (weigh
 When ``out`` already holds a checkpoint the run resumes from it: model, optimiser, scheduler, task
 weighting, sampler position, running loss sums and RNG states, so a KFP retry continues, not restarts.
 Checkpoints hold only tensors and plain values: ``torch.load(..., weights_only=True)`` reads them.
+
+Under ``torchrun`` (``distributed.launched``) the network trains as DistributedDataParallel, one process per
+GPU: each rank takes its share of every global batch, task losses are divided by the global batch's label
+counts, validation is split between the ranks and summed, and rank 0 alone writes checkpoints and the model
+folder (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import io
 import json
 import logging
 import math
+import pickle
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -22,14 +28,16 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from d2mtl import layout, store
 from d2mtl.data import EpochSampler, FaceDataset, FaceIndex, make_loader, normalize
+from d2mtl.distributed import Distributed
 from d2mtl.errors import UserError
 from d2mtl.losses import MaskedTaskLoss, TaskWeighting, interval_distance
 from d2mtl.lr import DynamicLR, range_test
-from d2mtl.models import MultiTaskNet, resolve_device, save_model
+from d2mtl.models import MultiTaskNet, save_model
 from d2mtl.tasks import TASKS
 
 log = logging.getLogger(__name__)
@@ -85,16 +93,26 @@ class Progress:
 
 
 class Trainer:
-    """One training run of a MultiTaskNet on a FaceIndex, writing to the model folder ``out``."""
+    """One training run of a MultiTaskNet on a FaceIndex, writing to the model folder ``out``; one of
+    ``dist.world_size`` data-parallel processes."""
 
     def __init__(self, cfg, index: FaceIndex, out: str, net: MultiTaskNet, role: str = "teacher",
-                 card_extra: dict | None = None):
+                 card_extra: dict | None = None, dist: Distributed | None = None):
         self.cfg, self.index, self.out, self.role = cfg, index, out, role
         self.card_extra = card_extra or {}
-        self.device = resolve_device(cfg.device)
+        self.dist = dist or Distributed()
+        self.device = self.dist.device(cfg.device)
         self.cuda = self.device.type == "cuda"
         self.memory_format = torch.channels_last if self.cuda else torch.contiguous_format
+        if self.dist.enabled and self.cuda:  # BatchNorm statistics of the global batch (torch syncs on GPUs only)
+            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
         self.net = net.to(self.device, memory_format=self.memory_format)
+        self.model: torch.nn.Module = self.net  # what training steps call: the DDP wrapper under torchrun
+        if self.dist.enabled:
+            # A task with no label in a global batch leaves its head without a gradient on every rank.
+            self.model = DistributedDataParallel(self.net, device_ids=[self.device] if self.cuda else None,
+                                                 find_unused_parameters=True)
+            torch.manual_seed(self.dist.seed(cfg.seed))  # the same weights everywhere, dropout of each rank's own
         self.tasks = net.tasks
         self.loss_fn = MaskedTaskLoss(self.tasks, cfg.age_head, cfg.age_sigma, cfg.age_l1_weight).to(self.device)
         self.weighting = TaskWeighting(self.tasks, cfg.weighting, cfg.task_weights, cfg.dwa_temperature,
@@ -110,7 +128,7 @@ class Trainer:
         self.train_data = FaceDataset(index, cfg.input_size, cfg.augment, cfg.shard_window)
         self.eval_data = FaceDataset(index, cfg.input_size, None, cfg.shard_window)
         self.sampler = EpochSampler(index, self.train_rows, cfg.batch_size, cfg.seed, cfg.mix, cfg.epoch_samples,
-                                    cfg.shard_window)
+                                    cfg.shard_window, rank=self.dist.rank, world_size=self.dist.world_size)
         self.train_loader = make_loader(self.train_data, self.sampler, cfg.num_workers, pin_memory=self.cuda,
                                         persistent=True)
         self.optimizer = OPTIMIZERS[cfg.optimizer](param_groups(self.net, self.weighting), cfg)
@@ -125,20 +143,33 @@ class Trainer:
         targets = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if k not in ("image", "row")}
         return images, targets
 
-    def _forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _forward(self, module: torch.nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda):
-            return self.net(images)
+            return module(images)
+
+    def _global_label_counts(self, targets: dict[str, torch.Tensor]) -> dict[str, int] | None:
+        """Labels per task in the global batch (None for a single process: the batch is global)."""
+        if not self.dist.enabled:
+            return None
+        local = torch.stack([(targets[f"{task}_weight"] > 0).sum() for task in self.tasks])
+        return dict(zip(self.tasks, self.dist.sum(local).tolist()))
 
     def train_step(self, batch: dict[str, torch.Tensor], total_of=None) -> dict[str, torch.Tensor]:
-        """One optimiser step; returns the detached per-task losses."""
-        self.net.train()
+        """One optimiser step; returns the detached per-task losses of the global batch."""
+        self.model.train()
         images, targets = self._inputs(batch)
-        losses = self.loss_fn(self._forward(images), targets)
-        total = (total_of or self.weighting)(losses)
+        # Each rank's share of the global-batch mean; DDP averages gradients, so scale by the world size
+        # to get the gradient of the global mean.
+        shares = self.loss_fn(self._forward(self.model, images), targets, self._global_label_counts(targets))
+        scaled = {task: share * self.dist.world_size for task, share in shares.items()} if self.dist.enabled else shares
+        total = (total_of or self.weighting)(scaled)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
+        self.dist.average_gradients(self.weighting.parameters())
         self.optimizer.step()
-        return {task: loss.detach() for task, loss in losses.items()}
+        if not self.dist.enabled:
+            return {task: loss.detach() for task, loss in shares.items()}
+        return dict(zip(shares, self.dist.sum(torch.stack([loss.detach() for loss in shares.values()]))))
 
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
         """Train from the sampler position to the end of ``epoch``; returns its mean loss per task."""
@@ -147,7 +178,7 @@ class Trainer:
         sums = {t: torch.tensor(v, device=self.device) for t, v in progress.loss_sums.items()}
         counts = dict(progress.loss_counts)
         bar = tqdm(total=len(self.sampler), initial=progress.step_in_epoch, desc=f"{self.role} epoch {epoch + 1}",
-                   disable=not self.cfg.progress, mininterval=2, leave=False)
+                   disable=not (self.cfg.progress and self.dist.is_main), mininterval=2, leave=False)
         started = time.perf_counter()
         for batch in self.train_loader:
             progress.lr_trace.append(self.optimizer.param_groups[0]["lr"])
@@ -172,20 +203,26 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, rows: np.ndarray) -> dict:
         """Masked loss per task and metrics on ``rows``: age MAE (exact ages) and interval accuracy (age
-        groups), accuracy per classification task, the count of labels behind each."""
+        groups), accuracy per classification task, the count of labels behind each.
+        Under DDP each rank scores its share of ``rows`` with rank 0's model, and the sums are added up."""
         self.net.eval()
         if not len(rows):
             return {}
-        sampler = EpochSampler(self.index, rows, self.cfg.eval_batch_size, self.cfg.seed, shuffle=False)
+        self.dist.broadcast_buffers(self.net)
         sums: dict[str, float] = {}
-        for batch in make_loader(self.eval_data, sampler, self.cfg.num_workers, pin_memory=self.cuda):
+        share = self.dist.split(rows)  # ascending rows: each rank reads its own run of shards
+        batches = make_loader(self.eval_data, EpochSampler(self.index, share, self.cfg.eval_batch_size, self.cfg.seed,
+                                                           shuffle=False),
+                              self.cfg.num_workers, pin_memory=self.cuda) if len(share) else []
+        for batch in batches:
             images, targets = self._inputs(batch)
-            outputs = self._forward(images)
+            outputs = self._forward(self.net, images)
             for task, loss in self.loss_fn(outputs, targets).items():
                 present = targets[f"{task}_weight"] > 0
                 _add(sums, f"{task}_loss", float(loss) * int(present.sum()))
                 _add(sums, f"{task}_n", int(present.sum()))
                 self._score(task, outputs[task][present], {k: v[present] for k, v in targets.items()}, sums)
+        sums = self.dist.sum_dict(sums)
         metrics = {}
         for task in self.tasks:
             count = sums.get(f"{task}_n", 0)
@@ -255,25 +292,58 @@ class Trainer:
 
     # ---- checkpoints ----------------------------------------------------------------------------------
 
+    def _rng_states(self) -> dict:
+        """The RNG states to checkpoint: this process's; under DDP also every rank's (gathered: a collective)."""
+        if not self.dist.enabled:
+            rng = {"torch": torch.get_rng_state()}
+            if self.cuda:
+                rng["cuda"] = torch.cuda.get_rng_state_all()
+            return rng
+        own = {"torch": torch.get_rng_state()}
+        if self.cuda:
+            own["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {"torch": own["torch"], "ranks": self.dist.gather(own)}
+
+    def _restore_rng_states(self, rng: dict) -> None:
+        ranks = rng.get("ranks")
+        if not self.dist.enabled:
+            torch.set_rng_state(rng["torch"])
+            if self.cuda and "cuda" in rng:
+                torch.cuda.set_rng_state_all(rng["cuda"])
+        elif ranks and len(ranks) == self.dist.world_size:
+            own = ranks[self.dist.rank]
+            torch.set_rng_state(own["torch"])
+            if self.cuda and "cuda" in own:
+                torch.cuda.set_rng_state(own["cuda"], self.device)
+        else:  # saved by another number of processes: fresh per-rank streams
+            torch.manual_seed(self.dist.seed(self.cfg.seed + self.progress.global_step))
+
     def save_checkpoint(self) -> None:
+        """Every rank calls this; rank 0 writes, the others wait until the checkpoint is complete."""
         state = {
             "format": CHECKPOINT_FORMAT, "config": json.dumps(config_fingerprint(self.cfg), sort_keys=True),
             "model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "weighting": self.weighting.state_dict(),
-            "progress": asdict(self.progress), "rng": {"torch": torch.get_rng_state()},
+            "progress": asdict(self.progress), "rng": self._rng_states(),
         }
-        if self.cuda:
-            state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        store.write_bytes(self.checkpoint_uri, buffer.getvalue())
+        if self.dist.is_main:
+            buffer = io.BytesIO()
+            torch.save(state, buffer)
+            store.write_bytes(self.checkpoint_uri, buffer.getvalue())
+        self.dist.barrier()
 
     def load_checkpoint(self) -> bool:
         """Resume from ``out``'s checkpoint when there is one; False when there is none."""
         if not store.exists(self.checkpoint_uri):
             return False
-        state = torch.load(io.BytesIO(store.read_bytes(self.checkpoint_uri)), map_location="cpu", weights_only=True)
-        if state.get("format") != CHECKPOINT_FORMAT:
+        try:
+            state = torch.load(io.BytesIO(store.read_bytes(self.checkpoint_uri)), map_location="cpu",
+                               weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(f"{self.checkpoint_uri}: not a loadable checkpoint ({reason}); delete it to start "
+                            "over") from err
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise UserError(f"{self.checkpoint_uri}: not a {CHECKPOINT_FORMAT} checkpoint")
         saved, current = json.loads(state["config"]), config_fingerprint(self.cfg)
         changed = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
@@ -286,9 +356,7 @@ class Trainer:
         self.scheduler = self._make_scheduler()  # sets the first step's rates: the optimiser state comes after
         self.scheduler.load_state_dict(state["scheduler"])
         self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if self.cuda and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self._restore_rng_states(state["rng"])
         log.info("checkpoint at %s: %d of %d epochs done, then %d of %d steps", self.out, self.progress.epoch,
                  self.cfg.epochs, self.progress.step_in_epoch, len(self.sampler))
         return True
@@ -304,9 +372,9 @@ class Trainer:
         if not resumed:
             self.progress.peak_lr = self.find_peak_lr()
             self.scheduler = self._make_scheduler()
-        log.info("%s: %d train faces %s, %d batches/epoch, %d val, %d test, peak rate %.2e, device %s", self.role,
+        log.info("%s: %d train faces %s, %d batches/epoch, %d val, %d test, peak rate %.2e, device %s x %d", self.role,
                  len(self.train_rows), self.index.summary(self.train_rows), len(self.sampler), len(self.val_rows),
-                 len(self.test_rows), self.progress.peak_lr, self.device)
+                 len(self.test_rows), self.progress.peak_lr, self.device, self.dist.world_size)
         for epoch in range(self.progress.epoch, self.cfg.epochs):
             train_losses = self.train_one_epoch(epoch)
             started = time.perf_counter()
@@ -325,7 +393,7 @@ class Trainer:
         return self.finish()
 
     def finish(self) -> dict:
-        """Test metrics, then the model folder: weights + card, metrics.json, curves.png, lr_range.png."""
+        """Test metrics, then the model folder (rank 0): weights + card, metrics.json, curves.png, lr_range.png."""
         test = self.evaluate(self.test_rows)
         progress = self.progress
         val = progress.history[-1]["val"] if progress.history else {}
@@ -337,8 +405,18 @@ class Trainer:
             "test": self.index.summary(self.test_rows), "unmatched_labels": self.index.unmatched_labels},
             "epochs": progress.epoch, "peak_lr": progress.peak_lr,
             "train_seconds": result["train_seconds"]}
-        save_model(self.net, self.out, role=self.role, training=training, metrics={"val": val, "test": test},
-                   **self.card_extra)
+        if self.dist.enabled:
+            training["processes"] = self.dist.world_size
+        if self.dist.is_main:
+            self._write_model_folder(result, training)
+        self.dist.barrier()
+        log.info("%s done: val %s | test %s", self.role, _fmt(val), _fmt(test))
+        return result
+
+    def _write_model_folder(self, result: dict, training: dict) -> None:
+        progress = self.progress
+        save_model(self.net, self.out, role=self.role, training=training,
+                   metrics={"val": result["val"], "test": result["test"]}, **self.card_extra)
         lr_info = {"schedule": self.cfg.lr.schedule, "peak": progress.peak_lr, "range_test": progress.range_test,
                    "plateaus": self.scheduler.lowered_at, "trace": progress.lr_trace}
         store.write_text(store.join(self.out, layout.TRAIN_METRICS),
@@ -346,8 +424,6 @@ class Trainer:
         store.write_bytes(store.join(self.out, layout.TRAIN_CURVES), plot_curves(progress.history, progress.lr_trace))
         if progress.range_test:
             store.write_bytes(store.join(self.out, layout.LR_RANGE_PLOT), plot_range_test(progress.range_test))
-        log.info("%s done: val %s | test %s", self.role, _fmt(val), _fmt(test))
-        return result
 
 
 def _add(sums: dict, key: str, value: float) -> None:

@@ -20,14 +20,25 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 # 112 x 112 template: left eye, right eye, nose tip, left and right mouth corner (image left / right).
 TEMPLATE_112 = np.array([[34.8, 38.0], [77.2, 38.0], [56.0, 63.0], [38.5, 80.5], [73.5, 80.5]], dtype=np.float32)
 
 
 class UnreadableImage(ValueError):
-    """Bytes that are not a complete, decodable image."""
+    """Bytes that are not a complete, decodable image; ``reason`` names the ingest report bucket."""
+
+    reason = "unreadable_image"
+
+
+class ImageTooLarge(UnreadableImage):
+    """An image whose header claims more pixels than ``MAX_IMAGE_PIXELS`` (a decompression bomb)."""
+
+    reason = "image_too_large"
+
+
+MAX_IMAGE_PIXELS = 64_000_000  # 8000 x 8000; a larger face photo is a mistake or a decompression bomb
 
 
 @dataclass(frozen=True)
@@ -48,23 +59,40 @@ def _looks_complete(data: bytes) -> bool:
 
 
 def decode_rgb(data: bytes) -> np.ndarray:
-    """Decode image bytes to an RGB uint8 array (H, W, 3); gray sources become 3 equal channels.
+    """Decode image bytes to an RGB uint8 array (H, W, 3), upright by its EXIF orientation; gray sources
+    become 3 equal channels, 16-bit ones 8-bit, CMYK RGB.
 
-    OpenCV decodes complete JPEG / PNG files (4x faster than PIL here); everything else goes
-    through PIL, which refuses truncated files where OpenCV would return a half-grey image.
+    The header is read first (PIL, no pixels): too many pixels are refused before anything is
+    allocated. OpenCV then decodes complete JPEG / PNG files (4x faster than PIL here); everything
+    else goes through PIL, which refuses truncated files where OpenCV would return a half-grey image.
     """
     if not data:
         raise UnreadableImage("empty file")
-    if _looks_complete(data):
-        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-        if bgr is not None:
-            return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
     try:
         with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise ImageTooLarge(f"{width}x{height} pixels ({image.format}) exceeds the limit of "
+                                    f"{MAX_IMAGE_PIXELS / 1e6:g} megapixels; not decoded")
+            if _looks_complete(data):
+                bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)  # applies EXIF orientation
+                if bgr is not None:
+                    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
             image.load()
-            return np.asarray(image.convert("RGB"))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+            return np.asarray(_eight_bit(ImageOps.exif_transpose(image)).convert("RGB"))
+    except Image.DecompressionBombError as err:
+        raise ImageTooLarge(f"{str(err).rstrip('.')}; not decoded") from None
+    except UnreadableImage:
+        raise
+    except (OSError, SyntaxError, ValueError) as err:
         raise UnreadableImage(str(err) or type(err).__name__) from None
+
+
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """16-bit gray scaled to 8 bits (PIL's RGB conversion would clip it at 255)."""
+    if image.mode.startswith("I;16"):
+        return Image.fromarray((np.asarray(image, np.uint32) >> 8).astype(np.uint8))
+    return image
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:

@@ -68,12 +68,15 @@ class MaskedTaskLoss(nn.Module):
         divergence = soft_cross_entropy(log_probs, age_target_distribution(low, high, self.age_sigma))
         return divergence + self.age_l1_weight * interval_distance(expected, low, high)
 
-    def forward(self, outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(self, outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor],
+                counts: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
+        """``counts``: divide each task's sum by this count instead of the batch's own (under DDP, the global
+        batch's), and keep a task with a count even where this batch has none of its labels (a 0 term)."""
         losses = {}
         for task in self.tasks:
             weight = targets[f"{task}_weight"]
             present = weight > 0
-            count = int(present.sum())
+            count = int(present.sum()) if counts is None else counts.get(task, 0)
             if count == 0:
                 continue
             rows = {k: v[present] for k, v in targets.items() if k == task or k.startswith(f"{task}_")}

@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 
 import torch
 import torchvision
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
@@ -298,6 +299,8 @@ def load_model(uri: str, device: str | torch.device = "cpu",
         state = load_safetensors(store.read_bytes(store.join(uri, layout.WEIGHTS_FILE)))
     except FileNotFoundError:
         raise ModelError(f"{uri}: no {layout.WEIGHTS_FILE}") from None
+    except SafetensorError as err:  # e.g. a pickle renamed: never unpickled, refused
+        raise ModelError(f"{uri}: {layout.WEIGHTS_FILE} is not a safetensors file ({err})") from None
     try:
         net.load_state_dict(state)
     except RuntimeError as err:

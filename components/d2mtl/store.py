@@ -46,6 +46,8 @@ class StoreSettings(BaseModel):
     region: str | None = None
     retries: int = 4  # attempts beyond the first for connection errors
     backoff_s: float = 0.5  # first retry delay; doubles each time
+    connect_timeout_s: float = 10.0  # per attempt: an endpoint that drops packets fails this fast
+    read_timeout_s: float = 300.0  # per request: a stalled transfer counts as a connection error
 
 
 def is_remote(uri: str) -> bool:
@@ -85,7 +87,20 @@ class _S3:
             secret_key=secret or os.environ.get("AWS_SECRET_ACCESS_KEY"),
             region=self.settings.region or os.environ.get("AWS_REGION") or "us-east-1",
             secure=parsed.scheme == "https",
+            http_client=self._http_client(),
         )
+
+    def _http_client(self):
+        """minio's default pool, but with our timeouts and no connection retries of its own: ``call``
+        retries them with its bounded backoff (two retry layers multiplied to minutes)."""
+        import certifi
+        import urllib3
+
+        return urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=self.settings.connect_timeout_s, read=self.settings.read_timeout_s),
+            maxsize=10, cert_reqs="CERT_REQUIRED", ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+            retries=urllib3.Retry(total=3, connect=0, read=0, backoff_factor=0.2,
+                                  status_forcelist=[500, 502, 503, 504]))
 
     def call(self, what: str, uri: str, fn, *args, **kwargs):
         """Run a minio call with bounded retries on connection errors and one-line errors."""
@@ -172,7 +187,9 @@ def write_bytes(uri: str, data: bytes, content_type: str = "application/octet-st
     s3 = _s3()
     bucket, key = split_s3(uri)
     s3.call("write", uri, _ensure_bucket, s3.client, bucket)
-    s3.call("write", uri, s3.client.put_object, bucket, key, io.BytesIO(data), len(data), content_type=content_type)
+    # a fresh stream per attempt: a retry after a failed upload must send the bytes from the start
+    s3.call("write", uri, lambda: s3.client.put_object(bucket, key, io.BytesIO(data), len(data),
+                                                       content_type=content_type))
 
 
 def _ensure_bucket(client, bucket: str) -> None:

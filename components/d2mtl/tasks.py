@@ -72,9 +72,11 @@ def get_task(name: str) -> Task:
 
 
 def resolve_tasks(names: list[str] | tuple[str, ...] | None) -> tuple[Task, ...]:
-    """Tasks by name in registry order; ``None`` means all of them."""
+    """Tasks by name in registry order; ``None`` means all of them, an empty list is refused."""
     if names is None:
         return tuple(TASKS.values())
+    if not names:
+        raise ValueError(f"empty task list; name some of {', '.join(TASKS)} (or leave it out for all)")
     unknown = [n for n in names if n not in TASKS]
     if unknown:
         raise ValueError(f"unknown task(s) {', '.join(unknown)}; known tasks: {', '.join(TASKS)}")

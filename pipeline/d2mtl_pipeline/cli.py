@@ -16,7 +16,7 @@ RUN_EXAMPLES = """examples:
 
 SUBMIT_EXAMPLES = """examples:
   d2mtl submit --config gpu --host http://localhost:8080 --param publish_prefix=s3://d2mtl/results
-  d2mtl submit --config gpu --host http://localhost:8080 --param shards=8 --experiment ablations
+  d2mtl submit --config gpu --host http://localhost:8080 --param ingest_shards=16 --param shards=8
   # rerun the student (and evaluate) of an earlier run, importing everything upstream from what it published:
   d2mtl submit --config gpu --host http://localhost:8080 --param publish_prefix=s3://d2mtl/results \\
                --rerun student --from-run 7c0e0b6e-2f7e-4a51-9d43-0c1f4e0b9a11

@@ -18,20 +18,34 @@ from kfp.dsl.python_component import PythonComponent
 from d2mtl.config.pipeline import StageImages
 
 
-def ingest(config: str, store: str, faces: Output[Dataset], labels: Output[Dataset], report: Output[Markdown],
-           summary: Output[Metrics]):
-    """Read the datasets, detect and align the faces, split them, and write the face and label tables.
+def ingest_shard(config: str, store: str, shard: int, shards: int, part: Output[Dataset], summary: Output[Metrics]):
+    """Ingest one shard of the planned images: read, detect and align the faces, split them, write the tables.
 
     Args:
         config: the ingest section of the experiment (IngestConfig JSON).
         store: object-store settings (StoreSettings JSON, no keys: those come from the environment).
+        shard: this shard's index.
+        shards: the number of shards.
+        part: this shard's ingest output (faces/, labels.parquet, report.json, report.md).
+        summary: this shard's counts and time.
+    """
+    from d2mtl_pipeline import steps
+    steps.main(steps.ingest_shard, config, store, shard, shards, part, summary)
+
+
+def ingest_merge(parts: Input[List[Dataset]], faces: Output[Dataset], labels: Output[Dataset],
+                 report: Output[Markdown], summary: Output[Metrics]):
+    """Merge the ingest shards into the face and label tables of one pass (same rows, same order, same files).
+
+    Args:
+        parts: the shard outputs.
         faces: the face table (a folder of Parquet shards + _manifest.json).
         labels: the label table (Parquet, one nullable column per task).
         report: counts per dataset x split x task x class and the rejects by reason.
         summary: the same counts as scalars.
     """
     from d2mtl_pipeline import steps
-    steps.main(steps.ingest, config, store, faces, labels, report, summary)
+    steps.main(steps.ingest_merge, parts, faces, labels, report, summary)
 
 
 def holdout(config: str, labels: Input[Dataset], train_labels: Output[Dataset], hidden: Output[Dataset]):
@@ -79,7 +93,7 @@ def baseline(config: str, task: str, faces: Input[Dataset], labels: Input[Datase
 
 
 def shard_plan(shards: int) -> List[int]:
-    """The shard indices 0..shards-1 that the pseudo-label fan-out iterates over.
+    """The shard indices 0..shards-1 that a fan-out (ingest, pseudo-label) iterates over.
 
     Args:
         shards: how many shards.
@@ -238,7 +252,8 @@ def publish(store: str, source: Input[Artifact], prefix: str, run: str, job: str
 
 @dataclass(frozen=True)
 class Components:
-    ingest: PythonComponent
+    ingest_shard: PythonComponent
+    ingest_merge: PythonComponent
     holdout: PythonComponent
     teacher: PythonComponent
     baseline: PythonComponent
@@ -260,7 +275,8 @@ def build(images: StageImages) -> Components:
         return dsl.component(func, base_image=images.reference(stage), install_kfp_package=False)
 
     return Components(
-        ingest=on("ingest", ingest),
+        ingest_shard=on("ingest", ingest_shard),
+        ingest_merge=on("ingest", ingest_merge),
         holdout=on("pseudolabel", holdout),  # the stage module imports torch
         teacher=on("teacher", teacher),
         baseline=on("teacher", baseline),

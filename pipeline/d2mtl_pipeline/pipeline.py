@@ -1,10 +1,10 @@
 """The Distill-2MD-MTL pipeline (KFP v2): the DAG of stages, wiring only.
 
-    ingest ──┬──> teacher ──> pseudo-label shards (ParallelFor) ──> merge ──> student ───────────┐
-             │                                                                                  ├──> evaluate
-             └──> baselines ──> pseudolabel_single ──> student_single ──────────────────────────┘
-                  (each a ParallelFor over the tasks, gathered into <stage>/<task>/ folders; when
-                  pipeline.baselines / pipeline.single_distill are on)
+    ingest shards ──> merge ──┬──> teacher ──> pseudo-label shards ──> merge ──> student ──────────┐
+    (ParallelFor)             │                 (ParallelFor)                                      ├──> evaluate
+                              └──> baselines ──> pseudolabel_single ──> student_single ────────────┘
+                                   (each a ParallelFor over the tasks, gathered into <stage>/<task>/ folders;
+                                   when pipeline.baselines / pipeline.single_distill are on)
 
 In holdout mode (pseudolabel.holdout.fraction > 0) a holdout step first hides some known labels from the teacher
 and the baselines, so the pseudo-label report can measure the pseudo-labels against them.
@@ -123,6 +123,7 @@ def build(cfg: ExperimentConfig, reuse: Reuse | None = None, local: bool = False
         student_config: str = cfg.student.model_dump_json(),
         evaluate_config: str = cfg.evaluate.model_dump_json(),
         store: str = store_parameter(cfg.store),
+        ingest_shards: int = p.ingest_shards,
         shards: int = p.shards,
         baseline_tasks: list = list(p.baseline_tasks),
         confusion_task: str = p.confusion_task,
@@ -138,6 +139,7 @@ def build(cfg: ExperimentConfig, reuse: Reuse | None = None, local: bool = False
             student_config: the student section (StudentConfig JSON); the single-task students use it too.
             evaluate_config: the evaluate section (EvaluateConfig JSON).
             store: object-store settings (StoreSettings JSON without keys; the keys come from the Secret).
+            ingest_shards: how many ingest shards run in parallel before the merge (the tables are those of one pass).
             shards: how many pseudo-label shards run in parallel before the merge.
             baseline_tasks: the tasks that get a single-task baseline (when the pipeline trains baselines).
             confusion_task: the task whose student confusion matrix the KFP UI shows.
@@ -163,9 +165,13 @@ def build(cfg: ExperimentConfig, reuse: Reuse | None = None, local: bool = False
             publish(folder, stage)
             return folder
 
-        # ---- ingest: datasets -> face table + label table ------------------------------------------------
+        # ---- ingest: datasets -> face table + label table, sharded, then merged ---------------------------
         if "ingest" in computed:
-            ingest = place(c.ingest(config=ingest_config, store=store), "ingest", res.ingest)
+            ingest_plan = place(c.shard_plan(shards=ingest_shards), "ingest", res.utility)
+            with dsl.ParallelFor(ingest_plan.output, name="ingest-shards", parallelism=loop_limit) as shard:
+                part = place(c.ingest_shard(config=ingest_config, store=store, shard=shard, shards=ingest_shards),
+                             "ingest", res.ingest)
+            ingest = place(c.ingest_merge(parts=dsl.Collected(part.outputs["part"])), "ingest", res.ingest)
             faces, labels = ingest.outputs["faces"], ingest.outputs["labels"]
             publish(ingest.outputs["report"], "ingest", layout.INGEST_REPORT_MD)
         else:
@@ -193,10 +199,11 @@ def build(cfg: ExperimentConfig, reuse: Reuse | None = None, local: bool = False
         if "pseudolabel" in computed:
             plan = place(c.shard_plan(shards=shards), "pseudolabel", res.utility)
             with dsl.ParallelFor(plan.output, name="pseudolabel-shards", parallelism=loop_limit) as shard:
-                part = place(c.pseudolabel_shard(config=pseudolabel_config, teacher=teacher_model, faces=faces,
-                                                 labels=labels, shard=shard, shards=shards),
-                             "pseudolabel", res.pseudolabel)
-            merge = place(c.pseudolabel_merge(config=pseudolabel_config, parts=dsl.Collected(part.outputs["part"])),
+                predicted = place(c.pseudolabel_shard(config=pseudolabel_config, teacher=teacher_model, faces=faces,
+                                                      labels=labels, shard=shard, shards=shards),
+                                  "pseudolabel", res.pseudolabel)
+            merge = place(c.pseudolabel_merge(config=pseudolabel_config,
+                                              parts=dsl.Collected(predicted.outputs["part"])),
                           "pseudolabel", pseudolabel_cpu)
             pseudo = merge.outputs["pseudo"]
         else:

@@ -114,14 +114,21 @@ def main(step: Callable[..., StepResult], *args, **kwargs) -> StepResult:
 
 # ---- the steps ------------------------------------------------------------------------------------
 
-def ingest(config: str, store_settings: str, faces, labels, report, summary) -> None:
+def ingest_shard(config: str, store_settings: str, shard: int, shards: int, part, summary) -> None:
     from d2mtl.config import IngestConfig
     from d2mtl.stages import ingest as stage
 
     cfg = validate(IngestConfig, config, "ingest")
     configure_store(store_settings)
+    result, seconds = timed(lambda: stage.run(cfg, part.path, shard=(shard, shards)))
+    log_metrics(summary, {**flat_numbers(result), STAGE_SECONDS: seconds})
+
+
+def ingest_merge(parts: list, faces, labels, report, summary) -> None:
+    from d2mtl.stages import ingest as stage
+
     with workdir(faces.path) as work:
-        result, seconds = timed(lambda: stage.run(cfg, work))
+        result, seconds = timed(lambda: stage.merge([part.path for part in parts], work))
         os.replace(layout.faces(work), faces.path)
         os.replace(layout.labels(work), labels.path)
         os.replace(store.join(work, layout.INGEST_REPORT_MD), report.path)

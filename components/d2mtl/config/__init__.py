@@ -30,7 +30,7 @@ DATA_ROOT_ENV = "D2MTL_DATA_ROOT"
 
 
 class ConfigError(UserError):
-    """A config problem, one line per bad field, naming the field."""
+    """A config problem in one line, naming each bad field."""
 
 
 class ExperimentConfig(BaseModel):
@@ -47,11 +47,12 @@ class ExperimentConfig(BaseModel):
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"invalid config {source}:"]
+    """One line naming each bad field, e.g. ``invalid config cpu: teacher.epochs: Input should be ...``."""
+    problems = []
     for item in err.errors():
         field = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        lines.append(f"  {field}: {item['msg']}")
-    return "\n".join(lines)
+        problems.append(f"{field}: {item['msg'].removeprefix('Value error, ')}")
+    return f"invalid config {source}: " + "; ".join(problems)
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:

@@ -7,7 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from d2mtl.roles import parse_role
 from d2mtl.contracts import SPLITS
 from d2mtl.errors import UserError
-from d2mtl.tasks import TASKS
+from d2mtl.tasks import resolve_tasks
 
 
 class DomainView(BaseModel):
@@ -73,9 +73,8 @@ class EvaluateConfig(BaseModel):
     @field_validator("in_domain")
     @classmethod
     def _known_tasks(cls, in_domain: dict[str, list[str]] | None) -> dict[str, list[str]] | None:
-        unknown = [t for t in in_domain or {} if t not in TASKS]
-        if unknown:
-            raise ValueError(f"in_domain names unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
+        if in_domain:
+            resolve_tasks(list(in_domain))
         return in_domain
 
     @model_validator(mode="after")

@@ -147,6 +147,8 @@ class IngestConfig(BaseModel):
     split: SplitConfig = Field(default_factory=SplitConfig)
     detector: DetectorConfig = Field(default_factory=DetectorConfig)
     shard_rows: int = Field(default=2048, ge=1)  # face rows per Parquet shard
+    shuffle_seed: int = 0  # rows are written in an order shuffled by this seed: every shard mixes datasets, classes
+    shuffle_rows: int = Field(default=16384, ge=1)  # faces held in memory to put them in that order (~5 kB each)
     workers: int = Field(default=0, ge=0)  # decode+detect processes; 0: one per CPU core
     chunk_size: int = Field(default=32, ge=1)  # samples per task sent to a worker
     scratch_dir: str | None = None  # where .tar archives are unpacked; None: the system temp folder

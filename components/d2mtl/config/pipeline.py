@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from d2mtl.tasks import TASKS
+from d2mtl.tasks import TASKS, resolve_tasks
 
 
 def package_version() -> str:
@@ -78,6 +78,7 @@ class PipelineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # what runs
+    ingest_shards: int = Field(1, ge=1)  # ingest shards fanned out with dsl.ParallelFor, then merged (= one pass)
     shards: int = Field(1, ge=1)  # pseudo-label shards fanned out with dsl.ParallelFor, then merged
     baselines: bool = False  # train the single-task baselines (one per task, in parallel with the teacher)
     baseline_tasks: list[str] = Field(default_factory=lambda: list(TASKS))  # tasks that get a baseline
@@ -108,9 +109,7 @@ class PipelineConfig(BaseModel):
     @field_validator("baseline_tasks")
     @classmethod
     def _known_tasks(cls, tasks: list[str]) -> list[str]:
-        unknown = [t for t in tasks if t not in TASKS]
-        if unknown or not tasks:
-            raise ValueError(f"unknown or empty baseline_tasks {tasks}; known tasks: {', '.join(TASKS)}")
+        resolve_tasks(tasks)
         return tasks
 
     @field_validator("confusion_task")

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from d2mtl.tasks import TASKS, get_task
+from d2mtl.tasks import TASKS, get_task, resolve_tasks
 
 TRANSFORM_OPS = ("identity", "hflip", "scale", "crop")  # scale:F resizes to F x input size; crop:F centre-crops F
 RULES_BY_KIND = {"classification": ("fixed", "prior"), "regression": ("spread",)}  # selection rules a task may use
@@ -60,8 +60,7 @@ class HoldoutConfig(BaseModel):
     @field_validator("tasks")
     @classmethod
     def _known_tasks(cls, tasks: list[str]) -> list[str]:
-        for name in tasks:
-            get_task(name)
+        resolve_tasks(tasks)
         return tasks
 
     def sweep(self, rule: str) -> list[float]:
@@ -84,10 +83,7 @@ class PseudoLabelConfig(BaseModel):
     @classmethod
     def _known_tasks(cls, tasks: list[str] | None) -> list[str] | None:
         if tasks is not None:
-            if not tasks:
-                raise ValueError("tasks must name at least one task (or be null for all)")
-            for name in tasks:
-                get_task(name)
+            resolve_tasks(tasks)
         return tasks
 
     @field_validator("transforms")

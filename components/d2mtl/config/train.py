@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from d2mtl.tasks import TASKS
+from d2mtl.tasks import TASKS, resolve_tasks
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -63,11 +63,11 @@ class TrainConfig(BaseModel):
     mean: tuple[float, float, float] = IMAGENET_MEAN  # input normalisation, stored with the model
     std: tuple[float, float, float] = IMAGENET_STD
     # data
-    batch_size: int = 64
+    batch_size: int = 64  # the global batch: under torchrun each of N processes trains batch_size / N of it
     mix: Literal["proportional", "dataset", "task"] = "proportional"  # how datasets share each epoch
     epoch_samples: int | None = None  # samples drawn per epoch; None: the train rows once each
     shard_window: int = 0  # face-table shards in memory per loader worker; 0: all (see d2mtl.data)
-    num_workers: int = 1  # DataLoader worker processes (0: decode in the training process)
+    num_workers: int = 1  # DataLoader worker processes per training process (0: decode in the training process)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     # optimisation
     epochs: int = 3
@@ -84,23 +84,25 @@ class TrainConfig(BaseModel):
     seed: int = 0
     deterministic: bool = False  # torch deterministic algorithms (exact resume on CPU)
     checkpoint_every: int = 200  # also checkpoint every N optimiser steps (0: only per epoch)
-    eval_batch_size: int = 256
+    eval_batch_size: int = 256  # per training process
     progress: bool = True  # tqdm progress bars
 
     @field_validator("tasks")
     @classmethod
     def _known_tasks(cls, tasks: list[str] | None) -> list[str] | None:
         if tasks is not None:
-            unknown = [t for t in tasks if t not in TASKS]
-            if unknown or not tasks:
-                raise ValueError(f"unknown or empty task list {tasks}; known tasks: {', '.join(TASKS)}")
+            resolve_tasks(tasks)
         return tasks
+
+    @field_validator("task_weights")
+    @classmethod
+    def _known_weighted_tasks(cls, weights: dict[str, float]) -> dict[str, float]:
+        if weights:
+            resolve_tasks(list(weights))
+        return weights
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
-        unknown = [t for t in self.task_weights if t not in TASKS]
-        if unknown:
-            raise ValueError(f"task_weights names unknown task(s) {', '.join(unknown)}")
         if self.input_size < 16 or self.batch_size < 1 or self.epochs < 1:
             raise ValueError("input_size >= 16, batch_size >= 1 and epochs >= 1 are required")
         return self

@@ -1,10 +1,17 @@
 """The ingest stage: datasets in their native layouts -> aligned faces (sharded Parquet) + labels + a report.
 
 For each configured dataset, its adapter (d2mtl.sources) lists entries with labels and official
-splits; entries are then decoded, detected and aligned in worker processes (one onnxruntime
-session with one thread each) in a bounded window, so memory does not grow with the dataset,
-and written in listing order, so the output is deterministic. Every listed input ends up either
+splits. The chosen inputs of all datasets form one *plan* in a shuffled order (a seeded hash of
+the sample id, ``shuffle_seed``), so every shard of the face table holds a random mix of datasets,
+splits and classes. The plan is processed in blocks of ``shuffle_rows`` inputs: each block's images
+are read in listing order, decoded, detected and aligned in worker processes (one onnxruntime
+session with one thread each) in a bounded read-ahead window, then written in plan order, so memory
+does not grow with the dataset and the output is deterministic. Every listed input ends up either
 as a face row or as a rejected row with its reason: the report checks inputs == written + rejected.
+
+Sharding: ``run(..., shard=(i, n))`` ingests the i-th of n consecutive parts of the plan into a
+complete ingest output of its own; ``merge`` concatenates the parts in order into the same face
+table (same rows in the same order, same shard files), label table and counts as one pass.
 
 Workers are started with ``spawn`` (no inherited threads or locks from the caller), so a script
 that calls ``run`` with more than one worker needs the usual ``if __name__ == "__main__":`` guard.
@@ -13,7 +20,9 @@ that calls ``run`` with more than one worker needs the usual ``if __name__ == "_
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import multiprocessing
@@ -40,6 +49,8 @@ from d2mtl.tasks import TASKS
 log = logging.getLogger(__name__)
 
 LABEL_COLUMNS = tuple(contracts.LABEL_SCHEMA.names[1:])
+FACE_TEMPLATE = "tight_5pt_v1"  # face-table metadata: the alignment template of the faces
+OUTPUT_NEUTRAL = {"workers", "chunk_size", "scratch_dir", "shuffle_rows"}  # settings that never change the output
 REJECT_EXAMPLES_MD = 5  # per dataset x reason in report.md; report.json lists every rejected row
 
 
@@ -54,6 +65,11 @@ def sample_id(dataset: str, rel_path: str) -> str:
 def unit_hash(key: str, seed: int) -> float:
     """A deterministic number in [0, 1) per key: the basis of every hash split."""
     return int.from_bytes(hashlib.sha1(f"{seed}/{key}".encode()).digest()[:8], "big") / 2.0**64
+
+
+def row_key(sid: str, seed: int) -> float:
+    """A face's place in the shuffled row order; its own hash namespace keeps it independent of the splits."""
+    return unit_hash(f"row-order/{sid}", seed)
 
 
 def assign_split(entry: Entry, sid: str, split: SplitConfig) -> str:
@@ -102,7 +118,7 @@ class FaceAligner:
         try:
             rgb = decode_rgb(payload) if isinstance(payload, bytes) else np.stack([payload] * 3, axis=-1)
         except UnreadableImage as err:
-            return Rejected("unreadable_image", str(err))
+            return Rejected(err.reason, str(err))
         reason = f"no face with score >= {self.detector.min_score}"
         if policy != "trust_crop":
             face = self.detector.main_face(rgb)
@@ -126,9 +142,9 @@ def _init_worker(cfg_json: str) -> None:
     _aligner = FaceAligner(IngestConfig.model_validate_json(cfg_json))
 
 
-def _work(job: tuple[int, Entry, Payload, str]) -> tuple[int, Entry, AlignedFace | Rejected]:
-    index, entry, payload, policy = job
-    return index, entry, _aligner(payload, policy)
+def _work(job: tuple[int, Payload, str]) -> tuple[int, AlignedFace | Rejected]:
+    slot, payload, policy = job
+    return slot, _aligner(payload, policy)
 
 
 @contextlib.contextmanager
@@ -198,8 +214,9 @@ class IngestReport:
     """Counts per dataset x split x task x class, alignment, notes, and every rejected row."""
 
     def __init__(self) -> None:
-        self.listed: Counter[str] = Counter()
-        self.limited_out: Counter[str] = Counter()
+        self.listed: Counter[str] = Counter()  # of the whole plan, in every part
+        self.limited_out: Counter[str] = Counter()  # of the whole plan, in every part
+        self.inputs: Counter[str] = Counter()  # of this part of the plan
         self.written: Counter[str] = Counter()
         self.alignment: defaultdict[str, Counter[str]] = defaultdict(Counter)
         self.notes: defaultdict[str, Counter[str]] = defaultdict(Counter)
@@ -222,17 +239,30 @@ class IngestReport:
         for task, name in label_classes(entry.labels):
             self.classes[dataset, split, task][name] += 1
 
-    def inputs(self, dataset: str) -> int:
-        return self.listed[dataset] - self.limited_out[dataset]
+    def absorb(self, part: dict) -> None:
+        """Add the counts of a part's report.json; the listing counts are the whole plan's in every part."""
+        for dataset, ds in part["datasets"].items():
+            self.listed[dataset], self.limited_out[dataset] = ds["listed"], ds["limited_out"]
+            self.inputs[dataset] += ds["inputs"]
+            self.written[dataset] += ds["written"]
+            self.rejected[dataset].update(ds["rejected_by_reason"])
+            self.splits[dataset].update(ds["splits"])
+            self.alignment[dataset].update(ds["alignment"])
+            self.notes[dataset].update(ds["notes"])
+            for split, tasks in ds["counts"].items():
+                for task, classes in tasks.items():
+                    self.classes[dataset, split, task].update(classes)
+        self.reject_rows += part["rejects"]
 
     def check(self) -> None:
         for dataset in self.listed:
             rejected = sum(self.rejected[dataset].values())
-            if self.inputs(dataset) != self.written[dataset] + rejected:
-                raise AssertionError(f"{dataset}: {self.inputs(dataset)} inputs != {self.written[dataset]} written "
+            if self.inputs[dataset] != self.written[dataset] + rejected:
+                raise AssertionError(f"{dataset}: {self.inputs[dataset]} inputs != {self.written[dataset]} written "
                                      f"+ {rejected} rejected")
 
-    def to_dict(self, cfg: IngestConfig, elapsed_s: float) -> dict:
+    def to_dict(self, cfg: IngestConfig, elapsed_s: float, shard: dict) -> dict:
+        """The report.json document; ``shard``: which part of which plan (index, count, plan digest)."""
         datasets = {}
         for dataset in self.listed:
             counts: dict = defaultdict(dict)
@@ -241,7 +271,7 @@ class IngestReport:
                     counts[split][task] = dict(sorted(classes.items()))
             datasets[dataset] = {
                 "listed": self.listed[dataset], "limited_out": self.limited_out[dataset],
-                "inputs": self.inputs(dataset), "written": self.written[dataset],
+                "inputs": self.inputs[dataset], "written": self.written[dataset],
                 "rejected": sum(self.rejected[dataset].values()),
                 "rejected_by_reason": dict(sorted(self.rejected[dataset].items())),
                 "splits": dict(sorted(self.splits[dataset].items())),
@@ -251,20 +281,23 @@ class IngestReport:
             }
         written = sum(self.written.values())
         return {
-            "inputs": sum(self.inputs(d) for d in self.listed), "written": written,
+            "inputs": sum(self.inputs.values()), "written": written,
             "rejected": len(self.reject_rows), "elapsed_s": round(elapsed_s, 1),
             "faces_per_s": round(written / elapsed_s, 1) if elapsed_s else None,
-            "datasets": datasets, "rejects": self.reject_rows,
-            "config": json.loads(cfg.model_dump_json()),
+            "datasets": datasets, "rejects": sorted(self.reject_rows, key=lambda r: (r["dataset"], r["sample_id"])),
+            "config": json.loads(cfg.model_dump_json()), "shard": shard,
         }
 
 
 def report_markdown(report: dict) -> str:
     lines = ["# Ingest report", "",
              f"{report['inputs']} inputs = {report['written']} faces written + {report['rejected']} rejected, "
-             f"in {report['elapsed_s']} s ({report['faces_per_s']} faces/s).", "",
-             "| dataset | listed | limited out | inputs | written | rejected | aligned | trusted crop |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"in {report['elapsed_s']} s ({report['faces_per_s']} faces/s).", ""]
+    if "parts" in report:
+        lines += [f"Merged from {len(report['parts'])} part(s) (time: the parts' sum + {report['merge_s']} s of merge; "
+                  "per part: " + ", ".join(f"{p['elapsed_s']} s" for p in report["parts"]) + ").", ""]
+    lines += ["| dataset | listed | limited out | inputs | written | rejected | aligned | trusted crop |",
+              "|---|---|---|---|---|---|---|---|"]
     for name, ds in report["datasets"].items():
         lines.append(f"| {name} | {ds['listed']} | {ds['limited_out']} | {ds['inputs']} | {ds['written']} | "
                      f"{ds['rejected']} | {ds['alignment'].get('aligned', 0)} | "
@@ -290,13 +323,16 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-# ---------------------------------------------------------------- the stage
+# ---------------------------------------------------------------- the plan
 
-@dataclass
-class DatasetPlan:
-    spec: DatasetSpec
-    source: Source
-    entries: list[Entry]  # kept by the listing and the limit, in listing order
+@dataclass(frozen=True)
+class Planned:
+    """One chosen input: its dataset (index into the opened sources), listing position, entry and sample id."""
+
+    dataset: int
+    position: int
+    entry: Entry
+    sample_id: str
 
 
 def limit_entries(entries: list[Entry], ids: list[str], limit: int | None) -> list[int]:
@@ -306,19 +342,44 @@ def limit_entries(entries: list[Entry], ids: list[str], limit: int | None) -> li
     return sorted(sorted(range(len(entries)), key=ids.__getitem__)[:limit])
 
 
-def plan_dataset(spec: DatasetSpec, source: Source, report: IngestReport) -> DatasetPlan:
+def plan_dataset(index: int, spec: DatasetSpec, source: Source, report: IngestReport) -> list[Planned]:
+    """The dataset's chosen entries in listing order; its listing counts go into ``report``."""
     listed = list(source.entries())
     ids = [sample_id(spec.name, entry.path) for entry in listed]
     chosen = limit_entries(listed, ids, spec.limit)
     report.listed[spec.name] += len(listed)
     report.limited_out[spec.name] += len(listed) - len(chosen)
-    kept = []
+    planned, seen = [], set()
     for i in chosen:
-        if listed[i].reject:
-            report.reject(spec.name, ids[i], listed[i], listed[i].reject, listed[i].detail)
-        else:
-            kept.append(listed[i])
-    return DatasetPlan(spec, source, kept)
+        entry = listed[i]
+        if not entry.reject and ids[i] in seen:  # a manifest listing one image twice: keep the first row's labels
+            entry = dataclasses.replace(entry, reject="duplicate_sample_id", detail=f"{entry.path} listed again")
+        elif not entry.reject:
+            seen.add(ids[i])
+        planned.append(Planned(index, i, entry, ids[i]))
+    return planned
+
+
+def plan_inputs(cfg: IngestConfig, sources: list[tuple[DatasetSpec, Source]], report: IngestReport) -> list[Planned]:
+    """Every chosen input of every dataset, in the shuffled row order (the order of the face table); a sample id
+    listed twice keeps its listing order (a stable sort)."""
+    planned = [p for index, (spec, source) in enumerate(sources) for p in plan_dataset(index, spec, source, report)]
+    return sorted(planned, key=lambda p: (row_key(p.sample_id, cfg.shuffle_seed), p.sample_id))
+
+
+def plan_digest(cfg: IngestConfig, planned: list[Planned]) -> str:
+    """Identifies the plan (settings that shape the output + every planned sample id): parts merge only with
+    parts of the same plan."""
+    digest = hashlib.sha1(cfg.model_dump_json(exclude=OUTPUT_NEUTRAL).encode())
+    for p in planned:
+        digest.update(p.sample_id.encode())
+    return digest.hexdigest()
+
+
+def part_of(planned: list[Planned], shard: tuple[int, int]) -> list[Planned]:
+    """The i-th of n consecutive, equal parts of the plan: concatenated in order, the parts are the plan."""
+    index, count = shard
+    return planned[index * len(planned) // count:(index + 1) * len(planned) // count]
 
 
 def open_sources(cfg: IngestConfig, stack: contextlib.ExitStack) -> list[tuple[DatasetSpec, Source]]:
@@ -337,55 +398,179 @@ def open_sources(cfg: IngestConfig, stack: contextlib.ExitStack) -> list[tuple[D
     return found
 
 
-def jobs_of(plans: list[DatasetPlan]) -> Iterator[tuple[int, Entry, Payload, str]]:
-    for index, plan in enumerate(plans):
-        for entry, payload in zip(plan.entries, plan.source.payloads(plan.entries), strict=True):
-            yield index, entry, payload, plan.spec.alignment
+def jobs_of(blocks: list[list[Planned]],
+            sources: list[tuple[DatasetSpec, Source]]) -> Iterator[tuple[int, Payload, str]]:
+    """Every block's inputs as (place in the block, payload, alignment policy). Within a block, images are read
+    dataset by dataset in listing order (an adapter may stream them, e.g. the rows of a CSV); an entry rejected
+    at listing becomes its ``Rejected`` payload."""
+    for block in blocks:
+        slots = sorted(range(len(block)), key=lambda slot: (block[slot].dataset, block[slot].position))
+        for dataset, group in itertools.groupby(slots, key=lambda slot: block[slot].dataset):
+            spec, source = sources[dataset]
+            group = list(group)
+            readable = [slot for slot in group if not block[slot].entry.reject]
+            for slot in group:
+                if block[slot].entry.reject:
+                    yield slot, Rejected(block[slot].entry.reject, block[slot].entry.detail), spec.alignment
+            payloads = source.payloads([block[slot].entry for slot in readable])
+            for slot, payload in zip(readable, payloads, strict=True):
+                yield slot, payload, spec.alignment
+
+
+def results_by_block(blocks: list[list[Planned]],
+                     results: Iterator[tuple[int, AlignedFace | Rejected]]) -> Iterator[list[tuple[Planned, object]]]:
+    """Each block's (input, result) pairs in plan order, from the results in job order."""
+    for block in blocks:
+        found: list = [None] * len(block)
+        for _ in block:
+            slot, result = next(results)
+            found[slot] = result
+        yield list(zip(block, found))
 
 
 def worker_count(cfg: IngestConfig) -> int:
     return cfg.workers or len(os.sched_getaffinity(0))
 
 
-def run(cfg: IngestConfig, out: str) -> dict:
-    """Ingest every dataset of ``cfg`` into ``out``: faces/, labels.parquet, report.json, report.md."""
+# ---------------------------------------------------------------- the stage
+
+def write_outputs(out: str, labels: pa.Table, summary: dict) -> None:
+    """The label table and the reports (after the face table)."""
+    contracts.write_table(labels, layout.labels(out), contracts.LABELS)
+    store.write_text(store.join(out, layout.INGEST_REPORT_JSON), json.dumps(summary, indent=1))
+    store.write_text(store.join(out, layout.INGEST_REPORT_MD), report_markdown(summary))
+
+
+def result_of(summary: dict) -> dict:
+    return {key: summary[key] for key in ("inputs", "written", "rejected", "elapsed_s", "faces_per_s")}
+
+
+def run(cfg: IngestConfig, out: str, shard: tuple[int, int] = (0, 1)) -> dict:
+    """Ingest part ``i`` of ``n`` of the plan (default: all of it) into ``out``: faces/, labels.parquet,
+    report.json, report.md. A part is a complete ingest output of its share of the faces; ``merge`` combines
+    the n parts into the output of one pass."""
+    index, count = shard
+    if count < 1 or not 0 <= index < count:
+        raise UserError(f"shard {index}/{count}: expected 0 <= i < n")
     started = time.perf_counter()
     report = IngestReport()
     workers = worker_count(cfg)
     with contextlib.ExitStack() as stack:
         sources = open_sources(cfg, stack)
         pool = stack.enter_context(worker_pool(cfg, workers))
-        plans = [plan_dataset(spec, source, report) for spec, source in sources]
-        total = sum(len(plan.entries) for plan in plans)
-        log.info("ingest: %d images from %s with %d worker(s)", total, ", ".join(p.spec.name for p in plans), workers)
+        planned = plan_inputs(cfg, sources, report)
+        mine = part_of(planned, shard)
+        for p in mine:
+            report.inputs[sources[p.dataset][0].name] += 1
+        blocks = [mine[i:i + cfg.shuffle_rows] for i in range(0, len(mine), cfg.shuffle_rows)]
+        log.info("ingest: %d of %d images (shard %d/%d) from %s with %d worker(s)", len(mine), len(planned), index,
+                 count, ", ".join(spec.name for spec, _ in sources), workers)
         store.delete(layout.faces(out))
         writer = contracts.FaceTableWriter(layout.faces(out), cfg.shard_rows,
-                                           metadata={"image_size": str(cfg.image_size), "template": "tight_5pt_v1"})
+                                           metadata={"image_size": str(cfg.image_size), "template": FACE_TEMPLATE})
         labels: dict[str, list] = {name: [] for name in contracts.LABEL_SCHEMA.names}
         in_flight = workers * cfg.chunk_size * 4
-        results = tqdm(ordered_parallel(jobs_of(plans), pool, in_flight, cfg.chunk_size), total=total, unit="face",
-                       desc="ingest", mininterval=1 if sys.stderr.isatty() else 30)
-        for index, entry, result in results:
-            plan = plans[index]
-            sid = sample_id(plan.spec.name, entry.path)
-            if isinstance(result, Rejected):
-                report.reject(plan.spec.name, sid, entry, result.reason, result.detail)
-                continue
-            split = assign_split(entry, sid, cfg.split)
-            writer.write({"sample_id": sid, "dataset": plan.spec.name, "domain": plan.spec.domain_name,
-                          "split": split, "subject": entry.subject, "image": result.image,
-                          "source_uri": entry.source_uri, "det_score": result.det_score, "box": result.box,
-                          "landmarks": result.landmarks, "alignment": result.alignment})
-            labels["sample_id"].append(sid)
-            for column in LABEL_COLUMNS:
-                labels[column].append(entry.labels.get(column))
-            report.face(plan.spec.name, split, entry, result.alignment)
+        results = tqdm(ordered_parallel(jobs_of(blocks, sources), pool, in_flight, cfg.chunk_size), total=len(mine),
+                       unit="face", desc="ingest", mininterval=1 if sys.stderr.isatty() else 30)
+        for block in results_by_block(blocks, iter(results)):
+            for p, result in block:
+                spec, entry, sid = sources[p.dataset][0], p.entry, p.sample_id
+                if isinstance(result, Rejected):
+                    report.reject(spec.name, sid, entry, result.reason, result.detail)
+                    continue
+                split = assign_split(entry, sid, cfg.split)
+                writer.write({"sample_id": sid, "dataset": spec.name, "domain": spec.domain_name,
+                              "split": split, "subject": entry.subject, "image": result.image,
+                              "source_uri": entry.source_uri, "det_score": result.det_score, "box": result.box,
+                              "landmarks": result.landmarks, "alignment": result.alignment})
+                labels["sample_id"].append(sid)
+                for column in LABEL_COLUMNS:
+                    labels[column].append(entry.labels.get(column))
+                report.face(spec.name, split, entry, result.alignment)
         writer.close()
     report.check()
-    contracts.write_table(pa.table(labels, schema=contracts.LABEL_SCHEMA), layout.labels(out), contracts.LABELS)
-    summary = report.to_dict(cfg, time.perf_counter() - started)
-    store.write_text(store.join(out, layout.INGEST_REPORT_JSON), json.dumps(summary, indent=1))
-    store.write_text(store.join(out, layout.INGEST_REPORT_MD), report_markdown(summary))
+    summary = report.to_dict(cfg, time.perf_counter() - started,
+                             {"index": index, "count": count, "plan": plan_digest(cfg, planned)})
+    write_outputs(out, pa.table(labels, schema=contracts.LABEL_SCHEMA), summary)
     log.info("ingest: %d faces written, %d rejected, %.1f s -> %s", summary["written"], summary["rejected"],
              summary["elapsed_s"], out)
-    return {key: summary[key] for key in ("inputs", "written", "rejected", "elapsed_s", "faces_per_s")}
+    return result_of(summary)
+
+
+# ---------------------------------------------------------------- merging the parts of a sharded run
+
+def read_parts(parts: list[str]) -> list[tuple[str, dict]]:
+    """(output prefix, report.json) of every part, in shard order; refuses an incomplete or mixed set."""
+    if not parts:
+        raise UserError("merge needs the ingest parts to merge")
+    found: dict[int, tuple[str, dict]] = {}
+    for uri in parts:
+        try:
+            report = json.loads(store.read_text(store.join(uri, layout.INGEST_REPORT_JSON)))
+        except FileNotFoundError:
+            raise UserError(f"{uri}: no {layout.INGEST_REPORT_JSON}; not an ingest output "
+                            "(run d2mtl ingest --shard i/n --out there first)") from None
+        shard = report.get("shard")
+        if shard is None:
+            raise UserError(f"{uri}: an ingest output without shard information (an older d2mtl); ingest it again")
+        if found:
+            other_uri, other = next(iter(found.values()))
+            if (shard["plan"], shard["count"]) != (other["shard"]["plan"], other["shard"]["count"]):
+                raise UserError(f"{uri} and {other_uri} are parts of different ingests (other inputs, settings or "
+                                "shard count); merge the parts of one sharded run")
+        if shard["index"] in found:
+            raise UserError(f"shard {shard['index']} given twice: {found[shard['index']][0]} and {uri}")
+        rows = contracts.read_manifest(layout.faces(uri))["rows"]
+        if rows != report["written"]:
+            raise contracts.ContractError(f"{uri}: its face table has {rows} rows, its report {report['written']}")
+        found[shard["index"]] = (uri, report)
+    count = next(iter(found.values()))[1]["shard"]["count"]
+    missing = sorted(set(range(count)) - set(found))
+    if missing:
+        raise UserError(f"missing shard(s) {', '.join(map(str, missing))} of {count}; merge needs every shard")
+    return [found[i] for i in range(count)]
+
+
+def copy_face_table(source: str, destination: str) -> None:
+    """A face table's files as they are, the manifest last."""
+    names = [shard["path"] for shard in contracts.read_manifest(source)["shards"]] + [contracts.MANIFEST]
+    for name in names:
+        store.write_bytes(store.join(destination, name), store.read_bytes(store.join(source, name)))
+
+
+def merge(parts: list[str], out: str) -> dict:
+    """Combine the outputs of ``run(cfg, part, shard=(i, n))``, i = 0..n-1, into ``out``: the face rows of the
+    parts in shard order, rewritten into shards of the parts' ``shard_rows`` (so the files are those one pass
+    writes), the label tables concatenated, the reports added up."""
+    started = time.perf_counter()
+    found = read_parts(parts)
+    first = found[0][1]
+    cfg = IngestConfig.model_validate(first["config"])
+    store.delete(layout.faces(out))
+    if len(found) == 1:
+        copy_face_table(layout.faces(found[0][0]), layout.faces(out))
+    else:
+        metadata = contracts.read_manifest(layout.faces(found[0][0]))["metadata"]
+        writer = contracts.FaceTableWriter(layout.faces(out), cfg.shard_rows, metadata=metadata)
+        for uri, _ in found:
+            for batch in contracts.iter_face_batches(layout.faces(uri)):
+                for row in batch.to_pylist():
+                    writer.write(row)
+        writer.close()
+    labels = pa.concat_tables([contracts.read_table(layout.labels(uri), contracts.LABELS) for uri, _ in found])
+    report = IngestReport()
+    for _, part in found:
+        report.absorb(part)
+    report.check()
+    incomplete = [name for name in report.listed
+                  if report.inputs[name] != report.listed[name] - report.limited_out[name]]
+    if incomplete or labels.num_rows != sum(report.written.values()):
+        raise contracts.ContractError(f"the parts do not add up to their plan ({', '.join(incomplete) or 'labels'})")
+    merge_s = time.perf_counter() - started
+    summary = report.to_dict(cfg, sum(part["elapsed_s"] for _, part in found) + merge_s,
+                             {**first["shard"], "index": 0, "count": 1})
+    summary["parts"] = [{"shard": part["shard"]["index"], **result_of(part)} for _, part in found]
+    summary["merge_s"] = round(merge_s, 1)
+    write_outputs(out, labels, summary)
+    log.info("ingest: merged %d parts, %d faces, in %.1f s -> %s", len(found), summary["written"], merge_s, out)
+    return {**result_of(summary), "parts": len(found)}

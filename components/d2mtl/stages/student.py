@@ -5,6 +5,7 @@ faces: ground truth always wins, and validation / test stay ground truth. Each p
 scaled by ``pseudo_weight`` and, with ``confidence_weighting``, by the teacher's confidence. With
 ``targets: soft`` a classification pseudo-label trains by KL to the teacher's probabilities and an age
 pseudo-label through the band age +- the teacher's spread; ``hard`` uses the label / expected age.
+Under ``torchrun`` it trains data-parallel as the teacher does.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from d2mtl import contracts
+from d2mtl import contracts, distributed
 from d2mtl.config.train import StudentConfig
 from d2mtl.data import FaceIndex, column_at, positions_in
 from d2mtl.engine import Trainer, setup_run
@@ -80,14 +81,15 @@ def initial_network(cfg: StudentConfig, teacher: str | None) -> MultiTaskNet:
 def run(cfg: StudentConfig, faces: str, labels: str, pseudo: str, out: str, teacher: str | None = None) -> dict:
     """Train the student on ``faces`` + ``labels`` + the pseudo-label table ``pseudo``; write the model folder
     to ``out`` and return the results (as the teacher stage, plus the pseudo-labels used per task)."""
-    setup_run(cfg)
-    index = FaceIndex.load(faces, labels, cfg.task_names)
-    pseudo_table = contracts.read_table(pseudo, contracts.PSEUDO)
-    used = apply_pseudo_labels(index, pseudo_table, np.flatnonzero(index.split == "train"), cfg)
-    role = "student" if len(cfg.task_names) > 1 else f"student_single:{cfg.task_names[0]}"
-    trainer = Trainer(cfg, index, out, initial_network(cfg, teacher), role=role,
-                      card_extra={"sources": {"faces": faces, "labels": labels, "pseudo": pseudo, "teacher": teacher},
-                                  "pseudo_labels": used})
-    result = trainer.fit()
+    with distributed.launched(cfg.device) as dist:
+        setup_run(cfg)
+        index = FaceIndex.load(faces, labels, cfg.task_names)
+        pseudo_table = contracts.read_table(pseudo, contracts.PSEUDO)
+        used = apply_pseudo_labels(index, pseudo_table, np.flatnonzero(index.split == "train"), cfg)
+        role = "student" if len(cfg.task_names) > 1 else f"student_single:{cfg.task_names[0]}"
+        trainer = Trainer(cfg, index, out, initial_network(cfg, teacher), role=role, dist=dist,
+                          card_extra={"sources": {"faces": faces, "labels": labels, "pseudo": pseudo,
+                                                  "teacher": teacher}, "pseudo_labels": used})
+        result = trainer.fit()
     result["pseudo_labels"] = used
     return result

@@ -1,0 +1,269 @@
+"""Bad and hostile input: odd image files, malformed labels, escaping archives, pickled checkpoints, bad
+configs. Each gets a defined outcome: a report row with its reason, or one clear error."""
+
+from __future__ import annotations
+
+import io
+import json
+import resource
+import stat
+import struct
+import time
+import zipfile
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ingest_layouts as layouts
+from d2mtl import cli, contracts, layout, store
+from d2mtl.config import ConfigError, load_experiment
+from d2mtl.config.ingest import CsvManifestSpec, IngestConfig, UTKFaceSpec
+from d2mtl.config.train import TrainConfig
+from d2mtl.engine import CHECKPOINT_FORMAT
+from d2mtl.errors import UserError
+from d2mtl.faces import ImageTooLarge, decode_rgb
+from d2mtl.models import ModelError, build_model, load_model, save_model
+from d2mtl.sources import open_tree
+from d2mtl.sources.trees import ArchiveError
+from d2mtl.stages import ingest, teacher
+
+# ---- image files ---------------------------------------------------------------------------------------
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A 60-byte PNG whose header claims ``width`` x ``height`` RGB pixels (a decompression bomb's header)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def jpeg_claiming(width: int, height: int) -> bytes:
+    """A small JPEG with its frame header (SOF0) rewritten to claim ``width`` x ``height``."""
+    data = bytearray(encoded(Image.new("RGB", (16, 16), (90, 120, 30)), "JPEG"))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def encoded(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def exif_rotated_jpeg() -> bytes:
+    """20 x 10 stored pixels, white left half, EXIF orientation 6: upright it is 10 wide, 20 tall, white on top."""
+    image = Image.new("RGB", (20, 10), (0, 0, 0))
+    image.paste((255, 255, 255), (0, 0, 10, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return encoded(image, "JPEG", exif=exif.tobytes(), quality=95)
+
+
+def sixteen_bit_png(fmt: str = "PNG") -> bytes:
+    ramp = (np.arange(16 * 16, dtype=np.uint16).reshape(16, 16) * 257)  # 0 .. 65535 in steps of one 8-bit level
+    return encoded(Image.fromarray(ramp), fmt)
+
+
+@pytest.mark.parametrize("data", [png_claiming(30000, 30000), png_claiming(9000, 9000), jpeg_claiming(30000, 30000)],
+                         ids=["png-30000", "png-9000", "jpeg-30000"])
+def test_decompression_bomb_is_refused_from_its_header(data):
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.perf_counter()
+    with pytest.raises(ImageTooLarge, match=r"(pixels|\d+x\d+).*not decoded") as err:
+        decode_rgb(data)
+    assert err.value.reason == "image_too_large"
+    assert time.perf_counter() - started < 0.5
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 100 * 1024  # KiB: nothing allocated
+
+
+def test_exif_orientation_is_applied_by_both_decoders():
+    data = exif_rotated_jpeg()
+    complete, with_trailing_bytes = decode_rgb(data), decode_rgb(data + b"junk")  # OpenCV path, PIL path
+    for upright in (complete, with_trailing_bytes):
+        assert upright.shape == (20, 10, 3)
+        assert upright[:8].mean() > 200 and upright[-8:].mean() < 50  # the white half is on top
+
+
+def test_cmyk_16_bit_and_misnamed_images_decode_to_rgb():
+    colour = (200, 30, 40)
+    cmyk = encoded(Image.new("RGB", (16, 16), colour).convert("CMYK"), "JPEG", quality=95)
+    for data in (cmyk, cmyk + b"junk"):
+        assert np.abs(decode_rgb(data)[8, 8].astype(int) - colour).max() <= 3
+    for data in (sixteen_bit_png(), sixteen_bit_png() + b"junk", sixteen_bit_png("TIFF")):  # OpenCV, PIL, PIL
+        ramp = decode_rgb(data)
+        assert ramp.dtype == np.uint8 and ramp[0, :4, 0].tolist() == [0, 1, 2, 3] and ramp[-1, -1, 0] == 255
+    ok, rgb16 = cv2.imencode(".png", np.stack([np.full((8, 8), 40000, np.uint16)] * 3, axis=-1))
+    assert ok and decode_rgb(rgb16.tobytes())[0, 0].tolist() == [156] * 3  # 40000 / 257
+    png = layouts.image_bytes(5, 24, fmt="PNG")
+    assert np.array_equal(decode_rgb(png), np.asarray(Image.open(io.BytesIO(png)).convert("RGB")))
+
+
+def trusted(root: Path, *datasets) -> IngestConfig:
+    specs = [spec.model_copy(update={"alignment": "trust_crop"}) for spec in datasets]
+    return IngestConfig(data_root=str(root), image_size=32, workers=1, chunk_size=4, shard_rows=8, datasets=specs)
+
+
+def read_report(out: Path) -> dict:
+    return json.loads(store.read_text(store.join(str(out), layout.INGEST_REPORT_JSON)))
+
+
+def test_each_odd_image_file_gets_its_outcome_in_the_ingest_report(tmp_path):
+    folder = tmp_path / "utkface"
+    files = {"truncated": layouts.image_bytes(1, 64)[:-300], "zero_byte": b"", "text": b"404 Not Found\n",
+             "bomb": png_claiming(30000, 30000), "png_named_jpg": layouts.image_bytes(2, 40, fmt="PNG"),
+             "cmyk": encoded(Image.new("RGB", (40, 40), (9, 99, 199)).convert("CMYK"), "JPEG"),
+             "sixteen_bit": sixteen_bit_png(), "exif_rotated": exif_rotated_jpeg()}
+    names = {}
+    for age, (kind, data) in enumerate(files.items(), start=20):
+        names[kind] = f"{age}_0_0_2017011617452{age}.jpg.chip.jpg"
+        layouts.write(folder / names[kind], data)
+    summary = ingest.run(trusted(tmp_path, UTKFaceSpec()), str(tmp_path / "out"))
+    report = read_report(tmp_path / "out")
+    outcome = {row["source_uri"].rsplit("/", 1)[-1]: row["reason"] for row in report["rejects"]}
+    assert {kind: outcome.get(name, "written") for kind, name in names.items()} == {
+        "truncated": "unreadable_image", "zero_byte": "unreadable_image", "text": "unreadable_image",
+        "bomb": "image_too_large", "png_named_jpg": "written", "cmyk": "written", "sixteen_bit": "written",
+        "exif_rotated": "written"}
+    assert summary["inputs"] == summary["written"] + summary["rejected"] == 8
+    details = {row["reason"]: row["detail"] for row in report["rejects"]}
+    assert "30000x30000" in details["image_too_large"] or "900000000" in details["image_too_large"]
+
+
+# ---- labels -------------------------------------------------------------------------------------------
+
+def test_malformed_manifest_labels_become_report_rows(tmp_path):
+    folder = tmp_path / "manifest"
+    for i in range(5):
+        layouts.write(folder / "img" / f"{i}.jpg", layouts.image_bytes(i))
+    (folder / "labels.csv").write_text("path,age,gender,expression\n"
+                                       "img/0.jpg,31,female,happy\n"
+                                       "img/1.jpg,130,male,\n"  # age out of range
+                                       "img/2.jpg,-1,,\n"  # negative age
+                                       "img/3.jpg,40,robot,\n"  # unknown class name
+                                       "img/4.jpg,,,smirk\n"  # unknown expression
+                                       "img/0.jpg,32,male,sad\n")  # the same image again: a duplicate sample id
+    summary = ingest.run(trusted(tmp_path, CsvManifestSpec(name="m", path="manifest")), str(tmp_path / "out"))
+    report = read_report(tmp_path / "out")
+    assert report["datasets"]["m"]["rejected_by_reason"] == {"duplicate_sample_id": 1, "label_out_of_range": 2,
+                                                             "unknown_class": 2}
+    assert summary["written"] == 1 and summary["inputs"] == 6
+    labels = contracts.read_table(layout.labels(str(tmp_path / "out")), contracts.LABELS).to_pylist()
+    assert [(row["age"], row["gender"], row["expression"]) for row in labels] == [(31.0, 1, 3)]  # the first row wins
+
+
+def test_manifest_missing_its_label_columns_is_one_clear_error(tmp_path):
+    folder = tmp_path / "manifest"
+    layouts.write(folder / "img" / "0.jpg", layouts.image_bytes(0))
+    (folder / "labels.csv").write_text("file,age\nimg/0.jpg,30\n")
+    with pytest.raises(UserError, match=r"labels.csv: missing column\(s\) path; has file, age"):
+        ingest.run(trusted(tmp_path, CsvManifestSpec(name="m", path="manifest")), str(tmp_path / "out"))
+
+
+# ---- archives -----------------------------------------------------------------------------------------
+
+def test_zip_with_an_absolute_member_is_refused(tmp_path):
+    with zipfile.ZipFile(tmp_path / "bad.zip", "w") as archive:
+        archive.writestr(zipfile.ZipInfo("/etc/cron.d/evil.jpg"), b"x")
+    with pytest.raises(ArchiveError, match="unsafe member '/etc/cron.d/evil.jpg'"):
+        with open_tree(str(tmp_path / "bad.zip")):
+            pass
+
+
+@pytest.mark.parametrize("target", ["../../../etc/passwd", "/etc/passwd"])
+def test_zip_symlink_pointing_outside_is_refused(tmp_path, target):
+    link = zipfile.ZipInfo("faces/link.jpg")
+    link.external_attr = (stat.S_IFLNK | 0o777) << 16
+    with zipfile.ZipFile(tmp_path / "bad.zip", "w") as archive:
+        archive.writestr("faces/ok.jpg", layouts.image_bytes(0))
+        archive.writestr(link, target)
+    with open_tree(str(tmp_path / "bad.zip")) as tree:
+        assert tree.read("ok.jpg") == layouts.image_bytes(0)
+        with pytest.raises(ArchiveError, match="unsafe member"):
+            tree.read("link.jpg")
+
+
+# ---- pickles ------------------------------------------------------------------------------------------
+
+class Payload:
+    """Unpickling this creates ``marker``: proof that code ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def malicious_pickle(marker: Path) -> bytes:
+    """A torch checkpoint whose unpickling would run ``Path.touch(marker)``."""
+    buffer = io.BytesIO()
+    torch.save({"format": CHECKPOINT_FORMAT, "model": Payload(marker)}, buffer)
+    return buffer.getvalue()
+
+
+def tiny_config(**overrides) -> TrainConfig:
+    return TrainConfig(weights="none", input_size=32, batch_size=8, epochs=1, num_workers=0, progress=False,
+                       threads=1, lr={"schedule": "fixed"}, **overrides)
+
+
+def test_malicious_pickle_checkpoint_is_refused_without_running_it(tiny_tables, tmp_path):
+    out, marker = tmp_path / "teacher", tmp_path / "code_ran"
+    layouts.write(out / layout.CHECKPOINT_FILE, malicious_pickle(marker))
+    with pytest.raises(UserError, match="not a loadable checkpoint \(Weights only load failed"):
+        teacher.run(tiny_config(), tiny_tables["faces"], tiny_tables["labels"], str(out))
+    assert not marker.exists()
+    torch.load(io.BytesIO(malicious_pickle(marker)), weights_only=False)
+    assert marker.exists()  # the payload is live: a plain unpickling runs it
+
+
+def test_malicious_pickle_checkpoint_is_one_line_through_the_cli(tiny_tables, tmp_path, capsys):
+    out, marker = tmp_path / "teacher", tmp_path / "code_ran"
+    layouts.write(out / layout.CHECKPOINT_FILE, malicious_pickle(marker))
+    code = cli.main(["teacher", "--set", "teacher.weights=none", "--set", "teacher.progress=false",
+                     "--faces", tiny_tables["faces"], "--labels", tiny_tables["labels"], "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and not marker.exists()
+
+
+def test_malicious_pickle_as_model_weights_is_refused_without_running_it(tmp_path):
+    model, marker = tmp_path / "model", tmp_path / "code_ran"
+    save_model(build_model(tiny_config()), str(model), role="teacher")
+    (model / layout.WEIGHTS_FILE).write_bytes(malicious_pickle(marker))
+    with pytest.raises(ModelError, match="is not a safetensors file"):
+        load_model(str(model))
+    assert not marker.exists()
+
+
+# ---- configs ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ("teacher.epocs=3", "teacher.epocs: Extra inputs are not permitted"),
+    ("teacher.epochs=three", "teacher.epochs: Input should be a valid integer"),
+    ("teacher.tasks=[age,height]", "teacher.tasks: unknown task(s) height; known tasks: age, gender, race, expression"),
+    ("student.task_weights={hight: 2}", "student.task_weights: unknown task(s) hight"),
+    ("pseudolabel.tasks=[]", "pseudolabel.tasks: empty task list"),
+    ("pipeline.baseline_tasks=[age,mood]", "pipeline.baseline_tasks: unknown task(s) mood"),
+    ("evaluate.in_domain={height: [utk]}", "evaluate.in_domain: unknown task(s) height"),
+])
+def test_bad_config_field_is_one_cli_line_naming_it(setting, message, capsys, tmp_path):
+    code = cli.main(["teacher", "--set", setting, "--faces", "f", "--labels", "l", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "Traceback" not in err
+    assert err.startswith("d2mtl teacher: error: invalid config cpu: ") and message in err
+
+
+def test_config_file_with_unknown_field_and_wrong_type_names_both(tmp_path):
+    path = tmp_path / "experiment.yaml"
+    path.write_text("teacher:\n  batch_size: big\n  colour: blue\n")
+    with pytest.raises(ConfigError) as err:
+        load_experiment(str(path))
+    assert str(err.value) == (f"invalid config {path}: teacher.batch_size: Input should be a valid integer, unable "
+                              "to parse string as an integer; teacher.colour: Extra inputs are not permitted")
