@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from train_bench import add_table_arguments  # bench/ is on sys.path when run as a script
+
 REPO = Path(__file__).resolve().parents[1]
 SMOKE_SETTINGS = ["teacher.weights=none", "teacher.input_size=64", "teacher.batch_size=32", "teacher.epochs=2",
                   "teacher.num_workers=0", "teacher.lr.range_test=false", "teacher.checkpoint_every=0"]
@@ -35,11 +37,7 @@ SMOKE_SETTINGS = ["teacher.weights=none", "teacher.input_size=64", "teacher.batc
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--faces", help="face table (default with --smoke: generated)")
-    parser.add_argument("--labels", help="label table")
-    parser.add_argument("--config", default="cpu", help="experiment profile or YAML (its teacher: section is used)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, e.g. --set teacher.epochs=1 (repeatable)")
+    add_table_arguments(parser)
     parser.add_argument("--nproc", type=int, default=2, help="processes of the data-parallel run")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the single process (split evenly "
                         "between the data-parallel processes)")

@@ -37,13 +37,18 @@ from d2mtl.models import build_model
 REPO = Path(__file__).resolve().parents[1]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_table_arguments(parser: argparse.ArgumentParser) -> None:
+    """The face / label tables and the teacher settings a training bench runs on."""
     parser.add_argument("--faces", help="face table (default with --smoke: generated)")
     parser.add_argument("--labels", help="label table")
     parser.add_argument("--config", default="cpu", help="experiment profile or YAML (its teacher: section is used)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, e.g. --set teacher.input_size=96 (repeatable)")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_table_arguments(parser)
     parser.add_argument("--steps", type=int, default=10, help="optimiser steps per round and mode")
     parser.add_argument("--rounds", type=int, default=15, help="alternating bare / stage rounds (short rounds, so "
                         "that a change of load on the machine hits both modes alike)")
