@@ -41,7 +41,8 @@ def make_tiny_tables(root: Path, per_dataset: int = 24, image_size: int = 32, se
 
     rng = np.random.default_rng(seed)
     faces_uri, labels_uri = str(root / "faces"), str(root / "labels.parquet")
-    writer = contracts.FaceTableWriter(faces_uri, shard_rows=max(8, per_dataset // 2))
+    writer = contracts.FaceTableWriter(faces_uri, shard_rows=max(8, per_dataset // 2),
+                                       metadata={"image_size": str(image_size)})
     label_rows = []
     splits = ["train"] * 6 + ["val", "test"]
     for dataset, domain in (("utk", "color"), ("fer", "gray")):

@@ -148,6 +148,7 @@ def test_teacher_writes_a_complete_model_folder(tiny_tables, tmp_path):
                                                layout.TRAIN_METRICS, layout.TRAIN_CURVES, layout.LR_RANGE_PLOT}
     net, card = load_model(str(out))
     assert card["role"] == "teacher" and card["training"]["data"]["train"]["utk"]["age"] == 18
+    assert card["training"]["faces"]["image_size"] == "32"  # the face table's settings, for predict
     assert set(card["metrics"]["test"]) >= {"age_mae", "gender_acc", "race_acc", "expression_acc"}
     metrics = json.loads((out / layout.TRAIN_METRICS).read_text())
     assert [h["epoch"] for h in metrics["history"]] == [1, 2] and len(metrics["lr"]["trace"]) == 8

@@ -14,6 +14,7 @@ from PIL import Image
 
 from d2mtl import data, faces, layout, store
 from d2mtl.cli import main
+from d2mtl.config.ingest import IngestConfig
 from d2mtl.errors import UserError
 from d2mtl.models import AGE_MIN, ModelSpec, MultiTaskNet, save_model
 from d2mtl.predict import (Analyzer, InferenceModel, csv_columns, latest_model, list_images, output_names,
@@ -108,6 +109,15 @@ def test_bad_age_interval_and_batch_size_are_user_errors(model_dir):
 
 
 # ---- inputs without faces ------------------------------------------------------------------------
+
+def test_faces_are_aligned_at_the_size_the_model_trained_on(analyzer, tmp_path, caplog):
+    out = str(tmp_path / "model")
+    save_model(MultiTaskNet(ModelSpec(input_size=32), weights=None), out, training={"faces": {"image_size": "96"}})
+    assert Analyzer(out).face_size == 96
+    assert Analyzer(out, ingest=IngestConfig(image_size=112)).face_size == 96
+    assert "trained on 96 px faces" in caplog.text
+    assert analyzer.face_size == IngestConfig().image_size  # a card without face settings: ingest's default
+
 
 def test_generated_images_have_no_face(analyzer):
     flat = np.full((200, 200, 3), 90, np.uint8)

@@ -204,7 +204,12 @@ class Analyzer:
         settings = ingest or IngestConfig()
         self.detector = FaceDetector(min_score=settings.detector.min_score, min_side=settings.detector.min_side,
                                      max_side=settings.detector.max_side, threads=torch.get_num_threads())
-        self.face_size, self.jpeg_quality = settings.image_size, settings.jpeg_quality
+        trained = self.card.get("training", {}).get("faces", {}).get("image_size")
+        self.face_size = int(trained) if trained else settings.image_size  # the face size the model trained on
+        if ingest is not None and ingest.image_size != self.face_size:
+            log.warning("%s was trained on %d px faces: aligning to %d px, not the given %d", model,
+                        self.face_size, self.face_size, ingest.image_size)
+        self.jpeg_quality = settings.jpeg_quality
         self.batch_size = batch_size
 
     @property
