@@ -217,7 +217,7 @@ def tiny_config(**overrides) -> TrainConfig:
 def test_malicious_pickle_checkpoint_is_refused_without_running_it(tiny_tables, tmp_path):
     out, marker = tmp_path / "teacher", tmp_path / "code_ran"
     layouts.write(out / layout.CHECKPOINT_FILE, malicious_pickle(marker))
-    with pytest.raises(UserError, match="not a loadable checkpoint \(Weights only load failed"):
+    with pytest.raises(UserError, match=r"not a loadable checkpoint \(Weights only load failed"):
         teacher.run(tiny_config(), tiny_tables["faces"], tiny_tables["labels"], str(out))
     assert not marker.exists()
     torch.load(io.BytesIO(malicious_pickle(marker)), weights_only=False)
