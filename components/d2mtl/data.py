@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
@@ -157,6 +157,7 @@ class FaceIndex:
     tasks: tuple[str, ...]
     targets: dict[str, np.ndarray]
     unmatched_labels: int = 0  # label rows whose sample_id is not in the face table
+    face_settings: dict = field(default_factory=dict)  # the manifest's metadata: image_size, template
 
     @classmethod
     def load(cls, faces: str, labels: str | pa.Table, tasks: Sequence[str]) -> FaceIndex:
@@ -175,7 +176,7 @@ class FaceIndex:
                    dataset=np.asarray(meta.column("dataset").to_pylist(), dtype=object),
                    split=np.asarray(meta.column("split").to_pylist(), dtype=object),
                    shard=shard, row=row, tasks=tuple(tasks), targets=label_targets(label_table, positions, tasks),
-                   unmatched_labels=label_table.num_rows - matched)
+                   unmatched_labels=label_table.num_rows - matched, face_settings=manifest.get("metadata", {}))
 
     def __len__(self) -> int:
         return len(self.sample_id)

@@ -31,7 +31,7 @@ from matplotlib.figure import Figure
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from d2mtl import contracts, layout, store
+from d2mtl import layout, store
 from d2mtl.data import EpochSampler, FaceDataset, FaceIndex, make_loader, normalize
 from d2mtl.distributed import Distributed
 from d2mtl.errors import UserError
@@ -403,7 +403,7 @@ class Trainer:
         training = {"config": self.cfg.model_dump(mode="json"), "data": {
             "train": self.index.summary(self.train_rows), "val": self.index.summary(self.val_rows),
             "test": self.index.summary(self.test_rows), "unmatched_labels": self.index.unmatched_labels},
-            "faces": contracts.read_manifest(self.index.faces).get("metadata", {}),
+            "faces": self.index.face_settings,
             "epochs": progress.epoch, "peak_lr": progress.peak_lr,
             "train_seconds": result["train_seconds"]}
         if self.dist.enabled:
