@@ -74,10 +74,8 @@ class Distributed:
         """Per key, the sum over the ranks of plain numbers (keys missing on a rank count as 0)."""
         if not self.enabled:
             return values
-        gathered: list[dict[str, float]] = [{} for _ in range(self.world_size)]
-        dist.all_gather_object(gathered, values)
         total: dict[str, float] = {}
-        for part in gathered:
+        for part in self.gather(values):
             for key, value in part.items():
                 total[key] = total.get(key, 0) + value
         return total
