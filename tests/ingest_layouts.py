@@ -122,3 +122,59 @@ def manifest(root: Path) -> Path:
     write(folder / "labels.csv", b"path,age,gender,expression,split\nimg/0.jpg,31,female,,train\n"
                                  b"img/1.jpg,,1,happy,test\nimg/2.jpg,250,,,val\n")
     return folder
+
+
+def rafdb(root: Path, test_part: bool = True) -> Path:
+    """The official ``basic/`` layout: one good line per code 1-7 (train_), two test_ lines (unless
+    ``test_part`` is false), and bad lines: a missing image, code 8, code x, a malformed line, a val_ name."""
+    folder = root / "rafdb"
+    names = [f"train_{i:05d}.jpg" for i in range(1, 8)] + (["test_0001.jpg", "test_0002.jpg"] if test_part else [])
+    lines = [f"{name} {code}" for code, name in enumerate(names[:7], 1)] + [f"{n} 7" for n in names[7:]]
+    for i, name in enumerate(names):
+        write(folder / "basic" / "Image" / "aligned" / name.replace(".jpg", "_aligned.jpg"), image_bytes(i, 100))
+    for i, name in enumerate(("train_00008.jpg", "train_00009.jpg", "val_00001.jpg"), 8):
+        write(folder / "basic" / "Image" / "aligned" / name.replace(".jpg", "_aligned.jpg"), image_bytes(i, 100))
+    lines += ["train_00099.jpg 4", "train_00008.jpg 8", "train_00009.jpg x", "train_00010.jpg", "val_00001.jpg 1"]
+    write(folder / "basic" / "EmoLabel" / "list_patition_label.txt", ("\n".join(lines) + "\n").encode())
+    return folder
+
+
+def aaf(root: Path, sets: tuple[str, ...] = ("train_", "val_")) -> Path:
+    """``All-Age-Faces Dataset/``: 4 labelled images, one unlisted, one badly named, and bad set lines
+    (an absent file, gender 2, a malformed line)."""
+    folder = root / "aaf" / "All-Age-Faces Dataset"
+    images = ["00000A02.jpg", "00001A35.jpg", "07000A80.jpg", "07001A20.jpg", "07002A44.jpg", "face.jpg"]
+    for i, name in enumerate(images):
+        write(folder / "aglined faces" / name, image_bytes(i, 64))
+    set_lines = {"train_": ["00000A02.jpg 0", "00001A35.jpg 1", "09999A30.jpg 1", "face.jpg 0"],
+                 "val_": ["07000A80.jpg 1", "07001A20.jpg 2", "07002A44.jpg"]}
+    for name in sets:
+        write(folder / "image sets" / f"{name}.txt", ("\n".join(set_lines[name]) + "\n").encode())
+    return root / "aaf"
+
+
+def appa_real(root: Path, parts: tuple[str, ...] = ("train", "valid", "test")) -> Path:
+    """The official release: per part two good rows, and bad rows (age 130, age 'n/a', a missing image)."""
+    folder = root / "appa-real-release"
+    rows = {"train": [("000000.jpg", "4.2", "5"), ("000001.jpg", "30.5", "28"), ("000002.jpg", "40", "130")],
+            "valid": [("004113.jpg", "60", "61"), ("004114.jpg", "n/a", "n/a")],
+            "test": [("005613.jpg", "15.1", "16"), ("005614.jpg", "20", "20"), ("009999.jpg", "20", "20")]}
+    for part in parts:
+        lines = ["file_name,num_ratings,apparent_age_avg,apparent_age_std,real_age"]
+        for i, (name, apparent, real) in enumerate(rows[part]):
+            lines.append(f"{name},38,{apparent},3.1,{real}")
+            if name != "009999.jpg":
+                write(folder / part / f"{name}_face.jpg", image_bytes(i, 80))
+                write(folder / part / name, image_bytes(i, 200))
+        write(folder / f"gt_avg_{part}.csv", ("\n".join(lines) + "\n").encode())
+    return folder
+
+
+def appa_manifest(root: Path) -> Path:
+    """The ../shared/data copy: ``labels.csv`` (path,age,split) with the release's train / val parts."""
+    folder = root / "appa"
+    for i, part in enumerate(("train", "train", "val")):
+        write(folder / part / f"{i:06d}.jpg", image_bytes(i, 80))
+    write(folder / "labels.csv", b"path,age,split\ntrain/000000.jpg,4,train\ntrain/000001.jpg,18,train\n"
+                                 b"val/000002.jpg,61,val\n")
+    return folder

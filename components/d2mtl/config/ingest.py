@@ -92,6 +92,29 @@ class FairFaceSpec(DatasetSpec):
     race_map: dict[str, str | None] = Field(default_factory=lambda: dict(FAIRFACE_RACES))  # None: race left null
 
 
+class RAFDBSpec(DatasetSpec):
+    format: Literal["rafdb"] = "rafdb"
+    name: str = "rafdb"
+    path: str = "rafdb"  # holds basic/EmoLabel/list_patition_label.txt + basic/Image/aligned/ (or is basic/)
+    alignment: Alignment = "detect_or_trust_crop"
+
+
+class AAFSpec(DatasetSpec):
+    format: Literal["aaf"] = "aaf"
+    name: str = "aaf"
+    path: str = "aaf"  # holds "All-Age-Faces Dataset/" ("aglined faces/" + "image sets/"), or is it
+    image_sets: Literal["train_/val_", "train/val"] = "train_/val_"  # the release's two gender/split pairs
+    alignment: Alignment = "detect_or_trust_crop"
+
+
+class APPARealSpec(DatasetSpec):
+    format: Literal["appa_real"] = "appa_real"
+    name: str = "appa"
+    path: str = "appa-real-release"  # gt_avg_{train,valid,test}.csv + train/, valid/, test/ *.jpg_face.jpg
+    age: Literal["real", "apparent"] = "real"  # real_age or apparent_age_avg
+    alignment: Alignment = "detect_or_trust_crop"
+
+
 class ImageFolderSpec(DatasetSpec):
     format: Literal["image_folder"] = "image_folder"
     task: str = "expression"  # classification task whose class names are the sub-folder names
@@ -104,11 +127,14 @@ class CsvManifestSpec(DatasetSpec):
     columns: dict[str, str] = Field(default_factory=dict)  # task -> CSV column; empty: columns named like tasks
     split_column: str | None = None  # optional column of train / val / test
     subject_column: str | None = None  # optional subject id column (splits by subject when set)
+    # split value -> train | val | test | trainval (train with a val carve-out); e.g. {val: test} when the
+    # release's val part is our test
+    split_map: dict[str, Literal["train", "val", "test", "trainval"]] = Field(default_factory=dict)
 
 
 DatasetConfig = Annotated[
     UTKFaceSpec | FER2013FolderSpec | FER2013CsvSpec | CKPlusSpec | JAFFESpec | AdienceSpec | FairFaceSpec
-    | ImageFolderSpec | CsvManifestSpec,
+    | RAFDBSpec | AAFSpec | APPARealSpec | ImageFolderSpec | CsvManifestSpec,
     Field(discriminator="format"),
 ]
 

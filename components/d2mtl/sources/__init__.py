@@ -4,7 +4,8 @@ Importing this package registers every adapter; ``d2mtl.config.ingest`` holds th
 per-format spec models (the ``format`` field picks both).
 """
 
-from d2mtl.sources import adience, ckplus, fairface, fer2013, generic, jaffe, utkface  # noqa: F401  (registers)
+from d2mtl.sources import (  # noqa: F401  (registers)
+    aaf, adience, appa, ckplus, fairface, fer2013, generic, jaffe, rafdb, utkface)
 from d2mtl.sources.base import SOURCES, TRAINVAL, Entry, Payload, Rejected, Source
 from d2mtl.sources.trees import Tree, open_tree
 

@@ -77,7 +77,8 @@ class CsvManifest(Source):
         uri = self.tree.uri(rel)
         split = (row[self.spec.split_column] or "").strip().lower() if self.spec.split_column else None
         subject = (row[self.spec.subject_column] or "").strip() or None if self.spec.subject_column else None
-        if split is not None and split not in SPLIT_FOLDERS:
+        splits = SPLIT_FOLDERS | {value.lower(): part for value, part in self.spec.split_map.items()}
+        if split is not None and split not in splits:
             return Entry(rel, uri, reject="unknown_split", detail=f"split {split!r}")
         labels: dict[str, float | int] = {}
         try:
@@ -93,4 +94,4 @@ class CsvManifest(Source):
                     labels[name] = class_code(name, value)
         except LabelError as err:
             return rejected_entry(rel, uri, err)
-        return Entry(rel, uri, labels, split=SPLIT_FOLDERS[split] if split else None, subject=subject)
+        return Entry(rel, uri, labels, split=splits[split] if split else None, subject=subject)
