@@ -150,7 +150,7 @@ def run_chain(cfg: ExperimentConfig, out: str, ingest_dir: str | None, fraction:
     if cfg.pseudolabel.holdout.fraction > 0:
         holdout_dir = store.join(out, "holdout")
         train_labels = store.join(holdout_dir, layout.HOLDOUT_LABELS_FILE)
-        timer("holdout labels", lambda: pseudolabel.write_holdout_labels(cfg.pseudolabel, labels, holdout_dir),
+        timer("holdout labels", lambda: pseudolabel.write_holdout_labels(cfg.pseudolabel, faces, labels, holdout_dir),
               reused=store.exists(train_labels))
     tasks = list(cfg.pipeline.baseline_tasks)
 

@@ -110,7 +110,7 @@ def holdout(args: argparse.Namespace) -> None:
     exp = load_experiment(args.config, overrides)
     cfg = exp.pseudolabel
     faces, labels = layout.faces(args.ingest), layout.labels(args.ingest)
-    hidden = pseudolabel.write_holdout_labels(cfg, labels, store.join(args.work, "labels"))
+    hidden = pseudolabel.write_holdout_labels(cfg, faces, labels, store.join(args.work, "labels"))
     teacher = args.teacher
     if teacher is None:
         teacher = store.join(args.work, "teacher")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -28,8 +29,10 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-def make_tiny_tables(root: Path, per_dataset: int = 24, image_size: int = 32, seed: int = 0) -> dict[str, str]:
-    """Two datasets with disjoint labels, like UTKFace (age, gender, race) and FER2013 (expression).
+def make_tiny_tables(root: Path, per_dataset: int = 24, image_size: int = 32, seed: int = 0,
+                     evaluate_only: tuple[str, ...] = ()) -> dict[str, str]:
+    """Two datasets with disjoint labels, like UTKFace (age, gender, race) and FER2013 (expression); the
+    datasets named in ``evaluate_only`` are marked so in the face manifest, as ``use: evaluate`` does.
 
     Images are random but carry a learnable signal: the mean brightness encodes the labels.
     Returns {"faces": uri, "labels": uri}.
@@ -42,7 +45,8 @@ def make_tiny_tables(root: Path, per_dataset: int = 24, image_size: int = 32, se
     rng = np.random.default_rng(seed)
     faces_uri, labels_uri = str(root / "faces"), str(root / "labels.parquet")
     writer = contracts.FaceTableWriter(faces_uri, shard_rows=max(8, per_dataset // 2),
-                                       metadata={"image_size": str(image_size)})
+                                       metadata={"image_size": str(image_size),
+                                                 contracts.EVALUATE_ONLY: json.dumps(list(evaluate_only))})
     label_rows = []
     splits = ["train"] * 6 + ["val", "test"]
     for dataset, domain in (("utk", "color"), ("fer", "gray")):

@@ -187,7 +187,7 @@ def test_views_are_batched_and_grouped_by_size(tmp_path):
 
 def test_holdout_mode_reports_quality_against_hidden_labels(tables, tmp_path):
     cfg = _config(holdout={"fraction": 0.25, "tasks": ["age", "expression"], "thresholds": [0.0, 0.2, 0.5]})
-    hidden = pseudolabel.write_holdout_labels(cfg, tables["labels"], str(tmp_path / "holdout"))
+    hidden = pseudolabel.write_holdout_labels(cfg, tables["faces"], tables["labels"], str(tmp_path / "holdout"))
     assert hidden["hidden"] == {"age": 5, "expression": 5}
     train = contracts.read_table(hidden["labels"], contracts.LABELS)
     assert train.column("expression").null_count == 20 + 5

@@ -91,9 +91,9 @@ def cmd_pseudolabel(args: argparse.Namespace) -> None:
         pseudolabel.merge(pl_cfg, parts=args.merge, out=args.out)
         return
     if args.hide_labels:
-        if not args.labels:
-            raise UserError("pseudolabel --hide-labels needs --labels")
-        written = pseudolabel.write_holdout_labels(pl_cfg, labels=args.labels, out=args.out)
+        if not args.labels or not args.faces:
+            raise UserError("pseudolabel --hide-labels needs --faces and --labels")
+        written = pseudolabel.write_holdout_labels(pl_cfg, faces=args.faces, labels=args.labels, out=args.out)
         print(f"train the teacher with --labels {written['labels']} (hidden: {written['hidden']})")
         return
     for name in ("teacher", "faces", "labels"):

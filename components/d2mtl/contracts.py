@@ -17,7 +17,9 @@ import io
 import json
 from collections.abc import Iterable, Iterator
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from d2mtl import store
@@ -28,6 +30,7 @@ SCHEMA_KEY = b"d2mtl.schema"
 FACES, LABELS, PSEUDO, PSEUDO_PART = "faces", "labels", "pseudo", "pseudo_part"
 VERSIONS = {FACES: 1, LABELS: 1, PSEUDO: 1, PSEUDO_PART: 1}
 MANIFEST = "_manifest.json"
+EVALUATE_ONLY = "evaluate_only"  # face-manifest metadata: JSON list of the datasets whose labels only evaluation reads
 
 SPLITS = ("train", "val", "test")
 ALIGNMENT_STATUSES = ("aligned", "trusted_crop")
@@ -207,3 +210,36 @@ def read_face_columns(uri: str, columns: list[str]) -> pa.Table:
     batches = list(iter_face_batches(uri, columns=columns))
     schema = pa.schema([FACE_SCHEMA.field(name) for name in columns])
     return pa.Table.from_batches(batches, schema=schema) if batches else schema.empty_table()
+
+
+def evaluate_only_datasets(faces: str) -> list[str]:
+    """The datasets of a face table whose labels are for evaluation only (``use: evaluate`` at ingest)."""
+    return json.loads(read_manifest(faces)["metadata"].get(EVALUATE_ONLY, "[]"))
+
+
+def split_label_cells(labels: pa.Table, moved: dict[str, np.ndarray]) -> tuple[pa.Table, pa.Table]:
+    """Move label cells out of ``labels``: ``moved`` maps a column to a row mask. Returns (labels without those
+    cells, the moved cells), both in the label schema; the second holds only rows with a moved cell."""
+    kept, taken = labels, labels
+    any_moved = np.zeros(labels.num_rows, dtype=bool)
+    for index, column in enumerate(labels.column_names):
+        if column == "sample_id":
+            continue
+        mask = pa.array(moved.get(column, np.zeros(labels.num_rows, dtype=bool)))
+        nulls = pa.nulls(labels.num_rows, labels.schema.field(column).type)
+        kept = kept.set_column(index, column, pc.if_else(mask, nulls, labels.column(column)))
+        taken = taken.set_column(index, column, pc.if_else(mask, labels.column(column), nulls))
+        any_moved |= mask.to_numpy(zero_copy_only=False)
+    return kept, taken.filter(pa.array(any_moved))
+
+
+def training_labels(faces: str, labels: pa.Table) -> tuple[pa.Table, pa.Table | None]:
+    """(the labels training may use, the evaluation-only labels or None): every label of a face of an
+    evaluation-only dataset moves to the second table."""
+    datasets = evaluate_only_datasets(faces)
+    if not datasets:
+        return labels, None
+    meta = read_face_columns(faces, ["sample_id", "dataset"])
+    hidden_ids = meta.filter(pc.is_in(meta.column("dataset"), pa.array(datasets, pa.string()))).column("sample_id")
+    rows = pc.is_in(labels.column("sample_id"), hidden_ids.combine_chunks()).to_numpy(zero_copy_only=False)
+    return split_label_cells(labels, {column: rows for column in labels.column_names})

@@ -145,7 +145,8 @@ def positions_in(keys: pa.Array, table: pa.Table, column: str = "sample_id", whe
 
 @dataclass
 class FaceIndex:
-    """Every face row's metadata, its place in the sharded table, and its targets (one row per face)."""
+    """Every face row's metadata, its place in the sharded table, and its training targets (one row per face;
+    the labels of evaluation-only datasets are not training targets)."""
 
     faces: str  # face table URI
     shards: list[str]  # shard URIs in manifest order
@@ -167,6 +168,7 @@ class FaceIndex:
         if sum(counts) != meta.num_rows:
             raise contracts.ContractError(f"{faces}: manifest lists {sum(counts)} rows, shards hold {meta.num_rows}")
         label_table = contracts.read_table(labels, contracts.LABELS) if isinstance(labels, str) else labels
+        label_table, _ = contracts.training_labels(faces, label_table)
         positions = positions_in(meta.column("sample_id"), label_table, where=str(labels)[:200])
         shard = np.repeat(np.arange(len(counts)), counts)
         row = np.concatenate([np.arange(c) for c in counts]) if counts else np.zeros(0, np.int64)

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
+from d2mtl import contracts
 from d2mtl.config.pseudolabel import TaskRule
 from d2mtl.tasks import get_task
 
@@ -143,26 +143,14 @@ def hide_labels(labels: pa.Table, fraction: float, tasks: list[str] | tuple[str,
         get_task(name)
     keys = np.array([_hash_key(seed, sample_id) for sample_id in labels.column("sample_id").to_pylist()],
                     dtype=np.uint64)
-    hidden_any = np.zeros(labels.num_rows, dtype=bool)
-    train_columns, truth_columns = {}, {}
+    moved = {}
     for name in tasks:
         known = np.flatnonzero(labels.column(name).is_valid().to_numpy(zero_copy_only=False))
         hidden = np.zeros(labels.num_rows, dtype=bool)
         hidden[known[np.argsort(keys[known], kind="stable")[: round(fraction * known.size)]]] = True
-        hidden_any |= hidden
         for column in [name] + (["age_low", "age_high"] if name == "age" else []):
-            values, nulls = labels.column(column), pa.nulls(labels.num_rows, labels.schema.field(column).type)
-            train_columns[column] = pc.if_else(pa.array(hidden), nulls, values)
-            truth_columns[column] = pc.if_else(pa.array(hidden), values, nulls)
-    train = labels
-    truth = labels
-    for index, column in enumerate(labels.column_names):
-        if column in train_columns:
-            train = train.set_column(index, column, train_columns[column])
-        if column != "sample_id":
-            empty = pa.nulls(labels.num_rows, labels.schema.field(column).type)
-            truth = truth.set_column(index, column, truth_columns.get(column, empty))
-    return train, truth.filter(pa.array(hidden_any))
+            moved[column] = hidden
+    return contracts.split_label_cells(labels, moved)
 
 
 SWEPT = {"fixed": "threshold", "prior": "retention", "spread": "max_spread"}  # the rule parameter a curve varies

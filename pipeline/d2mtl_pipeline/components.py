@@ -48,17 +48,19 @@ def ingest_merge(parts: Input[List[Dataset]], faces: Output[Dataset], labels: Ou
     steps.main(steps.ingest_merge, parts, faces, labels, report, summary)
 
 
-def holdout(config: str, labels: Input[Dataset], train_labels: Output[Dataset], hidden: Output[Dataset]):
+def holdout(config: str, faces: Input[Dataset], labels: Input[Dataset], train_labels: Output[Dataset],
+            hidden: Output[Dataset]):
     """Holdout mode: hide a fraction of the known labels from the teachers, to measure pseudo-labels against them.
 
     Args:
         config: the pseudolabel section of the experiment (PseudoLabelConfig JSON; its holdout settings).
+        faces: the face table (which datasets are evaluation-only).
         labels: the label table.
         train_labels: the label table the teacher and the baselines train on.
         hidden: the hidden labels (the truth the pseudo-label report measures against).
     """
     from d2mtl_pipeline import steps
-    steps.main(steps.holdout, config, labels, train_labels, hidden)
+    steps.main(steps.holdout, config, faces, labels, train_labels, hidden)
 
 
 def teacher(config: str, faces: Input[Dataset], labels: Input[Dataset], model: Output[Model],

@@ -183,7 +183,7 @@ def build(cfg: ExperimentConfig, reuse: Reuse | None = None, local: bool = False
         # ---- holdout (pseudolabel.holdout.fraction > 0): the teachers train without some known labels --
         teacher_labels = labels
         if holdout and {"teacher", "baselines"} & computed:
-            hide = place(c.holdout(config=pseudolabel_config, labels=labels), "teacher", pseudolabel_cpu)
+            hide = place(c.holdout(config=pseudolabel_config, faces=faces, labels=labels), "teacher", pseudolabel_cpu)
             teacher_labels = hide.outputs["train_labels"]
 
         # ---- teacher: one multi-task network on every dataset, losses masked where labels are missing --

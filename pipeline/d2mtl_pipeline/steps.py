@@ -179,14 +179,14 @@ def pseudolabel_single(config: str, baselines, task: str, faces, labels, pseudo,
     log_metrics(metrics, {**flat_numbers(result), STAGE_SECONDS: seconds})
 
 
-def holdout(config: str, labels, train_labels, hidden) -> None:
+def holdout(config: str, faces, labels, train_labels, hidden) -> None:
     """Holdout mode: the label table the teachers train on (some known labels hidden) and the hidden truth."""
     from d2mtl.config import PseudoLabelConfig
     from d2mtl.stages import pseudolabel as stage
 
     cfg = validate(PseudoLabelConfig, config, "pseudolabel")
     with workdir(train_labels.path) as work:
-        written = stage.write_holdout_labels(cfg, labels.path, work)
+        written = stage.write_holdout_labels(cfg, faces.path, labels.path, work)
         os.replace(written["labels"], train_labels.path)
         os.replace(written["hidden_truth"], hidden.path)
 

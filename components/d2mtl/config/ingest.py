@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Alignment = Literal["detect", "trust_crop", "detect_or_trust_crop"]
+DatasetUse = Literal["train", "evaluate"]
 
 
 class DatasetSpec(BaseModel):
@@ -24,6 +25,9 @@ class DatasetSpec(BaseModel):
     domain: str | None = None  # image domain label; None: the dataset name
     alignment: Alignment = "detect"  # detect: no face = rejected row; trust_crop: resize the source crop
     limit: int | None = Field(default=None, ge=1)  # keep this many samples (lowest sample_id hashes), None = all
+    # evaluate: the labels are ingested but only evaluation reads them; the teacher and the student never train
+    # on them and the pseudo-label stage treats the faces as an unlabelled domain (docs/datasets.md)
+    use: DatasetUse = "train"
 
     @property
     def domain_name(self) -> str:
@@ -187,3 +191,8 @@ class IngestConfig(BaseModel):
         if duplicated:
             raise ValueError(f"dataset name(s) used twice: {', '.join(duplicated)}")
         return datasets
+
+    @property
+    def evaluate_only(self) -> list[str]:
+        """Names of the datasets whose labels are for evaluation only."""
+        return [d.name for d in self.datasets if d.use == "evaluate"]

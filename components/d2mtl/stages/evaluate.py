@@ -240,7 +240,8 @@ def in_domain_coverage(cfg: EvaluateConfig, models: list[EvalModel], faces: str,
     """task -> datasets whose ground truth for it was used in training, and where that came from.
 
     From the config when set; else from the cards of the teacher and the baselines (students are left out:
-    their cards count pseudo-labels too); else from the train split of the label table.
+    their cards count pseudo-labels too); else from the train split of the label table, less the labels of
+    evaluation-only datasets.
     """
     if cfg.in_domain is not None:
         return {task: set(cfg.in_domain.get(task, [])) for task in TASKS}, "config evaluate.in_domain"
@@ -254,6 +255,7 @@ def in_domain_coverage(cfg: EvaluateConfig, models: list[EvalModel], faces: str,
                 coverage.setdefault(task, set()).update(datasets)
     if sources:
         return {task: coverage.get(task, set()) for task in TASKS}, f"model cards of {', '.join(sources)}"
+    label_table, _ = contracts.training_labels(faces, label_table)
     meta = contracts.read_face_columns(faces, ["sample_id", "dataset", "split"])
     train = meta.filter(pc.equal(meta.column("split"), "train"))
     positions = data.positions_in(train.column("sample_id"), label_table, where="label table")

@@ -264,13 +264,14 @@ class IngestReport:
     def to_dict(self, cfg: IngestConfig, elapsed_s: float, shard: dict) -> dict:
         """The report.json document; ``shard``: which part of which plan (index, count, plan digest)."""
         datasets = {}
+        use = {spec.name: spec.use for spec in cfg.datasets}
         for dataset in self.listed:
             counts: dict = defaultdict(dict)
             for (ds, split, task), classes in sorted(self.classes.items()):
                 if ds == dataset:
                     counts[split][task] = dict(sorted(classes.items()))
             datasets[dataset] = {
-                "listed": self.listed[dataset], "limited_out": self.limited_out[dataset],
+                "use": use.get(dataset, "train"), "listed": self.listed[dataset], "limited_out": self.limited_out[dataset],
                 "inputs": self.inputs[dataset], "written": self.written[dataset],
                 "rejected": sum(self.rejected[dataset].values()),
                 "rejected_by_reason": dict(sorted(self.rejected[dataset].items())),
@@ -303,7 +304,10 @@ def report_markdown(report: dict) -> str:
                      f"{ds['rejected']} | {ds['alignment'].get('aligned', 0)} | "
                      f"{ds['alignment'].get('trusted_crop', 0)} |")
     for name, ds in report["datasets"].items():
-        lines += ["", f"## {name}", "", "Splits: " + ", ".join(f"{k} {v}" for k, v in ds["splits"].items())]
+        lines += ["", f"## {name}", ""]
+        if ds["use"] == "evaluate":
+            lines.append("Evaluation only: its labels are never trained on; pseudo-labelling treats it as unlabelled.")
+        lines.append("Splits: " + ", ".join(f"{k} {v}" for k, v in ds["splits"].items()))
         if ds["notes"]:
             lines.append("Kept with a missing label: " + ", ".join(f"{k} ({v})" for k, v in ds["notes"].items()))
         if ds["rejected_by_reason"]:
@@ -467,7 +471,8 @@ def run(cfg: IngestConfig, out: str, shard: tuple[int, int] = (0, 1)) -> dict:
                  count, ", ".join(spec.name for spec, _ in sources), workers)
         store.delete(layout.faces(out))
         writer = contracts.FaceTableWriter(layout.faces(out), cfg.shard_rows,
-                                           metadata={"image_size": str(cfg.image_size), "template": FACE_TEMPLATE})
+                                           metadata={"image_size": str(cfg.image_size), "template": FACE_TEMPLATE,
+                                                     contracts.EVALUATE_ONLY: json.dumps(cfg.evaluate_only)})
         labels: dict[str, list] = {name: [] for name in contracts.LABEL_SCHEMA.names}
         in_flight = workers * cfg.chunk_size * 4
         results = tqdm(ordered_parallel(jobs_of(blocks, sources), pool, in_flight, cfg.chunk_size), total=len(mine),

@@ -14,6 +14,9 @@ mode, and ``shards/shard-<i>-of-<n>.parquet`` (the parts).
 Holdout mode (``holdout.fraction > 0``): ``write_holdout_labels`` hides a fraction of the known labels for the
 teacher to train on; this stage hides the same ones (``distill.hide_labels`` is deterministic), treats them
 as unlabelled and reports the pseudo-labels' accuracy / MAE against them as the selection parameter sweeps.
+The faces of evaluation-only datasets (``use: evaluate`` at ingest) are unlabelled here too: they get
+pseudo-labels, and their real labels give the same curves for that target domain (``by_dataset``), with or
+without holdout mode.
 """
 
 from __future__ import annotations
@@ -188,11 +191,15 @@ def _aggregate(task: str, values: np.ndarray) -> distill.TaskPrediction:
 
 # ---- labels of record and hidden truth ----------------------------------------------------------
 
-def labels_of_record(cfg: PseudoLabelConfig, labels: pa.Table) -> tuple[pa.Table, pa.Table | None]:
-    """(the labels the teacher trained on, the hidden truth or None): the holdout split when enabled."""
+def labels_of_record(cfg: PseudoLabelConfig, faces: str, labels: pa.Table
+                     ) -> tuple[pa.Table, pa.Table | None, pa.Table | None]:
+    """(the labels the teacher trained on, the labels hidden in holdout mode or None, the labels of the
+    evaluation-only datasets or None: their faces are an unlabelled domain here)."""
+    record, evaluation_truth = contracts.training_labels(faces, labels)
     if cfg.holdout.fraction == 0:
-        return labels, None
-    return distill.hide_labels(labels, cfg.holdout.fraction, cfg.holdout.tasks, cfg.holdout.seed)
+        return record, None, evaluation_truth
+    record, hidden = distill.hide_labels(record, cfg.holdout.fraction, cfg.holdout.tasks, cfg.holdout.seed)
+    return record, hidden, evaluation_truth
 
 
 def check_holdout_teachers(cfg: PseudoLabelConfig, teachers: list[Teacher]) -> None:
@@ -298,6 +305,22 @@ def retention_rows(task: str, part: pa.Table, pred: distill.TaskPrediction, cand
     return rows
 
 
+def quality_curves(cfg: PseudoLabelConfig, task: str, pred: distill.TaskPrediction, candidate: np.ndarray,
+                   known: np.ndarray | None, kept: np.ndarray, truth: np.ndarray) -> dict:
+    """The kept pseudo-labels measured on ``truth`` (NaN: no truth), and every applicable rule's sweep."""
+    rule = cfg.rule_for(task)
+    sweeps = {}
+    for name in RULES_BY_KIND[TASKS[task].kind]:
+        try:
+            curve = distill.holdout_curve(task, rule.model_copy(update={"rule": name}), pred, candidate, known,
+                                          truth, cfg.holdout.sweep(name))
+        except ValueError:  # e.g. the prior rule for a task that no training dataset labels
+            continue
+        sweeps[name] = {"parameter": distill.CURVE_KEY[distill.SWEPT[name]], "curve": curve}
+    return {"rule": rule.rule, **sweeps.pop(rule.rule), "chosen": distill.holdout_point(task, kept, pred, truth),
+            "other_rules": sweeps}
+
+
 def select_all(cfg: PseudoLabelConfig, part: pa.Table, tasks: tuple[str, ...],
                with_truth: bool) -> tuple[dict[str, pa.Array], dict, list[dict], dict]:
     """Apply every task's rule over the whole (merged) part: kept columns, per-task summary, retention rows,
@@ -323,12 +346,12 @@ def select_all(cfg: PseudoLabelConfig, part: pa.Table, tasks: tuple[str, ...],
         retention += retention_rows(task, part, pred, candidate, selection.kept)
         truth = _numpy(part, f"{task}_hidden")
         if with_truth and not np.isnan(truth).all():
-            sweeps = {name: {"parameter": distill.CURVE_KEY[distill.SWEPT[name]],
-                             "curve": distill.holdout_curve(task, rule.model_copy(update={"rule": name}), pred,
-                                                            candidate, known, truth, cfg.holdout.sweep(name))}
-                      for name in RULES_BY_KIND[TASKS[task].kind]}
-            curves[task] = {"rule": rule.rule, **sweeps.pop(rule.rule),
-                            "chosen": distill.holdout_point(task, selection.kept, pred, truth), "other_rules": sweeps}
+            datasets = np.asarray(part.column("dataset").to_pylist(), dtype=object)
+            measured = {name: quality_curves(cfg, task, pred, candidate, known, selection.kept,
+                                             np.where(datasets == name, truth, np.nan))
+                        for name in sorted(set(datasets[~np.isnan(truth)]))}
+            curves[task] = {**quality_curves(cfg, task, pred, candidate, known, selection.kept, truth),
+                            "by_dataset": measured}
     return kept_columns, summary, retention, curves
 
 
@@ -387,18 +410,20 @@ def run(cfg: PseudoLabelConfig, teachers: list[str], faces: str, labels: str, ou
     rows = sum(s["rows"] for s in manifest["shards"][index::count])
     if not mine:
         log.warning("shard %d/%d: the face table has only %d shards, nothing to do", index, count, len(all_shards))
-    record, hidden = labels_of_record(cfg, contracts.read_table(labels, contracts.LABELS))
+    record, hidden, evaluation_truth = labels_of_record(cfg, faces, contracts.read_table(labels, contracts.LABELS))
     if hidden is not None:
         check_holdout_teachers(cfg, models)
+    truths = [t for t in (hidden, evaluation_truth) if t is not None]
     log.info("pseudo-labelling %d faces (shard %d/%d) with %d teacher(s) x %d transforms on %s",
              rows, index, count, len(models), len(cfg.transforms), device)
     keys, predictions = infer(models, faces, mine, cfg, device, rows)
     columns = {"sample_id": keys.column("sample_id").combine_chunks(),
                "dataset": keys.column("dataset").combine_chunks(),
-               **_prediction_columns(predictions), **label_columns(keys, record, hidden)}
+               **_prediction_columns(predictions), **label_columns(keys, record, pa.concat_tables(truths) if truths else None)}
     part = _table(contracts.PSEUDO_PART_SCHEMA, keys.num_rows, columns).sort_by("sample_id")
     provenance = {"teachers": [m.identity() for m in models], "transforms": cfg.transforms, "tasks": list(tasks),
                   "holdout": cfg.holdout.model_dump(include={"fraction", "tasks", "seed"}) if hidden else None,
+                  "evaluate_only": contracts.evaluate_only_datasets(faces),
                   "faces_rows": manifest["rows"], "face_shards": len(all_shards), "shards": count}
     part_uri = store.join(out, layout.pseudo_shard(index, count))
     contracts.write_table(part, part_uri, contracts.PSEUDO_PART,
@@ -456,33 +481,34 @@ def merge(cfg: PseudoLabelConfig, parts: list[str], out: str) -> dict:
     tasks = tuple(provenance["tasks"])
     if set(tasks) != set(cfg.task_names):
         raise UserError(f"the parts predict {', '.join(tasks)} but pseudolabel.tasks is {', '.join(cfg.task_names)}")
-    kept, summary, retention, curves = select_all(cfg, part, tasks, provenance["holdout"] is not None)
+    with_truth = provenance["holdout"] is not None or bool(provenance["evaluate_only"])
+    kept, summary, retention, curves = select_all(cfg, part, tasks, with_truth)
     nothing = {f"{task}_kept": pa.array(np.zeros(part.num_rows, bool)) for task in TASKS if task not in tasks}
     pseudo = _table(contracts.PSEUDO_SCHEMA, part.num_rows,
                     {**{name: part.column(name) for name in part.column_names}, **kept, **nothing})
     rules = {task: cfg.rule_for(task).model_dump(include={"rule", distill.SWEPT[cfg.rule_for(task).rule]})
              for task in tasks}
     meta = {"teachers": provenance["teachers"], "transforms": provenance["transforms"], "tasks": list(tasks),
-            "rules": rules, "holdout": provenance["holdout"]}
+            "rules": rules, "holdout": provenance["holdout"], "evaluate_only": provenance["evaluate_only"]}
     pseudo_uri, report_uri = store.join(out, layout.PSEUDO_FILE), store.join(out, layout.PSEUDO_REPORT)
     contracts.write_table(pseudo, pseudo_uri, contracts.PSEUDO, {PROVENANCE_KEY: json.dumps(meta, sort_keys=True)})
     report = {**meta, "rows": part.num_rows, "shards": provenance["shards"], "selection": summary,
               "retention": retention}
     if curves:
         store.write_bytes(store.join(out, layout.PSEUDO_HOLDOUT_PLOT), holdout_plot(curves), "image/png")
-        report["holdout"] = {**provenance["holdout"], "curves": curves, "plot": layout.PSEUDO_HOLDOUT_PLOT}
+        report["holdout"] = {**(provenance["holdout"] or {}), "curves": curves, "plot": layout.PSEUDO_HOLDOUT_PLOT}
     store.write_text(report_uri, json.dumps(report, indent=1))
     log.info("pseudo-labels: %s", ", ".join(f"{t} {s['kept']}/{s['candidates']}" for t, s in summary.items()))
     return {"pseudo": pseudo_uri, "report": report_uri, "rows": part.num_rows,
             "kept": {task: s["kept"] for task, s in summary.items()}}
 
 
-def write_holdout_labels(cfg: PseudoLabelConfig, labels: str, out: str) -> dict:
+def write_holdout_labels(cfg: PseudoLabelConfig, faces: str, labels: str, out: str) -> dict:
     """Holdout mode, before the teacher: write the label table to train it on and the hidden truth."""
     if cfg.holdout.fraction == 0:
         raise UserError("pseudolabel.holdout.fraction is 0: nothing to hide "
                         "(e.g. --set pseudolabel.holdout.fraction=0.2)")
-    record, hidden = labels_of_record(cfg, contracts.read_table(labels, contracts.LABELS))
+    record, hidden, _ = labels_of_record(cfg, faces, contracts.read_table(labels, contracts.LABELS))
     setting = {HOLDOUT_KEY: cfg.holdout.model_dump_json(include={"fraction", "tasks", "seed"})}
     train_uri, truth_uri = store.join(out, layout.HOLDOUT_LABELS_FILE), store.join(out, layout.HOLDOUT_TRUTH_FILE)
     contracts.write_table(record, train_uri, contracts.LABELS, setting)
