@@ -103,6 +103,15 @@ def test_aaf_bad_input_is_report_rows(tmp_path):
                        FACES + "07001A20.jpg": "label_out_of_range", SETS + "val_.txt#line=3": "malformed_line"}
 
 
+def test_aaf_image_named_twice_keeps_the_first_line(tmp_path):
+    folder = layouts.aaf(tmp_path)
+    with open(folder / "All-Age-Faces Dataset" / "image sets" / "val_.txt", "a") as handle:
+        handle.write("00000A02.jpg 1\n")
+    entries = listing(AAFSpec(), folder)
+    assert entries[SETS + "val_.txt#line=4"].reject == "duplicate_line"
+    assert entries[FACES + "00000A02.jpg"].labels["gender"] == TASKS["gender"].code_of("female")
+
+
 def test_aaf_train_set_alone_is_hash_split(tmp_path):
     entries = listing(AAFSpec(), layouts.aaf(tmp_path, sets=("train_",)))
     good = kept(entries)
@@ -157,7 +166,7 @@ def test_new_formats_parse_from_yaml_like_dicts():
     cfg = IngestConfig(datasets=[{"format": "rafdb"}, {"format": "aaf"}, {"format": "appa_real", "age": "apparent"},
                                  APPA_MANIFEST.model_dump() | {"name": "appa_csv"}])
     assert [d.name for d in cfg.datasets] == ["rafdb", "aaf", "appa", "appa_csv"]
-    assert {d.alignment for d in cfg.datasets[:3]} == {"detect_or_trust_crop"}
+    assert [d.alignment for d in cfg.datasets[:3]] == ["detect_or_trust_crop", "detect_or_trust_crop", "detect"]
 
 
 # ---------------------------------------------------------------- the real copies in ../shared/data

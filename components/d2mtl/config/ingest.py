@@ -116,7 +116,7 @@ class APPARealSpec(DatasetSpec):
     name: str = "appa"
     path: str = "appa-real-release"  # gt_avg_{train,valid,test}.csv + train/, valid/, test/ *.jpg_face.jpg
     age: Literal["real", "apparent"] = "real"  # real_age or apparent_age_avg
-    alignment: Alignment = "detect_or_trust_crop"
+    alignment: Alignment = "detect"  # some release crops hold no face (a scene, a wrong detection): reject those
 
 
 class ImageFolderSpec(DatasetSpec):
