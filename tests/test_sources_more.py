@@ -12,7 +12,9 @@ import ingest_layouts as layouts
 from d2mtl.config.ingest import AAFSpec, APPARealSpec, CsvManifestSpec, IngestConfig, RAFDBSpec
 from d2mtl.errors import UserError
 from d2mtl.sources import SOURCES, TRAINVAL, open_tree
+from d2mtl.stages import ingest
 from d2mtl.tasks import TASKS
+from test_ingest import config, read_output
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 EXPRESSION = TASKS["expression"].code_of
@@ -167,6 +169,30 @@ def test_new_formats_parse_from_yaml_like_dicts():
                                  APPA_MANIFEST.model_dump() | {"name": "appa_csv"}])
     assert [d.name for d in cfg.datasets] == ["rafdb", "aaf", "appa", "appa_csv"]
     assert [d.alignment for d in cfg.datasets[:3]] == ["detect_or_trust_crop", "detect_or_trust_crop", "detect"]
+
+
+# ---------------------------------------------------------------- through the ingest stage
+
+def test_bad_input_stays_report_rows_through_the_stage(tmp_path):
+    layouts.rafdb(tmp_path)
+    layouts.aaf(tmp_path)
+    layouts.appa_real(tmp_path)
+    layouts.appa_manifest(tmp_path)
+    specs = [RAFDBSpec(), AAFSpec(), APPARealSpec(name="appa_real"), APPA_MANIFEST]
+    summary = ingest.run(config(tmp_path, specs), str(tmp_path / "out"))
+    faces, labels, report = read_output(str(tmp_path / "out"))
+    by_reason = {name: ds["rejected_by_reason"] for name, ds in report["datasets"].items()}
+    assert by_reason == {
+        "rafdb": {"label_out_of_range": 1, "malformed_label": 1, "malformed_line": 1, "missing_file": 1,
+                  "unknown_split": 1},
+        "aaf": {"label_out_of_range": 1, "malformed_line": 1, "malformed_name": 1, "missing_file": 1},
+        "appa_real": {"label_out_of_range": 1, "malformed_label": 1, "missing_file": 1},
+        "appa": {}}
+    assert report["datasets"]["aaf"]["notes"] == {"gender missing (in no image-set file)": 1}
+    assert all(row["reason"] and row["source_uri"] for row in report["rejects"])
+    assert summary["written"] == len(faces) == 9 + 4 + 5 + 3
+    rafdb_test = [f for f in faces if f["dataset"] == "rafdb" and f["split"] == "test"]
+    assert len(rafdb_test) == 2 and all("/test_" in f["source_uri"] for f in rafdb_test)
 
 
 # ---------------------------------------------------------------- the real copies in ../shared/data
