@@ -28,6 +28,7 @@ import logging
 import sys
 from collections.abc import Callable
 
+from d2mtl.config import updated
 from d2mtl.errors import UserError
 
 
@@ -78,7 +79,7 @@ def cmd_teacher(args: argparse.Namespace) -> None:
     from d2mtl.stages import teacher
 
     cfg = _experiment(args)
-    train_cfg = cfg.teacher if args.tasks is None else cfg.teacher.model_copy(update={"tasks": args.tasks})
+    train_cfg = cfg.teacher if args.tasks is None else updated(cfg.teacher, "--tasks", tasks=args.tasks)
     teacher.run(train_cfg, faces=args.faces, labels=args.labels, out=args.out)
 
 
@@ -86,7 +87,7 @@ def cmd_pseudolabel(args: argparse.Namespace) -> None:
     from d2mtl.stages import pseudolabel
 
     cfg = _experiment(args)
-    pl_cfg = cfg.pseudolabel if args.tasks is None else cfg.pseudolabel.model_copy(update={"tasks": args.tasks})
+    pl_cfg = cfg.pseudolabel if args.tasks is None else updated(cfg.pseudolabel, "--tasks", tasks=args.tasks)
     if args.merge:
         pseudolabel.merge(pl_cfg, parts=args.merge, out=args.out)
         return

@@ -7,7 +7,9 @@ the losses, pseudo-labelling and the metrics all read this registry.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal, TypeVar
+
+from pydantic import AfterValidator
 
 TaskKind = Literal["classification", "regression"]
 
@@ -81,3 +83,21 @@ def resolve_tasks(names: list[str] | tuple[str, ...] | None) -> tuple[Task, ...]
     if unknown:
         raise ValueError(f"unknown task(s) {', '.join(unknown)}; known tasks: {', '.join(TASKS)}")
     return tuple(t for t in TASKS.values() if t.name in names)
+
+
+def _known_task_names(names: list[str]) -> list[str]:
+    resolve_tasks(names)
+    return names
+
+
+def _known_task_keys(mapping: dict) -> dict:
+    if mapping:
+        resolve_tasks(list(mapping))
+    return mapping
+
+
+Value = TypeVar("Value")
+# The one check of task names in configs and on the command line: unknown or no tasks give one line
+# (``unknown task(s) X; known tasks: ...``). TaskMap[V]: a mapping keyed by task name.
+TaskList = Annotated[list[str], AfterValidator(_known_task_names)]
+TaskMap = Annotated[dict[str, Value], AfterValidator(_known_task_keys)]

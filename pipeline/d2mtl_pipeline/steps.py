@@ -137,12 +137,12 @@ def ingest_merge(parts: list, faces, labels, report, summary) -> None:
 
 def train(config: str, faces, labels, model, metrics, task: str) -> None:
     """The teacher (all configured tasks), or a single-task baseline when ``task`` is set."""
-    from d2mtl.config import TrainConfig
+    from d2mtl.config import TrainConfig, updated
     from d2mtl.stages import teacher as stage
 
     cfg = validate(TrainConfig, config, "teacher")
     if task:
-        cfg = cfg.model_copy(update={"tasks": [task]})
+        cfg = updated(cfg, "task", tasks=[task])
     result, seconds = timed(lambda: stage.run(cfg, faces=faces.path, labels=labels.path, out=model.path))
     model_metadata(model)
     log_metrics(metrics, {**flat_numbers(result), STAGE_SECONDS: seconds})
@@ -169,10 +169,10 @@ def pseudolabel_merge(config: str, parts: list, pseudo, metrics) -> None:
 
 def pseudolabel_single(config: str, baselines, task: str, faces, labels, pseudo, metrics) -> None:
     """Pseudo-labels for one task from its single-task baseline (``baselines/<task>``), in one shard."""
-    from d2mtl.config import PseudoLabelConfig
+    from d2mtl.config import PseudoLabelConfig, updated
     from d2mtl.stages import pseudolabel as stage
 
-    cfg = validate(PseudoLabelConfig, config, "pseudolabel").model_copy(update={"tasks": [task]})
+    cfg = updated(validate(PseudoLabelConfig, config, "pseudolabel"), "task", tasks=[task])
     teacher = member(baselines.path, task)
     result, seconds = timed(lambda: stage.run(cfg, teachers=[teacher], faces=faces.path, labels=labels.path,
                                               out=pseudo.path))
@@ -194,12 +194,12 @@ def holdout(config: str, faces, labels, train_labels, hidden) -> None:
 def student(config: str, faces, labels, pseudo: str, teacher: str, model, metrics, task: str = "") -> None:
     """The student on ground truth + kept pseudo-labels (``pseudo``: a pseudo-label folder; ``teacher``: a model
     folder); ``task``: a single-task student of that task only."""
-    from d2mtl.config import StudentConfig
+    from d2mtl.config import StudentConfig, updated
     from d2mtl.stages import student as stage
 
     cfg = validate(StudentConfig, config, "student")
     if task:
-        cfg = cfg.model_copy(update={"tasks": [task]})
+        cfg = updated(cfg, "task", tasks=[task])
     result, seconds = timed(lambda: stage.run(
         cfg, faces=faces.path, labels=labels.path, pseudo=store.join(pseudo, layout.PSEUDO_FILE), out=model.path,
         teacher=teacher))

@@ -46,23 +46,48 @@ class ExperimentConfig(BaseModel):
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
-    """One line naming each bad field, e.g. ``invalid config cpu: teacher.epochs: Input should be ...``."""
+def _format_errors(err: ValidationError) -> str:
+    """One line naming each bad field, e.g. ``teacher.epochs: Input should be ...``."""
     problems = []
     for item in err.errors():
         field = ".".join(str(part) for part in item["loc"]) or "(top level)"
         problems.append(f"{field}: {item['msg'].removeprefix('Value error, ')}")
-    return f"invalid config {source}: " + "; ".join(problems)
+    return "; ".join(problems)
+
+
+def updated(section: BaseModel, option: str, **fields: Any) -> Any:
+    """``section`` with ``fields`` replaced, validated as a config file is (``model_copy(update=...)`` is not);
+    ``option`` names where the values came from in the one-line error, e.g. ``--tasks``."""
+    try:
+        return type(section).model_validate({**section.model_dump(), **fields})
+    except ValidationError as err:
+        raise ConfigError(f"{option}: {_format_errors(err)}") from None
+
+
+def _child(node: Any, part: str, dotted: str) -> Any:
+    """The entry ``part`` of a section (created when missing) or of a list (``part`` an index)."""
+    if isinstance(node, list):
+        if not part.isdigit() or int(part) >= len(node):
+            raise ConfigError(f"--set {dotted}: {part} is not an index of a list of {len(node)}")
+        return node[int(part)]
+    if not isinstance(node, dict):
+        raise ConfigError(f"--set {dotted}: {part} is inside a value, not a section or list")
+    return node.setdefault(part, {})
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``section.field`` (list entries by index: ``ingest.datasets.0.limit``) in the YAML's dict."""
     *parents, leaf = dotted.split(".")
     node = data
     for part in parents:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {dotted}: {part} is not a section")
-    node[leaf] = value
+        node = _child(node, part, dotted)
+    if isinstance(node, list):
+        _child(node, leaf, dotted)
+        node[int(leaf)] = value
+    elif isinstance(node, dict):
+        node[leaf] = value
+    else:
+        raise ConfigError(f"--set {dotted}: {parents[-1]} is a value, not a section or list")
 
 
 def read_yaml(path: str) -> dict[str, Any]:
@@ -73,7 +98,8 @@ def read_yaml(path: str) -> dict[str, Any]:
         try:
             text = Path(path).read_text()
         except OSError as err:
-            raise ConfigError(f"cannot read config {path}: {err.strerror}") from None
+            raise ConfigError(f"cannot read config {path}: {err.strerror}; --config takes a YAML file or a "
+                              f"packaged profile: {', '.join(PROFILES)}") from None
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
@@ -102,4 +128,4 @@ def load_experiment(path: str | None = None, overrides: list[str] | tuple[str, .
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, source)) from None
+        raise ConfigError(f"invalid config {source}: {_format_errors(err)}") from None

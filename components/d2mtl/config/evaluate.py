@@ -7,7 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from d2mtl.roles import parse_role
 from d2mtl.contracts import SPLITS
 from d2mtl.errors import UserError
-from d2mtl.tasks import resolve_tasks
+from d2mtl.tasks import TaskMap
 
 
 class DomainView(BaseModel):
@@ -44,7 +44,7 @@ class EvaluateConfig(BaseModel):
     # student_single:<task>; unnamed models get a role from their name (baseline_age, ...) or their folder
     claims_split: str = "test"  # the split the claims and the comparison table are judged on
     fairness_min_group: int = Field(30, ge=1)  # groups with fewer labelled faces are listed but left out of the largest gap
-    in_domain: dict[str, list[str]] | None = None  # task -> datasets that gave training labels for it;
+    in_domain: TaskMap[list[str]] | None = None  # task -> datasets that gave training labels for it;
     # None: from the model cards of the teacher and the baselines, else from the label table's train split
     views: list[DomainView] = Field(default_factory=list)  # synthetic cross-domain copies (DomainView)
     max_faces_per_dataset: int | None = Field(None, ge=1)  # a deterministic sample of N faces per dataset x split
@@ -69,13 +69,6 @@ class EvaluateConfig(BaseModel):
                 raise ValueError(f"model {name!r}: unknown role {role!r}; roles: teacher, student, baseline:<task>, "
                                  "student_single:<task>")
         return roles
-
-    @field_validator("in_domain")
-    @classmethod
-    def _known_tasks(cls, in_domain: dict[str, list[str]] | None) -> dict[str, list[str]] | None:
-        if in_domain:
-            resolve_tasks(list(in_domain))
-        return in_domain
 
     @model_validator(mode="after")
     def _claims_split_evaluated(self) -> EvaluateConfig:

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from d2mtl.tasks import TASKS, resolve_tasks
+from d2mtl.tasks import TASKS, TaskList
 
 
 def package_version() -> str:
@@ -81,7 +81,7 @@ class PipelineConfig(BaseModel):
     ingest_shards: int = Field(1, ge=1)  # ingest shards fanned out with dsl.ParallelFor, then merged (= one pass)
     shards: int = Field(1, ge=1)  # pseudo-label shards fanned out with dsl.ParallelFor, then merged
     baselines: bool = False  # train the single-task baselines (one per task, in parallel with the teacher)
-    baseline_tasks: list[str] = Field(default_factory=lambda: list(TASKS))  # tasks that get a baseline
+    baseline_tasks: TaskList = Field(default_factory=lambda: list(TASKS))  # tasks that get a baseline
     single_distill: bool = False  # distil each baseline into a single-task student (needs baselines)
     confusion_task: str = "expression"  # the student's confusion matrix shown in the KFP UI
     parallelism: int = Field(0, ge=0)  # loop iterations (shards, baselines) at once; 0: no limit (kfp.local: 2)
@@ -105,12 +105,6 @@ class PipelineConfig(BaseModel):
     retry_backoff_factor: float = Field(2.0, ge=1.0)
     retry_backoff_max: str = "1h"
     caching: bool = True  # reuse a task's outputs when its inputs, settings and image are unchanged
-
-    @field_validator("baseline_tasks")
-    @classmethod
-    def _known_tasks(cls, tasks: list[str]) -> list[str]:
-        resolve_tasks(tasks)
-        return tasks
 
     @field_validator("confusion_task")
     @classmethod

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from d2mtl.tasks import TASKS, get_task, resolve_tasks
+from d2mtl.tasks import TASKS, TaskList, get_task
 
 TRANSFORM_OPS = ("identity", "hflip", "scale", "crop")  # scale:F resizes to F x input size; crop:F centre-crops F
 RULES_BY_KIND = {"classification": ("fixed", "prior"), "regression": ("spread",)}  # selection rules a task may use
@@ -51,17 +51,11 @@ class HoldoutConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     fraction: float = Field(0.0, ge=0.0, lt=1.0)  # share of each task's known labels hidden; 0 = holdout off
-    tasks: list[str] = ["age", "expression"]  # tasks whose labels are hidden (UTKFace age, FER2013 expression)
+    tasks: TaskList = ["age", "expression"]  # tasks whose labels are hidden (UTKFace age, FER2013 expression)
     seed: int = 0  # which rows are hidden: hash(seed, sample_id)
     thresholds: list[float] = [0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99]  # fixed-rule curve points
     retentions: list[float] = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]  # prior-rule curve points
     max_spreads: list[float] = [0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0]  # spread-rule curve points, years
-
-    @field_validator("tasks")
-    @classmethod
-    def _known_tasks(cls, tasks: list[str]) -> list[str]:
-        resolve_tasks(tasks)
-        return tasks
 
     def sweep(self, rule: str) -> list[float]:
         return {"fixed": self.thresholds, "prior": self.retentions, "spread": self.max_spreads}[rule]
@@ -70,7 +64,7 @@ class HoldoutConfig(BaseModel):
 class PseudoLabelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    tasks: list[str] | None = None  # tasks to pseudo-label (None: every registry task); must equal the teacher's
+    tasks: TaskList | None = None  # tasks to pseudo-label (None: every registry task); must equal the teacher's
     transforms: list[str] = ["identity", "hflip"]  # test-time views "op[+op...]": identity, hflip, scale:F, crop:F
     batch_size: int = Field(256, ge=1)  # faces per forward pass (each pass runs all transforms)
     workers: int = Field(1, ge=0)  # processes reading + decoding faces while the network runs (0: in-process)
@@ -78,13 +72,6 @@ class PseudoLabelConfig(BaseModel):
     threads: int = Field(0, ge=0)  # torch CPU threads; 0 keeps torch's default
     rules: dict[str, TaskRule] = {}  # per task; a task not listed: fixed 0.9 (classification), spread 3 (age)
     holdout: HoldoutConfig = Field(default_factory=HoldoutConfig)
-
-    @field_validator("tasks")
-    @classmethod
-    def _known_tasks(cls, tasks: list[str] | None) -> list[str] | None:
-        if tasks is not None:
-            resolve_tasks(tasks)
-        return tasks
 
     @field_validator("transforms")
     @classmethod

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from d2mtl.tasks import TASKS, resolve_tasks
+from d2mtl.tasks import TASKS, TaskList, TaskMap
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -50,7 +50,7 @@ class LRConfig(BaseModel):
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    tasks: list[str] | None = None  # None: every task in the registry; [age]: a single-task baseline
+    tasks: TaskList | None = None  # None: every task in the registry; [age]: a single-task baseline
     # model
     backbone: str = "mobilenet_v2"  # models.BACKBONES: mobilenet_v2, resnet18, resnet50, efficientnet_b0, convnext_tiny
     weights: str = "IMAGENET1K_V1"  # torchvision weights name of the backbone, DEFAULT, or none
@@ -76,7 +76,7 @@ class TrainConfig(BaseModel):
     momentum: float = 0.9  # sgd only
     lr: LRConfig = Field(default_factory=LRConfig)
     weighting: Literal["fixed", "uncertainty", "dwa"] = "fixed"  # task-loss weighting
-    task_weights: dict[str, float] = Field(default_factory=dict)  # fixed: per-task weight, missing -> 1
+    task_weights: TaskMap[float] = Field(default_factory=dict)  # fixed: per-task weight, missing -> 1
     dwa_temperature: float = 2.0  # dwa: softness of the weights
     # run
     device: str = "auto"  # auto: cuda when available, else cpu
@@ -86,20 +86,6 @@ class TrainConfig(BaseModel):
     checkpoint_every: int = 200  # also checkpoint every N optimiser steps (0: only per epoch)
     eval_batch_size: int = 256  # per training process
     progress: bool = True  # tqdm progress bars
-
-    @field_validator("tasks")
-    @classmethod
-    def _known_tasks(cls, tasks: list[str] | None) -> list[str] | None:
-        if tasks is not None:
-            resolve_tasks(tasks)
-        return tasks
-
-    @field_validator("task_weights")
-    @classmethod
-    def _known_weighted_tasks(cls, weights: dict[str, float]) -> dict[str, float]:
-        if weights:
-            resolve_tasks(list(weights))
-        return weights
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
