@@ -103,11 +103,13 @@ def test_default_window_mixes_the_whole_table_even_when_shards_are_sorted_by_lab
     assert max(classes_per_batch[20:]) <= 2  # one-shard windows: one class (two where a batch spans two)
 
 
-@pytest.mark.parametrize("mix, utk_share", [("proportional", 0.1), ("dataset", 0.5), ("task", 0.5)])
-def test_mixes_share_the_epoch_between_datasets(mix, utk_share):
+@pytest.mark.parametrize("mix, temperature, utk_share", [
+    ("proportional", 1.0, 0.1), ("dataset", 1.0, 0.5), ("task", 1.0, 0.5),
+    ("temperature", 1.0, 0.1), ("temperature", 2.0, 0.25), ("temperature", 1000.0, 0.5)])
+def test_mixes_share_the_epoch_between_datasets(mix, temperature, utk_share):
     index = fake_index({"utk": 100, "fer": 900}, shard_rows=100)
-    rows, _ = EpochSampler(index, np.arange(1000), 10, seed=0, mix=mix, samples=4000).plan(0)
-    assert np.mean(index.dataset[rows] == "utk") == pytest.approx(utk_share, abs=0.03)
+    rows, _ = EpochSampler(index, np.arange(1000), 10, seed=0, mix=mix, samples=4000, temperature=temperature).plan(0)
+    assert np.mean(index.dataset[rows] == "utk") == pytest.approx(utk_share, abs=0.03)  # T=2: 10 / (10 + 30)
 
 
 def test_shard_cache_stays_bounded(tiny_tables):

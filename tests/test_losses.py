@@ -10,7 +10,8 @@ import torch
 
 from d2mtl.config.train import TrainConfig
 from d2mtl.data import empty_targets
-from d2mtl.losses import MaskedTaskLoss, TaskWeighting, age_target_distribution, interval_distance
+from d2mtl.losses import (MaskedTaskLoss, TaskWeighting, age_target_distribution, dataset_share_weights,
+                          interval_distance)
 from d2mtl.models import AGE_MIN, build_model
 from d2mtl.tasks import TASKS
 
@@ -124,3 +125,29 @@ def test_fixed_and_dwa_weighting():
     assert dwa(losses).item() == pytest.approx(float(expected[0] * 2 + expected[1] * 1))
     with pytest.raises(ValueError, match="no task has a label"):
         dwa({})
+
+
+def test_dataset_share_weights_give_each_dataset_an_equal_share():
+    tasks = ("age", "gender", "race", "expression")
+    two = {"utk": {"rows": 9, "age": 9, "gender": 9, "race": 8, "expression": 0},
+           "fer": {"rows": 20, "age": 0, "gender": 0, "race": 0, "expression": 20}}
+    weights = dataset_share_weights(two, tasks)
+    assert weights == pytest.approx({"age": 2 / 3, "gender": 2 / 3, "race": 2 / 3, "expression": 2.0})
+    five = {**two, "raf": {"rows": 5, "expression": 5}, "aaf": {"rows": 5, "age": 5, "gender": 5},
+            "appa": {"rows": 5, "age": 5}, "unused": {"rows": 3}}
+    weights = dataset_share_weights(five, tasks)
+    assert sum(weights.values()) == pytest.approx(4.0)
+    assert weights["expression"] == pytest.approx(4 * (1 / 5 + 1 / 5))
+    assert weights["race"] == pytest.approx(4 / 15)
+    assert dataset_share_weights({"utk": two["utk"]}, ("age", "expression")) == {"age": 2.0, "expression": 0.0}
+
+
+def test_dataset_share_weighting_trains_with_those_fixed_weights(tiny_tables):
+    from d2mtl.data import FaceIndex
+    from d2mtl.engine import task_weighting
+
+    index = FaceIndex.load(tiny_tables["faces"], tiny_tables["labels"], tuple(TASKS))
+    cfg = TrainConfig(weighting="dataset_share", task_weights={"race": 0.5})
+    mode, fixed = task_weighting(cfg, index.summary(index.rows("train")), tuple(TASKS))
+    assert mode == "fixed"
+    assert fixed == pytest.approx({"age": 2 / 3, "gender": 2 / 3, "race": 1 / 3, "expression": 2.0})

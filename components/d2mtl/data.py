@@ -267,19 +267,22 @@ class FaceDataset(torch.utils.data.Dataset):
         return {k: v[0] for k, v in self.__getitems__([item]).items()}
 
 
-def mix_weights(index: FaceIndex, rows: np.ndarray, mix: str) -> np.ndarray:
-    """Sampling weight of each row: proportional (uniform), dataset (each dataset an equal share), task
-    (each row the mean of 1/n_task over the tasks it labels, so sparsely labelled tasks are not starved)."""
+def mix_weights(index: FaceIndex, rows: np.ndarray, mix: str, temperature: float = 1.0) -> np.ndarray:
+    """Sampling weight of each row: proportional (uniform), dataset (each dataset an equal share), temperature
+    (dataset d's share proportional to n_d ** (1 / temperature), as multilingual translation models sample their
+    languages), task (each row the mean of 1/n_task over the tasks it labels, so sparsely labelled tasks are not
+    starved)."""
     if mix == "proportional":
         return np.ones(len(rows))
-    if mix == "dataset":
+    if mix in ("dataset", "temperature"):
         names, inverse, counts = np.unique(index.dataset[rows], return_inverse=True, return_counts=True)
-        return 1.0 / counts[inverse]
+        share = counts ** (1.0 / temperature) if mix == "temperature" else np.ones(len(counts))
+        return (share / counts)[inverse]
     if mix == "task":
         has = np.stack([index.targets[f"{t}_weight"][rows] > 0 for t in index.tasks])  # (T, R)
         per_task = 1.0 / np.maximum(has.sum(axis=1, keepdims=True), 1)
         return (has * per_task).sum(axis=0) / np.maximum(has.sum(axis=0), 1)
-    raise ValueError(f"unknown mix {mix!r}; known: proportional, dataset, task")
+    raise ValueError(f"unknown mix {mix!r}; known: proportional, dataset, task, temperature")
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -296,13 +299,13 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def __init__(self, index: FaceIndex, rows: np.ndarray, batch_size: int, seed: int, mix: str = "proportional",
                  samples: int | None = None, window: int = 0, shuffle: bool = True, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, temperature: float = 1.0):
         self.index, self.rows, self.batch_size = index, np.asarray(rows, np.int64), batch_size
         self.rank, self.world_size = rank, world_size
         self.seed, self.shuffle = seed, shuffle
         self.window = window if window > 0 else max(1, len(index.shards))
         self.samples = samples or len(self.rows)
-        self.weights = torch.as_tensor(mix_weights(index, self.rows, mix), dtype=torch.float64)
+        self.weights = torch.as_tensor(mix_weights(index, self.rows, mix, temperature), dtype=torch.float64)
         self.replacement = mix != "proportional" or self.samples > len(self.rows)
         self.epoch, self.start = 0, 0
         if not len(self.rows):

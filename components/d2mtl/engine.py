@@ -35,7 +35,7 @@ from d2mtl import layout, store
 from d2mtl.data import EpochSampler, FaceDataset, FaceIndex, make_loader, normalize
 from d2mtl.distributed import Distributed
 from d2mtl.errors import UserError
-from d2mtl.losses import MaskedTaskLoss, TaskWeighting, interval_distance
+from d2mtl.losses import MaskedTaskLoss, TaskWeighting, dataset_share_weights, interval_distance
 from d2mtl.lr import DynamicLR, range_test
 from d2mtl.models import MultiTaskNet, save_model
 from d2mtl.tasks import TASKS
@@ -92,6 +92,14 @@ class Progress:
     train_seconds: float = 0.0
 
 
+def task_weighting(cfg, train_summary: dict, tasks: tuple[str, ...]) -> tuple[str, dict[str, float]]:
+    """(TaskWeighting mode, fixed weights): dataset_share is fixed weights computed from the train data."""
+    if cfg.weighting != "dataset_share":
+        return cfg.weighting, cfg.task_weights
+    shares = dataset_share_weights(train_summary, tasks)
+    return "fixed", {task: shares[task] * cfg.task_weights.get(task, 1.0) for task in tasks}
+
+
 class Trainer:
     """One training run of a MultiTaskNet on a FaceIndex, writing to the model folder ``out``; one of
     ``dist.world_size`` data-parallel processes."""
@@ -115,9 +123,9 @@ class Trainer:
             torch.manual_seed(self.dist.seed(cfg.seed))  # the same weights everywhere, dropout of each rank's own
         self.tasks = net.tasks
         self.loss_fn = MaskedTaskLoss(self.tasks, cfg.age_head, cfg.age_sigma, cfg.age_l1_weight).to(self.device)
-        self.weighting = TaskWeighting(self.tasks, cfg.weighting, cfg.task_weights, cfg.dwa_temperature,
-                                       cfg.age_head).to(self.device)
         self.train_rows, self.val_rows, self.test_rows = (index.rows(s) for s in ("train", "val", "test"))
+        self.weighting = TaskWeighting(self.tasks, *task_weighting(cfg, index.summary(self.train_rows), self.tasks),
+                                       cfg.dwa_temperature, cfg.age_head).to(self.device)
         if not len(self.train_rows):
             raise UserError(f"no train faces labelled for {', '.join(self.tasks)}: check the label table and tasks")
         if 0 < cfg.shard_window < len(index.shards):
@@ -128,7 +136,8 @@ class Trainer:
         self.train_data = FaceDataset(index, cfg.input_size, cfg.augment, cfg.shard_window)
         self.eval_data = FaceDataset(index, cfg.input_size, None, cfg.shard_window)
         self.sampler = EpochSampler(index, self.train_rows, cfg.batch_size, cfg.seed, cfg.mix, cfg.epoch_samples,
-                                    cfg.shard_window, rank=self.dist.rank, world_size=self.dist.world_size)
+                                    cfg.shard_window, rank=self.dist.rank, world_size=self.dist.world_size,
+                                    temperature=cfg.mix_temperature)
         self.train_loader = make_loader(self.train_data, self.sampler, cfg.num_workers, pin_memory=self.cuda,
                                         persistent=True)
         self.optimizer = OPTIMIZERS[cfg.optimizer](param_groups(self.net, self.weighting), cfg)

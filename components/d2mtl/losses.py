@@ -84,6 +84,21 @@ class MaskedTaskLoss(nn.Module):
         return losses
 
 
+def dataset_share_weights(train_summary: dict[str, dict[str, int]], tasks: tuple[str, ...]) -> dict[str, float]:
+    """Fixed task weights that give each training dataset an equal share of the loss, split evenly among the
+    tasks it labels: w_t = T * sum over the datasets d labelling t of 1 / (D * |tasks of d|), so the weights
+    average 1. ``train_summary``: {dataset: {task: labelled train rows}} (FaceIndex.summary). With UTKFace (age,
+    gender, race) and FER2013 (expression) it gives expression 3x each other task; a task no dataset labels gets 0.
+    """
+    labelled = {name: [t for t in tasks if counts.get(t, 0) > 0] for name, counts in train_summary.items()}
+    labelled = {name: found for name, found in labelled.items() if found}
+    weights = dict.fromkeys(tasks, 0.0)
+    for found in labelled.values():
+        for task in found:
+            weights[task] += len(tasks) / (len(labelled) * len(found))
+    return weights
+
+
 class TaskWeighting(nn.Module):
     """Sums task losses: fixed weights, uncertainty weighting or dynamic weight average (dwa).
 

@@ -64,7 +64,10 @@ class TrainConfig(BaseModel):
     std: tuple[float, float, float] = IMAGENET_STD
     # data
     batch_size: int = 64  # the global batch: under torchrun each of N processes trains batch_size / N of it
-    mix: Literal["proportional", "dataset", "task"] = "proportional"  # how datasets share each epoch
+    # how datasets share each epoch: proportional (every face alike), dataset (equal shares), task, or
+    # temperature (dataset d's share proportional to n_d ** (1 / mix_temperature): 1 = proportional, large = equal)
+    mix: Literal["proportional", "dataset", "task", "temperature"] = "proportional"
+    mix_temperature: float = Field(2.0, gt=0)
     epoch_samples: int | None = None  # samples drawn per epoch; None: the train rows once each
     shard_window: int = 0  # face-table shards in memory per loader worker; 0: all (see d2mtl.data)
     num_workers: int = 1  # DataLoader worker processes per training process (0: decode in the training process)
@@ -75,8 +78,10 @@ class TrainConfig(BaseModel):
     weight_decay: float = 1e-4
     momentum: float = 0.9  # sgd only
     lr: LRConfig = Field(default_factory=LRConfig)
-    weighting: Literal["fixed", "uncertainty", "dwa"] = "fixed"  # task-loss weighting
-    task_weights: TaskMap[float] = Field(default_factory=dict)  # fixed: per-task weight, missing -> 1
+    # task-loss weighting; dataset_share: each training dataset an equal share of the loss, split evenly among
+    # the tasks it labels (losses.dataset_share_weights), times task_weights
+    weighting: Literal["fixed", "dataset_share", "uncertainty", "dwa"] = "fixed"
+    task_weights: TaskMap[float] = Field(default_factory=dict)  # fixed, dataset_share: per-task factor, missing -> 1
     dwa_temperature: float = 2.0  # dwa: softness of the weights
     # run
     device: str = "auto"  # auto: cuda when available, else cpu
