@@ -62,3 +62,45 @@ def test_set_reaches_one_dataset_by_its_index():
 def test_an_unknown_profile_lists_the_known_ones():
     with pytest.raises(ConfigError, match=r"cannot read config cpuu: .*packaged profile: cpu, gpu"):
         load_experiment("cpuu")
+
+
+# ---- path mistakes -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, expected", [
+    (["predict", "--model", "{model}/model.safetensors", "{tmp}/face.jpg"],
+     "{model}/model.safetensors is a file; expected a model folder (holding model_card.json and model.safetensors): "
+     "{model}"),
+    (["export", "--model", "{model}/model.safetensors", "--format", "onnx", "--out", "{tmp}/export"],
+     "{model}/model.safetensors is a file; expected a model folder"),
+    (["evaluate", "--models", "{model}/model.safetensors", "--faces", "{faces}", "--labels", "{labels}",
+      "--out", "{tmp}/evaluate"], "{model}/model.safetensors is a file; expected a model folder"),
+    (["pseudolabel", "--teacher", "{model}/model.safetensors", "--faces", "{faces}", "--labels", "{labels}",
+      "--out", "{tmp}/pseudo"], "{model}/model.safetensors is a file; expected a model folder"),
+    (["teacher", "--faces", "{labels}", "--labels", "{labels}", "--out", "{tmp}/teacher"],
+     "{labels} is a file; expected a face table folder"),
+    (["ingest", "--out", "{labels}"], "--out {labels}: {labels} is a file; expected a folder"),
+    (["teacher", "--faces", "{faces}", "--labels", "{labels}", "--out", "{labels}/teacher"],
+     "--out {labels}/teacher: {labels} is a file; expected a folder"),
+    (["evaluate", "--models", "{model}", "--faces", "{faces}", "--labels", "{labels}", "--out", "{labels}"],
+     "--out {labels}: {labels} is a file; expected a folder"),
+    (["export", "--model", "{model}", "--format", "onnx", "--out", "{labels}"],
+     "--out {labels}: {labels} is a file; expected a folder"),
+    (["compile", "--out", "{labels}/pipeline.yaml"], "cannot write {labels}/pipeline.yaml: {labels} is a file"),
+], ids=["predict-model-file", "export-model-file", "evaluate-models-file", "pseudolabel-teacher-file",
+        "teacher-faces-file", "ingest-out-file", "teacher-out-below-file", "evaluate-out-file", "export-out-file",
+        "compile-out-below-file"])
+def test_path_mistakes_are_one_line_naming_the_path(argv, expected, tiny_tables, tmp_path, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"weights")
+    paths = {"model": str(model), "tmp": str(tmp_path), **tiny_tables}
+    code, err = run_cli([arg.format(**paths) for arg in argv], capsys)
+    one_line_error(code, err, expected.format(**paths))
+
+
+def test_compile_creates_the_folder_or_writes_to_object_storage(s3_env, tmp_path, capsys):
+    out = tmp_path / "missing" / "pipeline.yaml"
+    assert cli.main(["compile", "--out", str(out)]) == 0 and out.read_text().startswith("# PIPELINE DEFINITION")
+    assert cli.main(["compile", "--out", "s3://bucket/compiled/pipeline.yaml"]) == 0
+    assert store.read_text("s3://bucket/compiled/pipeline.yaml") == out.read_text()
+    assert f"wrote {out}" in capsys.readouterr().out

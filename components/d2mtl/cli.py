@@ -31,6 +31,8 @@ from collections.abc import Callable
 from d2mtl.config import updated
 from d2mtl.errors import UserError
 
+FOLDER_OUTPUTS = ("ingest", "teacher", "pseudolabel", "student", "evaluate", "export")  # commands whose --out is a folder
+
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None,
@@ -246,6 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
+        if args.command in FOLDER_OUTPUTS:
+            from d2mtl import store
+
+            store.check_folder(args.out, "--out")
         args.func(args)
     except UserError as err:
         print(f"d2mtl {args.command}: error: {err}", file=sys.stderr)

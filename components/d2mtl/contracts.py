@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -178,6 +179,9 @@ class FaceTableWriter:
 
 
 def read_manifest(uri: str) -> dict:
+    if not store.is_remote(uri) and Path(uri).is_file():
+        raise ContractError(f"{uri} is a file; expected a face table folder (holding {MANIFEST}), e.g. the faces/ "
+                            "of an ingest output")
     manifest_uri = store.join(uri, MANIFEST)
     try:
         manifest = json.loads(store.read_text(manifest_uri))

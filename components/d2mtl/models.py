@@ -283,6 +283,10 @@ def check_card(card: dict, where: str, tasks: tuple[str, ...] | list[str] | None
 
 
 def read_card(uri: str) -> dict:
+    if not store.is_remote(uri) and Path(uri).is_file():
+        inside = Path(uri).name in (layout.MODEL_CARD, layout.WEIGHTS_FILE)
+        raise ModelError(f"{uri} is a file; expected a model folder (holding {layout.MODEL_CARD} and "
+                         f"{layout.WEIGHTS_FILE})" + (f": {Path(uri).parent}" if inside else ""))
     try:
         return json.loads(store.read_text(store.join(uri, layout.MODEL_CARD)))
     except FileNotFoundError:

@@ -145,12 +145,28 @@ def _s3() -> _S3:
     return _clients[key]
 
 
+def _file_in_the_way(path: Path) -> Path | None:
+    """The first of ``path``'s parents that is a file, not a folder (None when there is none)."""
+    return next((parent for parent in reversed(path.parents) if parent.is_file()), None)
+
+
+def check_folder(uri: str, what: str) -> None:
+    """Refuse a local folder to read or write (``what``, e.g. ``--out``) that is a file or lies below one."""
+    if is_remote(uri):
+        return
+    blocker = Path(uri) if Path(uri).is_file() else _file_in_the_way(Path(uri))
+    if blocker is not None:
+        raise StoreError(f"{what} {uri}: {blocker} is a file; expected a folder")
+
+
 def read_bytes(uri: str) -> bytes:
     if not is_remote(uri):
         try:
             return Path(uri).read_bytes()
         except IsADirectoryError:
             raise StoreError(f"{uri} is a folder, expected a file") from None
+        except NotADirectoryError:
+            raise StoreError(f"cannot read {uri}: {_file_in_the_way(Path(uri))} is a file, not a folder") from None
     s3 = _s3()
     bucket, key = split_s3(uri)
 
@@ -170,7 +186,9 @@ def write_bytes(uri: str, data: bytes, content_type: str = "application/octet-st
     """Write a whole object atomically."""
     if not is_remote(uri):
         path = Path(uri)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _make_parent(path)
+        if path.is_dir():
+            raise StoreError(f"cannot write {uri}: it is a folder")
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
@@ -190,6 +208,13 @@ def write_bytes(uri: str, data: bytes, content_type: str = "application/octet-st
     # a fresh stream per attempt: a retry after a failed upload must send the bytes from the start
     s3.call("write", uri, lambda: s3.client.put_object(bucket, key, io.BytesIO(data), len(data),
                                                        content_type=content_type))
+
+
+def _make_parent(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise StoreError(f"cannot write {path}: {_file_in_the_way(path)} is a file, not a folder") from None
 
 
 def _ensure_bucket(client, bucket: str) -> None:
@@ -272,7 +297,7 @@ def delete(uri: str) -> None:
 def upload_file(local: str | Path, uri: str) -> None:
     """Copy a local file to ``uri`` atomically (streamed for S3)."""
     if not is_remote(uri):
-        Path(uri).parent.mkdir(parents=True, exist_ok=True)
+        _make_parent(Path(uri))
         tmp = Path(uri).with_name(f".{Path(uri).name}.tmp")
         shutil.copyfile(local, tmp)
         os.replace(tmp, uri)

@@ -7,6 +7,8 @@ A rerun on a cluster recomputes STAGE and what depends on it; every other stage'
 from __future__ import annotations
 
 import logging
+import tempfile
+from pathlib import Path
 
 from kfp import compiler
 
@@ -31,7 +33,13 @@ PUBLISHED_MARKERS = {  # stage -> the files a complete published output of it ha
 
 
 def compile_pipeline(cfg: ExperimentConfig, out: str, reuse: pipeline.Reuse | None = None) -> str:
-    compiler.Compiler().compile(pipeline.build(cfg, reuse=reuse), package_path=out)
+    """Write the pipeline's IR YAML to ``out`` (a local path, its folders created, or s3://); returns ``out``."""
+    if not out.endswith((".yaml", ".yml")):
+        raise UserError(f"--out {out}: the compiled pipeline is a YAML file; name it *.yaml")
+    with tempfile.TemporaryDirectory(prefix="d2mtl-compile-") as tmp:
+        package = Path(tmp, "pipeline.yaml")
+        compiler.Compiler().compile(pipeline.build(cfg, reuse=reuse), package_path=str(package))
+        store.write_bytes(out, package.read_bytes())
     return out
 
 
