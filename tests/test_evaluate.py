@@ -180,6 +180,14 @@ def test_config_refuses_bad_roles_and_splits():
     assert load_experiment("gpu").evaluate.views[0].name == "gray48"
 
 
+def test_role_none_scores_a_model_outside_the_claims():
+    from d2mtl.config import load_experiment
+
+    cfg = load_experiment("cpu", ["evaluate.roles={variant_a: none}"]).evaluate
+    assert evaluate.role_of("variant_a", {"role": "teacher"}, cfg) is None
+    assert str(evaluate.role_of("variant_b", {"role": "teacher"}, cfg)) == "teacher"
+
+
 def test_view_makes_gray_low_resolution_faces_of_the_same_size():
     from d2mtl.config.evaluate import DomainView
 

@@ -10,6 +10,7 @@ from d2mtl.errors import UserError
 from d2mtl.tasks import TASKS
 
 ROLE_KINDS = ("baseline", "teacher", "student", "student_single")
+NO_ROLE = "none"  # evaluate.roles: a model scored and compared, but left out of the claims
 _ROLE_PATTERN = re.compile(r"^(baseline|students?[_-]single)s?(?:[:_/-](\w+))?$")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from d2mtl.roles import parse_role
+from d2mtl.roles import NO_ROLE, parse_role
 from d2mtl.contracts import SPLITS
 from d2mtl.errors import UserError
 from d2mtl.tasks import TaskMap
@@ -41,7 +41,8 @@ class EvaluateConfig(BaseModel):
     device: str = "auto"  # auto: cuda when available, else cpu
     threads: int | None = None  # torch CPU threads; None: torch's default
     roles: dict[str, str] = Field(default_factory=dict)  # model name -> teacher | student | baseline:<task> |
-    # student_single:<task>; unnamed models get a role from their name (baseline_age, ...) or their folder
+    # student_single:<task> | none (scored, left out of the claims); unnamed models get a role from their name
+    # (baseline_age, ...) or their card
     claims_split: str = "test"  # the split the claims and the comparison table are judged on
     fairness_min_group: int = Field(30, ge=1)  # groups with fewer labelled faces are listed but left out of the largest gap
     in_domain: TaskMap[list[str]] | None = None  # task -> datasets that gave training labels for it;
@@ -62,12 +63,12 @@ class EvaluateConfig(BaseModel):
     def _known_roles(cls, roles: dict[str, str]) -> dict[str, str]:
         for name, role in roles.items():
             try:
-                known = parse_role(role) is not None
+                known = role == NO_ROLE or parse_role(role) is not None
             except UserError as err:
                 raise ValueError(str(err)) from None
             if not known:
                 raise ValueError(f"model {name!r}: unknown role {role!r}; roles: teacher, student, baseline:<task>, "
-                                 "student_single:<task>")
+                                 f"student_single:<task>, {NO_ROLE}")
         return roles
 
     @model_validator(mode="after")

@@ -36,7 +36,7 @@ from d2mtl import claims, contracts, data, layout, metrics, report, store
 from d2mtl.config.evaluate import DomainView, EvaluateConfig
 from d2mtl.errors import UserError
 from d2mtl.models import load_model, resolve_device
-from d2mtl.roles import Role, index_roles, parse_role
+from d2mtl.roles import NO_ROLE, Role, index_roles, parse_role
 from d2mtl.tasks import TASKS
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,9 @@ def default_name(uri: str, card: dict) -> str:
 
 
 def role_of(name: str, card: dict, cfg: EvaluateConfig) -> Role | None:
-    """From the config's role mapping, else the model name, else the card's ``role``."""
+    """From the config's role mapping (``none``: no role), else the model name, else the card's ``role``."""
+    if cfg.roles.get(name) == NO_ROLE:
+        return None
     for text in (cfg.roles.get(name), name, card.get("role")):
         if text:
             role = parse_role(str(text))
