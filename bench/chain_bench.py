@@ -139,8 +139,10 @@ def pseudo_labels(cfg: ExperimentConfig, model: str, faces: str, labels: str, ou
     return table
 
 
-def run_chain(cfg: ExperimentConfig, out: str, ingest_dir: str | None, fraction: float, timer: Timer) -> dict:
-    """Every stage of the chain; returns the evaluate stage's summary."""
+def run_chain(cfg: ExperimentConfig, out: str, ingest_dir: str | None, fraction: float, timer: Timer,
+              baselines: bool = True) -> dict:
+    """Every stage of the chain (without the single-task networks unless ``baselines``); returns the evaluate
+    stage's summary."""
     if ingest_dir is None:
         ingest_dir = store.join(out, "ingest")
         done = store.exists(store.join(layout.faces(ingest_dir), contracts.MANIFEST))
@@ -152,7 +154,7 @@ def run_chain(cfg: ExperimentConfig, out: str, ingest_dir: str | None, fraction:
         train_labels = store.join(holdout_dir, layout.HOLDOUT_LABELS_FILE)
         timer("holdout labels", lambda: pseudolabel.write_holdout_labels(cfg.pseudolabel, faces, labels, holdout_dir),
               reused=store.exists(train_labels))
-    tasks = list(cfg.pipeline.baseline_tasks)
+    tasks = list(cfg.pipeline.baseline_tasks) if baselines else []
 
     def train(name: str, settings: TrainConfig, model_out: str, pseudo: str | None = None, init: str | None = None):
         scaled = train_share(settings, faces, train_labels, fraction, pseudo)
@@ -237,6 +239,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-fraction", type=float, default=None,
                         help=f"share of an epoch of its own data each training run sees per epoch "
                              f"(default {DEFAULT_TRAIN_FRACTION}; 1 in --smoke)")
+    parser.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
+                        help="train the single-task baselines and their students (claims 1 and 3; default on)")
     parser.add_argument("--smoke", action="store_true", help="generated tiny data + tiny networks (a minute)")
     parser.add_argument("--append", action=argparse.BooleanOptionalAction, default=None,
                         help="append the results to BENCHMARKS.md (default: yes, except with --smoke)")
@@ -260,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_experiment(args.config, overrides, data_root=data_root)
     store.configure(cfg.store)
     timer = Timer()
-    evaluated = run_chain(cfg, out, args.ingest, fraction, timer)
+    evaluated = run_chain(cfg, out, args.ingest, fraction, timer, baselines=args.baselines)
     command = shlex.join(["bench/chain_bench.py", *(argv if argv is not None else sys.argv[1:])])
     text = results_markdown(command, args.config, args.overrides if not args.smoke else ["--smoke"], fraction, out,
                             timer, evaluated)
