@@ -92,6 +92,14 @@ def test_epoch_plan_is_deterministic_windowed_and_covers_every_row():
     assert list(sampler) == expected  # resumed at batch 95: the rest of the same plan
 
 
+def test_an_epoch_trains_every_face_the_last_batch_partial():
+    index = fake_index({"utk": 85}, shard_rows=50)
+    batches = list(EpochSampler(index, np.arange(85), batch_size=64, seed=0))
+    assert [len(b) for b in batches] == [64, 21] and sorted(row for b in batches for row, _ in b) == list(range(85))
+    two_processes = EpochSampler(index, np.arange(65), 64, seed=0, world_size=2)  # a last batch of 1 row for 2
+    assert len(two_processes) == 1 and two_processes.dropped == 1
+
+
 def test_default_window_mixes_the_whole_table_even_when_shards_are_sorted_by_label():
     index = fake_index({"fer": 1400}, shard_rows=200)
     index.targets["expression"] = np.arange(1400) // 200  # one class per shard, as ingest writes FER2013
@@ -153,7 +161,7 @@ def test_teacher_writes_a_complete_model_folder(tiny_tables, tmp_path):
     assert card["training"]["faces"]["image_size"] == "32"  # the face table's settings, for predict
     assert set(card["metrics"]["test"]) >= {"age_mae", "gender_acc", "race_acc", "expression_acc"}
     metrics = json.loads((out / layout.TRAIN_METRICS).read_text())
-    assert [h["epoch"] for h in metrics["history"]] == [1, 2] and len(metrics["lr"]["trace"]) == 8
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2] and len(metrics["lr"]["trace"]) == 10  # 36 faces: 4 x 8 + 4
     assert metrics["lr"]["range_test"]["lrs"] and result["test"] == card["metrics"]["test"]
     assert (out / layout.TRAIN_CURVES).read_bytes()[:4] == b"\x89PNG"
     checkpoint = torch.load(out / layout.CHECKPOINT_FILE, weights_only=True)

@@ -3,10 +3,19 @@ documented exit code, never a traceback or a silent wrong result."""
 
 from __future__ import annotations
 
-import pytest
+import json
+import logging
+from pathlib import Path
 
-from d2mtl import cli, store
+import pyarrow as pa
+import pytest
+from conftest import make_tiny_tables
+
+from d2mtl import cli, contracts, layout, store
 from d2mtl.config import ConfigError, TrainConfig, load_experiment, updated
+from d2mtl.data import FaceIndex
+from d2mtl.errors import UserError
+from d2mtl.stages import evaluate
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str]:
@@ -52,11 +61,14 @@ def test_updated_config_sections_are_validated():
 
 # ---- --set and --config --------------------------------------------------------------------------------
 
-def test_set_reaches_one_dataset_by_its_index():
-    cfg = load_experiment("cpu", ["ingest.datasets.1.limit=5"])
+def test_set_reaches_one_dataset_by_its_index(tmp_path):
+    experiment = tmp_path / "experiment.yaml"
+    experiment.write_text("ingest:\n  datasets:\n    - {format: utkface, name: utkface, path: utkface}\n"
+                          "    - {format: fer2013_folder, name: fer2013, path: fer2013}\n")
+    cfg = load_experiment(str(experiment), ["ingest.datasets.1.limit=5"])
     assert [spec.limit for spec in cfg.ingest.datasets] == [None, 5]
     with pytest.raises(ConfigError, match=r"--set ingest.datasets.7.limit: 7 is not an index of a list of 2"):
-        load_experiment("cpu", ["ingest.datasets.7.limit=5"])
+        load_experiment(str(experiment), ["ingest.datasets.7.limit=5"])
 
 
 def test_an_unknown_profile_lists_the_known_ones():
@@ -104,3 +116,61 @@ def test_compile_creates_the_folder_or_writes_to_object_storage(s3_env, tmp_path
     assert cli.main(["compile", "--out", "s3://bucket/compiled/pipeline.yaml"]) == 0
     assert store.read_text("s3://bucket/compiled/pipeline.yaml") == out.read_text()
     assert f"wrote {out}" in capsys.readouterr().out
+
+
+# ---- training on other inputs ---------------------------------------------------------------------------
+
+TINY_TRAINING = ["--set", "teacher.weights=none", "--set", "teacher.input_size=32", "--set", "teacher.batch_size=8",
+                 "--set", "teacher.epochs=1", "--set", "teacher.num_workers=0", "--set", "teacher.progress=false",
+                 "--set", "teacher.threads=1", "--set", "teacher.lr.schedule=fixed"]
+
+
+def test_new_data_into_an_old_out_is_refused_until_restart(tiny_tables, tmp_path, capsys):
+    out = str(tmp_path / "teacher")
+    teacher = ["teacher", *TINY_TRAINING, "--out", out]
+    assert run_cli([*teacher, "--faces", tiny_tables["faces"], "--labels", tiny_tables["labels"]], capsys)[0] == 0
+    first = json.loads(Path(out, layout.MODEL_CARD).read_text())["training"]["inputs"]
+    assert first == {name: contracts.content_hash(tiny_tables[name]) for name in ("faces", "labels")}
+
+    other = make_tiny_tables(tmp_path / "other", per_dataset=12, seed=1)
+    code, err = run_cli([*teacher, "--faces", other["faces"], "--labels", other["labels"]], capsys)
+    one_line_error(code, err, f"{out} holds a checkpoint of a run on other inputs (faces, labels differ). Use another "
+                              "--out, or --restart to train from the start")
+    assert json.loads(Path(out, layout.MODEL_CARD).read_text())["training"]["inputs"] == first  # the old model kept
+
+    assert run_cli([*teacher, "--faces", other["faces"], "--labels", other["labels"], "--restart"], capsys)[0] == 0
+    card = json.loads(Path(out, layout.MODEL_CARD).read_text())
+    assert card["training"]["inputs"]["faces"] == contracts.content_hash(other["faces"]) != first["faces"]
+    assert card["training"]["data"]["train"]["utk"]["rows"] == 10  # 12 per dataset: 6 of the first 8, then 4
+
+
+# ---- tables that do not belong together -----------------------------------------------------------------
+
+def test_student_refuses_pseudo_labels_of_another_face_table(tiny_tables, tmp_path, capsys):
+    other = make_tiny_tables(tmp_path / "other", per_dataset=5, seed=1)
+    pseudo = pa.Table.from_pylist(contracts.read_face_columns(other["faces"], ["sample_id", "dataset"]).to_pylist(),
+                                  schema=contracts.PSEUDO_SCHEMA)
+    contracts.write_table(pseudo, str(tmp_path / "pseudo.parquet"), contracts.PSEUDO)
+    code, err = run_cli(["student", *[arg.replace("teacher.", "student.") for arg in TINY_TRAINING],
+                         "--faces", tiny_tables["faces"], "--labels", tiny_tables["labels"],
+                         "--pseudo", str(tmp_path / "pseudo.parquet"), "--out", str(tmp_path / "student")], capsys)
+    one_line_error(code, err, f"pseudo table {tmp_path / 'pseudo.parquet'} does not fit the face table "
+                              f"{tiny_tables['faces']}: 38 of 48 faces have no row in it and 0 of its 10 rows name no "
+                              "face (tables of different ingests?)")
+
+
+def test_labels_of_another_ingest_are_one_warning_with_counts(tiny_tables, tmp_path, caplog):
+    labels = contracts.read_table(tiny_tables["labels"], contracts.LABELS)
+    partial = str(tmp_path / "labels.parquet")
+    contracts.write_table(labels.slice(0, 14), partial, contracts.LABELS)
+    index = FaceIndex.load(tiny_tables["faces"], partial, ("age", "expression"))
+    assert index.label_mismatch == (f"label table {partial} does not fit the face table {tiny_tables['faces']}: 34 "
+                                    "of 48 faces have no row in it and 0 of its 14 rows name no face (tables of "
+                                    "different ingests?)")
+    with caplog.at_level(logging.WARNING, logger="d2mtl.stages.evaluate"):
+        evaluate.check_labels_fit(tiny_tables["faces"], partial, contracts.read_table(partial, contracts.LABELS))
+    assert [record.getMessage() for record in caplog.records] == [
+        f"{index.label_mismatch}; only the 14 faces with a label row are scored"]
+    renamed = labels.set_column(0, "sample_id", pa.array([f"other-{sid}" for sid in labels.column("sample_id")]))
+    with pytest.raises(UserError, match="48 of 48 faces have no row in it and 48 of its 48 rows name no face"):
+        evaluate.check_labels_fit(tiny_tables["faces"], "other.parquet", renamed)

@@ -52,6 +52,12 @@ def _experiment(args: argparse.Namespace):
     return cfg
 
 
+def _restart_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--restart", action="store_true",
+                        help="discard the checkpoint at --out and train from the start (by default a run resumes "
+                             "from it, and only with the same settings and inputs)")
+
+
 def _split_list(value: str) -> list[str]:
     return [item for item in value.split(",") if item]
 
@@ -82,7 +88,7 @@ def cmd_teacher(args: argparse.Namespace) -> None:
 
     cfg = _experiment(args)
     train_cfg = cfg.teacher if args.tasks is None else updated(cfg.teacher, "--tasks", tasks=args.tasks)
-    teacher.run(train_cfg, faces=args.faces, labels=args.labels, out=args.out)
+    teacher.run(train_cfg, faces=args.faces, labels=args.labels, out=args.out, restart=args.restart)
 
 
 def cmd_pseudolabel(args: argparse.Namespace) -> None:
@@ -111,7 +117,7 @@ def cmd_student(args: argparse.Namespace) -> None:
 
     cfg = _experiment(args)
     student.run(cfg.student, faces=args.faces, labels=args.labels, pseudo=args.pseudo, out=args.out,
-                teacher=args.teacher)
+                teacher=args.teacher, restart=args.restart)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -184,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", required=True, help="label table (Parquet)")
     p.add_argument("--out", required=True, help="model folder (weights, model card, checkpoint, curves)")
     p.add_argument("--tasks", type=_split_list, default=None, help="comma-separated tasks, e.g. age")
+    _restart_flag(p)
 
     p = add("pseudolabel", cmd_pseudolabel, "data distillation: pseudo-label missing labels with the teacher")
     p.add_argument("--teacher", type=_split_list, default=None,
@@ -205,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pseudo", required=True, help="pseudo-label table (Parquet)")
     p.add_argument("--teacher", default=None, help="teacher model folder (for init: teacher)")
     p.add_argument("--out", required=True)
+    _restart_flag(p)
 
     p = add("evaluate", cmd_evaluate, "evaluate models per task x dataset x split, fairness audit, claims")
     p.add_argument("--models", type=_split_list, required=True,
@@ -257,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"d2mtl {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"d2mtl {args.command}: interrupted", file=sys.stderr)
+        print(f"\nd2mtl {args.command}: interrupted", file=sys.stderr)  # not glued to a progress bar's line
         return 130
     return 0
 

@@ -216,6 +216,22 @@ def read_face_columns(uri: str, columns: list[str]) -> pa.Table:
     return pa.Table.from_batches(batches, schema=schema) if batches else schema.empty_table()
 
 
+def content_hash(uri: str) -> str:
+    """sha256 of a table's content: of a face table's manifest (which lists its shards' sha256), or of a single-file
+    table's bytes (labels, pseudo-labels)."""
+    manifest = store.join(uri, MANIFEST)
+    return hashlib.sha256(store.read_bytes(manifest if store.exists(manifest) else uri)).hexdigest()
+
+
+def mismatch(faces: str, table: str, face_rows: int, table_rows: int, matched: int) -> str | None:
+    """One line when a table keyed by sample_id (labels, pseudo-labels) and the face table ``faces`` do not name
+    the same faces (``matched`` of them in both), with the counts; None when they do."""
+    if matched == face_rows == table_rows:
+        return None
+    return (f"{table} does not fit the face table {faces}: {face_rows - matched} of {face_rows} faces have no row "
+            f"in it and {table_rows - matched} of its {table_rows} rows name no face (tables of different ingests?)")
+
+
 def evaluate_only_datasets(faces: str) -> list[str]:
     """The datasets of a face table whose labels are for evaluation only (``use: evaluate`` at ingest)."""
     return json.loads(read_manifest(faces)["metadata"].get(EVALUATE_ONLY, "[]"))

@@ -159,6 +159,7 @@ class FaceIndex:
     targets: dict[str, np.ndarray]
     unmatched_labels: int = 0  # label rows whose sample_id is not in the face table
     face_settings: dict = field(default_factory=dict)  # the manifest's metadata: image_size, template
+    label_mismatch: str | None = None  # contracts.mismatch: faces without a label row, label rows without a face
 
     @classmethod
     def load(cls, faces: str, labels: str | pa.Table, tasks: Sequence[str]) -> FaceIndex:
@@ -178,7 +179,10 @@ class FaceIndex:
                    dataset=np.asarray(meta.column("dataset").to_pylist(), dtype=object),
                    split=np.asarray(meta.column("split").to_pylist(), dtype=object),
                    shard=shard, row=row, tasks=tuple(tasks), targets=label_targets(label_table, positions, tasks),
-                   unmatched_labels=label_table.num_rows - matched, face_settings=manifest.get("metadata", {}))
+                   unmatched_labels=label_table.num_rows - matched, face_settings=manifest.get("metadata", {}),
+                   label_mismatch=contracts.mismatch(faces, f"label table {labels}" if isinstance(labels, str)
+                                                     else "the label table", meta.num_rows, label_table.num_rows,
+                                                     matched))
 
     def __len__(self) -> int:
         return len(self.sample_id)
@@ -318,10 +322,17 @@ class EpochSampler(torch.utils.data.Sampler):
         self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
-        """Batches per epoch (the last partial batch is dropped when there is more than one)."""
+        """Batches per epoch: every sample once, the last batch partial; in training that batch is dropped only when
+        it has fewer than 2 rows per process (``dropped``): BatchNorm cannot train on one row of 1 x 1 features."""
         if not self.shuffle:
             return math.ceil(len(self.rows) / self.batch_size)
-        return max(1, self.samples // self.batch_size)
+        full, rest = divmod(self.samples, self.batch_size)
+        return max(1, full + (rest >= 2 * self.world_size))
+
+    @property
+    def dropped(self) -> int:
+        """Samples of each epoch that no batch holds."""
+        return max(0, self.samples - len(self) * self.batch_size) if self.shuffle else 0
 
     def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(rows, seeds) of an epoch, in order."""

@@ -43,6 +43,7 @@ from d2mtl.tasks import TASKS
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "d2mtl-checkpoint/1"
+START_OVER = "Use another --out, or --restart to train from the start"
 # Fields that change how a run executes, not what it computes: a resume may change them.
 EXECUTION_FIELDS = {"progress", "num_workers", "threads", "device", "eval_batch_size", "checkpoint_every"}
 
@@ -105,8 +106,9 @@ class Trainer:
     ``dist.world_size`` data-parallel processes."""
 
     def __init__(self, cfg, index: FaceIndex, out: str, net: MultiTaskNet, role: str = "teacher",
-                 card_extra: dict | None = None, dist: Distributed | None = None):
+                 card_extra: dict | None = None, dist: Distributed | None = None, inputs: dict[str, str] | None = None):
         self.cfg, self.index, self.out, self.role = cfg, index, out, role
+        self.inputs = inputs or {}  # input name -> content hash (contracts.content_hash): a resume needs the same
         self.card_extra = card_extra or {}
         self.dist = dist or Distributed()
         self.device = self.dist.device(cfg.device)
@@ -131,13 +133,16 @@ class Trainer:
         if 0 < cfg.shard_window < len(index.shards):
             log.warning("shard_window %d < %d shards: each batch mixes only a window of shards; unbiased only when "
                         "the face table's rows are in random order", cfg.shard_window, len(index.shards))
-        if index.unmatched_labels:
-            log.warning("%d label rows name no face of %s; they are not used", index.unmatched_labels, index.faces)
+        if index.label_mismatch:
+            log.warning("%s", index.label_mismatch)
         self.train_data = FaceDataset(index, cfg.input_size, cfg.augment, cfg.shard_window)
         self.eval_data = FaceDataset(index, cfg.input_size, None, cfg.shard_window)
         self.sampler = EpochSampler(index, self.train_rows, cfg.batch_size, cfg.seed, cfg.mix, cfg.epoch_samples,
                                     cfg.shard_window, rank=self.dist.rank, world_size=self.dist.world_size,
                                     temperature=cfg.mix_temperature)
+        if self.sampler.dropped:
+            log.info("%d of %d samples per epoch left out: the last batch would have fewer than 2 per process",
+                     self.sampler.dropped, self.sampler.samples)
         self.train_loader = make_loader(self.train_data, self.sampler, cfg.num_workers, pin_memory=self.cuda,
                                         persistent=True)
         self.optimizer = OPTIMIZERS[cfg.optimizer](param_groups(self.net, self.weighting), cfg)
@@ -186,26 +191,25 @@ class Trainer:
         self.sampler.set_epoch(epoch, progress.step_in_epoch)
         sums = {t: torch.tensor(v, device=self.device) for t, v in progress.loss_sums.items()}
         counts = dict(progress.loss_counts)
-        bar = tqdm(total=len(self.sampler), initial=progress.step_in_epoch, desc=f"{self.role} epoch {epoch + 1}",
-                   disable=not (self.cfg.progress and self.dist.is_main), mininterval=2, leave=False)
-        started = time.perf_counter()
-        for batch in self.train_loader:
-            progress.lr_trace.append(self.optimizer.param_groups[0]["lr"])
-            for task, loss in self.train_step(batch).items():
-                sums[task] = sums.get(task, 0) + loss
-                counts[task] = counts.get(task, 0) + 1
-            self.scheduler.step()
-            progress.step_in_epoch += 1
-            progress.global_step += 1
-            bar.update()
-            if self.cfg.checkpoint_every and progress.global_step % self.cfg.checkpoint_every == 0:
-                progress.loss_sums, progress.loss_counts = {t: float(v) for t, v in sums.items()}, dict(counts)
-                progress.train_seconds += time.perf_counter() - started
-                started = time.perf_counter()
-                self.save_checkpoint()
-            if bar.n % 25 == 0:
-                bar.set_postfix({t: f"{float(sums[t]) / counts[t]:.3f}" for t in sums})
-        bar.close()
+        with tqdm(total=len(self.sampler), initial=progress.step_in_epoch, desc=f"{self.role} epoch {epoch + 1}",
+                  disable=not (self.cfg.progress and self.dist.is_main), mininterval=2, leave=False) as bar:
+            started = time.perf_counter()
+            for batch in self.train_loader:
+                progress.lr_trace.append(self.optimizer.param_groups[0]["lr"])
+                for task, loss in self.train_step(batch).items():
+                    sums[task] = sums.get(task, 0) + loss
+                    counts[task] = counts.get(task, 0) + 1
+                self.scheduler.step()
+                progress.step_in_epoch += 1
+                progress.global_step += 1
+                bar.update()
+                if self.cfg.checkpoint_every and progress.global_step % self.cfg.checkpoint_every == 0:
+                    progress.loss_sums, progress.loss_counts = {t: float(v) for t, v in sums.items()}, dict(counts)
+                    progress.train_seconds += time.perf_counter() - started
+                    started = time.perf_counter()
+                    self.save_checkpoint()
+                if bar.n % 25 == 0:
+                    bar.set_postfix({t: f"{float(sums[t]) / counts[t]:.3f}" for t in sums})
         progress.train_seconds += time.perf_counter() - started
         return {t: float(sums[t]) / counts[t] for t in sums}
 
@@ -331,6 +335,7 @@ class Trainer:
         """Every rank calls this; rank 0 writes, the others wait until the checkpoint is complete."""
         state = {
             "format": CHECKPOINT_FORMAT, "config": json.dumps(config_fingerprint(self.cfg), sort_keys=True),
+            "inputs": json.dumps(self.inputs, sort_keys=True),
             "model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "weighting": self.weighting.state_dict(),
             "progress": asdict(self.progress), "rng": self._rng_states(),
@@ -349,16 +354,19 @@ class Trainer:
             state = torch.load(io.BytesIO(store.read_bytes(self.checkpoint_uri)), map_location="cpu",
                                weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise UserError(f"{self.checkpoint_uri}: not a loadable checkpoint ({reason}); delete it to start "
-                            "over") from err
+            # torch's message suggests weights_only=False, i.e. running whatever the file holds: never pass that on
+            raise UserError(f"{self.checkpoint_uri}: not a d2mtl checkpoint (it holds more than tensors and plain "
+                            f"values, or is damaged: {type(err).__name__}); it was not loaded. {START_OVER}") from None
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise UserError(f"{self.checkpoint_uri}: not a {CHECKPOINT_FORMAT} checkpoint")
-        saved, current = json.loads(state["config"]), config_fingerprint(self.cfg)
-        changed = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+            raise UserError(f"{self.checkpoint_uri}: not a {CHECKPOINT_FORMAT} checkpoint. {START_OVER}")
+        changed = _differing(json.loads(state["config"]), config_fingerprint(self.cfg))
         if changed:
-            raise UserError(f"{self.out} holds a checkpoint of a run with other settings ({', '.join(changed)}); "
-                            "use another --out, or delete it to start over")
+            raise UserError(f"{self.out} holds a checkpoint of a run with other settings ({', '.join(changed)}). "
+                            f"{START_OVER}")
+        changed = _differing(json.loads(state.get("inputs", "{}")), self.inputs)
+        if changed:
+            raise UserError(f"{self.out} holds a checkpoint of a run on other inputs ({', '.join(changed)} differ). "
+                            f"{START_OVER}")
         self.net.load_state_dict(state["model"])
         self.weighting.load_state_dict(state["weighting"])
         self.progress = Progress(**state["progress"])
@@ -372,8 +380,12 @@ class Trainer:
 
     # ---- the run --------------------------------------------------------------------------------------
 
-    def fit(self) -> dict:
-        """Train (or resume, or find the run finished), write the model folder, return the results."""
+    def fit(self, restart: bool = False) -> dict:
+        """Train (or resume, or find the run finished), write the model folder, return the results.
+        ``restart``: discard ``out``'s checkpoint first and train from the start."""
+        if restart and self.dist.is_main:
+            store.delete(self.checkpoint_uri)
+        self.dist.barrier()
         resumed = self.load_checkpoint()
         if resumed and self.progress.epoch >= self.cfg.epochs and store.exists(store.join(self.out, layout.TRAIN_METRICS)):
             log.info("%s: training already finished; keeping its outputs", self.out)
@@ -412,7 +424,7 @@ class Trainer:
         training = {"config": self.cfg.model_dump(mode="json"), "data": {
             "train": self.index.summary(self.train_rows), "val": self.index.summary(self.val_rows),
             "test": self.index.summary(self.test_rows), "unmatched_labels": self.index.unmatched_labels},
-            "faces": self.index.face_settings,
+            "faces": self.index.face_settings, "inputs": self.inputs,
             "epochs": progress.epoch, "peak_lr": progress.peak_lr,
             "train_seconds": result["train_seconds"]}
         if self.dist.enabled:
@@ -434,6 +446,10 @@ class Trainer:
         store.write_bytes(store.join(self.out, layout.TRAIN_CURVES), plot_curves(progress.history, progress.lr_trace))
         if progress.range_test:
             store.write_bytes(store.join(self.out, layout.LR_RANGE_PLOT), plot_range_test(progress.range_test))
+
+
+def _differing(saved: dict, current: dict) -> list[str]:
+    return sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
 
 
 def _add(sums: dict, key: str, value: float) -> None:
@@ -472,12 +488,18 @@ def plot_curves(history: list[dict], lr_trace: list[float]) -> bytes:
                         color=line.get_color(), label=f"{task} MAE (years, right)")
             mae_ax.legend(fontsize=7, loc="center right")
     loss_ax.set(title="loss per task", xlabel="epoch")
-    loss_ax.legend(fontsize=7)
+    _legend(loss_ax, fontsize=7)
     acc_ax.set(title="validation metrics", xlabel="epoch", ylabel="accuracy")
-    acc_ax.legend(fontsize=7, loc="upper left")
-    lr_ax.plot(range(1, len(lr_trace) + 1), lr_trace)
+    _legend(acc_ax, fontsize=7, loc="upper left")
+    lr_ax.plot(range(1, len(lr_trace) + 1), lr_trace, marker="o" if len(lr_trace) < 20 else None)  # a line needs 2
     lr_ax.set(title="learning rate", xlabel="step", yscale="log")
     return _png(figure)
+
+
+def _legend(ax, **options) -> None:
+    """A legend when something on ``ax`` has a label (matplotlib warns about an empty one)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**options)
 
 
 def plot_range_test(result: dict) -> bytes:

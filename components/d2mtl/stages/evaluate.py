@@ -226,6 +226,18 @@ def ground_truth(collected: Collected, label_table: pa.Table) -> tuple[dict[str,
     return truth, int((positions < 0).sum())
 
 
+def check_labels_fit(faces: str, labels: str, label_table: pa.Table) -> None:
+    """One line when the face and label tables do not name the same faces: a warning, or an error when they share
+    none (nothing could be scored)."""
+    face_ids = contracts.read_face_columns(faces, ["sample_id"]).column("sample_id")
+    matched = int((data.positions_in(face_ids, label_table, where="label table") >= 0).sum())
+    problem = contracts.mismatch(faces, f"label table {labels}", len(face_ids), label_table.num_rows, matched)
+    if problem and not matched:
+        raise UserError(problem)
+    if problem:
+        log.warning("%s; only the %d faces with a label row are scored", problem, matched)
+
+
 def _card_coverage(card: dict) -> dict[str, set[str]] | None:
     """task -> datasets with training labels, from the card's ``training.data.train`` ({dataset: {task: n}})."""
     summary = (card.get("training") or {}).get("data", {}).get("train")
@@ -377,6 +389,7 @@ def run(cfg: EvaluateConfig, models: list[str], faces: str, labels: str, out: st
     except FileNotFoundError:
         raise UserError(f"label table {labels} not found (an ingest output's {layout.LABELS_FILE})") from None
     contracts.read_manifest(faces)  # a missing or unfinished face table fails here, before any model loads
+    check_labels_fit(faces, labels, label_table)
     threshold_plots = [plot for uri in pseudo_reports for plot in threshold_curves(uri)]
     loaded = load_models(list(models), cfg, device)
     collected = collect(loaded, faces, cfg, device)

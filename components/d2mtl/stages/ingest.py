@@ -199,6 +199,12 @@ def age_bin(age: float) -> str:
     return "100+" if decade == 100 else f"{decade}-{decade + 9}"
 
 
+def class_order(name: str) -> tuple[int, str]:
+    """Sort key of a report class: age bins by their first year (``100+`` last), other classes by name."""
+    first_year = name.split("-")[0].rstrip("+")
+    return (int(first_year), "") if first_year.isdigit() else (-1, name)
+
+
 def label_classes(labels: dict) -> Iterator[tuple[str, str]]:
     """(task, class name) pairs of one sample's labels, for the counts."""
     for task, value in labels.items():
@@ -269,7 +275,7 @@ class IngestReport:
             counts: dict = defaultdict(dict)
             for (ds, split, task), classes in sorted(self.classes.items()):
                 if ds == dataset:
-                    counts[split][task] = dict(sorted(classes.items()))
+                    counts[split][task] = dict(sorted(classes.items(), key=lambda item: class_order(item[0])))
             datasets[dataset] = {
                 "use": use.get(dataset, "train"), "listed": self.listed[dataset], "limited_out": self.limited_out[dataset],
                 "inputs": self.inputs[dataset], "written": self.written[dataset],
@@ -318,7 +324,7 @@ def report_markdown(report: dict) -> str:
                 lines.append(f"| {reason} | {count} | {'<br>'.join(examples)} |")
         splits = list(ds["counts"])
         rows = sorted({(task, cls) for split in splits for task, classes in ds["counts"][split].items()
-                       for cls in classes})
+                       for cls in classes}, key=lambda row: (row[0], class_order(row[1])))
         if rows:
             lines += ["", "| task | class | " + " | ".join(splits) + " |", "|---|---|" + "---|" * len(splits)]
             for task, cls in rows:
@@ -432,6 +438,14 @@ def results_by_block(blocks: list[list[Planned]],
         yield list(zip(block, found))
 
 
+def counted(items: Iterable, bar: tqdm) -> Iterator:
+    """``items``, each counted on ``bar`` as it is taken (tqdm's own iterator counts an item only when the next one
+    is asked for, so a consumer that takes exactly the items it expects left the bar one short)."""
+    for item in items:
+        bar.update()
+        yield item
+
+
 def worker_count(cfg: IngestConfig) -> int:
     return cfg.workers or len(os.sched_getaffinity(0))
 
@@ -475,9 +489,9 @@ def run(cfg: IngestConfig, out: str, shard: tuple[int, int] = (0, 1)) -> dict:
                                                      contracts.EVALUATE_ONLY: json.dumps(cfg.evaluate_only)})
         labels: dict[str, list] = {name: [] for name in contracts.LABEL_SCHEMA.names}
         in_flight = workers * cfg.chunk_size * 4
-        results = tqdm(ordered_parallel(jobs_of(blocks, sources), pool, in_flight, cfg.chunk_size), total=len(mine),
-                       unit="face", desc="ingest", mininterval=1 if sys.stderr.isatty() else 30)
-        for block in results_by_block(blocks, iter(results)):
+        bar = tqdm(total=len(mine), unit="face", desc="ingest", mininterval=1 if sys.stderr.isatty() else 30)
+        results = counted(ordered_parallel(jobs_of(blocks, sources), pool, in_flight, cfg.chunk_size), bar)
+        for block in results_by_block(blocks, results):
             for p, result in block:
                 spec, entry, sid = sources[p.dataset][0], p.entry, p.sample_id
                 if isinstance(result, Rejected):
@@ -492,6 +506,7 @@ def run(cfg: IngestConfig, out: str, shard: tuple[int, int] = (0, 1)) -> dict:
                 for column in LABEL_COLUMNS:
                     labels[column].append(entry.labels.get(column))
                 report.face(spec.name, split, entry, result.alignment)
+        bar.close()
         writer.close()
     report.check()
     summary = report.to_dict(cfg, time.perf_counter() - started,

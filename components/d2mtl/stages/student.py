@@ -78,18 +78,29 @@ def initial_network(cfg: StudentConfig, teacher: str | None) -> MultiTaskNet:
     return net
 
 
-def run(cfg: StudentConfig, faces: str, labels: str, pseudo: str, out: str, teacher: str | None = None) -> dict:
+def check_pseudo_fits(index: FaceIndex, pseudo: pa.Table, where: str) -> None:
+    """Refuse a pseudo-label table made from another face table: d2mtl pseudolabel writes a row for every face."""
+    matched = int((positions_in(pa.array(index.sample_id.tolist(), pa.string()), pseudo, where=where) >= 0).sum())
+    problem = contracts.mismatch(index.faces, where, len(index), pseudo.num_rows, matched)
+    if problem:
+        raise UserError(f"{problem}; pseudo-label these faces first (d2mtl pseudolabel --faces {index.faces} ...)")
+
+
+def run(cfg: StudentConfig, faces: str, labels: str, pseudo: str, out: str, teacher: str | None = None,
+        restart: bool = False) -> dict:
     """Train the student on ``faces`` + ``labels`` + the pseudo-label table ``pseudo``; write the model folder
     to ``out`` and return the results (as the teacher stage, plus the pseudo-labels used per task)."""
     with distributed.launched(cfg.device) as dist:
         setup_run(cfg)
         index = FaceIndex.load(faces, labels, cfg.task_names)
         pseudo_table = contracts.read_table(pseudo, contracts.PSEUDO)
+        check_pseudo_fits(index, pseudo_table, f"pseudo table {pseudo}")
         used = apply_pseudo_labels(index, pseudo_table, np.flatnonzero(index.split == "train"), cfg)
         role = "student" if len(cfg.task_names) > 1 else f"student_single:{cfg.task_names[0]}"
+        inputs = {"faces": faces, "labels": labels, "pseudo": pseudo}
         trainer = Trainer(cfg, index, out, initial_network(cfg, teacher), role=role, dist=dist,
-                          card_extra={"sources": {"faces": faces, "labels": labels, "pseudo": pseudo,
-                                                  "teacher": teacher}, "pseudo_labels": used})
-        result = trainer.fit()
+                          card_extra={"sources": {**inputs, "teacher": teacher}, "pseudo_labels": used},
+                          inputs={name: contracts.content_hash(uri) for name, uri in inputs.items()})
+        result = trainer.fit(restart)
     result["pseudo_labels"] = used
     return result
