@@ -35,14 +35,6 @@ def noise(seed: int = 0, shape=(120, 160, 3)) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    out = str(tmp_path_factory.mktemp("model") / "student")
-    save_model(MultiTaskNet(ModelSpec(input_size=32), weights=None), out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def analyzer(model_dir) -> Analyzer:
     return Analyzer(model_dir, device="cpu")
 

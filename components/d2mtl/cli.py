@@ -17,6 +17,7 @@ Examples::
     d2mtl run                      # the whole pipeline on this machine (kfp.local)
     d2mtl predict photos/ group.jpg --format csv      # faces + age, gender, race, expression (latest run's model)
     d2mtl export --model runs/manual/student --format onnx --out exports/student-onnx
+    d2mtl serve --model runs/manual/student --port 8080      # a KServe model server (pip install '.[serve]')
 
 Every path may be a local path or an ``s3://bucket/key`` URI.
 """
@@ -143,7 +144,7 @@ def _model_or_latest(model: str | None, cfg) -> str:
     return model or latest_model(cfg.pipeline.run_root)
 
 
-def cmd_predict(args: argparse.Namespace) -> None:
+def cmd_predict(args: argparse.Namespace) -> int:
     from d2mtl import predict
 
     cfg = _experiment(args)
@@ -156,6 +157,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
                                 batch_size=args.batch_size)
     counts = predict.write_results(analyzer.analyze_iter(images), args.format, sys.stdout, analyzer.tasks)
     print(predict.summary_line(counts), file=sys.stderr)
+    return predict.exit_code(counts)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -164,6 +166,21 @@ def cmd_export(args: argparse.Namespace) -> None:
     cfg = _experiment(args)
     card = export.export_model(_model_or_latest(args.model, cfg), args.format, args.out)
     print(f"wrote {store.join(args.out, card['export']['file'])} (outputs: {', '.join(card['export']['outputs'])})")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    cfg = _experiment(args)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    sys.argv[1:] = []  # kserve parses the command line when it is imported: these arguments are d2mtl's
+    try:
+        from d2mtl import serve
+    except ImportError as err:
+        raise UserError(f"d2mtl serve needs the serve extra (pip install 'distill-2md-mtl[serve]'): {err}") from None
+    serve.serve(_model_or_latest(args.model, cfg), name=args.name, port=args.port, device=args.device,
+                ingest=cfg.ingest, batch_size=args.batch_size, max_request_mb=args.max_request_mb)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -245,6 +262,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("onnx", "torchscript"), required=True)
     p.add_argument("--out", required=True, help="output folder (model.onnx or model.torchscript.pt + model_card.json)")
 
+    p = add("serve", cmd_serve, "serve a model with KServe: v1 and v2 inference endpoints and a page to try it (/ui)")
+    p.add_argument("--model", default=None,
+                   help="model folder (local or s3://); default: the final model of the latest d2mtl run")
+    p.add_argument("--port", type=int, default=8080, help="HTTP port (default 8080)")
+    p.add_argument("--name", default="d2mtl", help="model name in the endpoint paths (default d2mtl)")
+    p.add_argument("--max-request-mb", type=float, default=16.0,
+                   help="larger request bodies are refused with 413 before they are read (default 16)")
+    p.add_argument("--batch-size", type=int, default=64, help="faces per forward pass (default 64)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for the network and the detector")
+
     from d2mtl_pipeline import cli as pipeline_cli
 
     pipeline_cli.register(sub, _common)
@@ -260,14 +288,14 @@ def main(argv: list[str] | None = None) -> int:
             from d2mtl import store
 
             store.check_folder(args.out, "--out")
-        args.func(args)
+        code = args.func(args) or 0  # predict has exit codes of its own (d2mtl.predict.exit_code)
     except UserError as err:
         print(f"d2mtl {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\nd2mtl {args.command}: interrupted", file=sys.stderr)  # not glued to a progress bar's line
         return 130
-    return 0
+    return code
 
 
 if __name__ == "__main__":
