@@ -144,7 +144,7 @@ def _model_or_latest(model: str | None, cfg) -> str:
     return model or latest_model(cfg.pipeline.run_root)
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
+def cmd_predict(args: argparse.Namespace) -> None:
     from d2mtl import predict
 
     cfg = _experiment(args)
@@ -157,7 +157,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
                                 batch_size=args.batch_size)
     counts = predict.write_results(analyzer.analyze_iter(images), args.format, sys.stdout, analyzer.tasks)
     print(predict.summary_line(counts), file=sys.stderr)
-    return predict.exit_code(counts)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -288,14 +287,14 @@ def main(argv: list[str] | None = None) -> int:
             from d2mtl import store
 
             store.check_folder(args.out, "--out")
-        code = args.func(args) or 0  # predict has exit codes of its own (d2mtl.predict.exit_code)
+        args.func(args)
     except UserError as err:
         print(f"d2mtl {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\nd2mtl {args.command}: interrupted", file=sys.stderr)  # not glued to a progress bar's line
         return 130
-    return code
+    return 0
 
 
 if __name__ == "__main__":
