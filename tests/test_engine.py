@@ -161,7 +161,7 @@ def test_teacher_writes_a_complete_model_folder(tiny_tables, tmp_path):
     assert card["training"]["faces"]["image_size"] == "32"  # the face table's settings, for predict
     assert set(card["metrics"]["test"]) >= {"age_mae", "gender_acc", "race_acc", "expression_acc"}
     metrics = json.loads((out / layout.TRAIN_METRICS).read_text())
-    assert [h["epoch"] for h in metrics["history"]] == [1, 2] and len(metrics["lr"]["trace"]) == 10  # 36 faces: 4 x 8 + 4
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2] and len(metrics["lr"]["trace"]) == 10  # 36: 4 x 8 + 4
     assert metrics["lr"]["range_test"]["lrs"] and result["test"] == card["metrics"]["test"]
     assert (out / layout.TRAIN_CURVES).read_bytes()[:4] == b"\x89PNG"
     checkpoint = torch.load(out / layout.CHECKPOINT_FILE, weights_only=True)

@@ -5,17 +5,22 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
+import warnings
 from pathlib import Path
 
 import pyarrow as pa
+import ingest_layouts as layouts
 import pytest
 from conftest import make_tiny_tables
 
 from d2mtl import cli, contracts, layout, store
 from d2mtl.config import ConfigError, TrainConfig, load_experiment, updated
+from d2mtl.config.ingest import IngestConfig, UTKFaceSpec
 from d2mtl.data import FaceIndex
+from d2mtl.engine import plot_curves
 from d2mtl.errors import UserError
-from d2mtl.stages import evaluate
+from d2mtl.stages import evaluate, ingest
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str]:
@@ -174,3 +179,32 @@ def test_labels_of_another_ingest_are_one_warning_with_counts(tiny_tables, tmp_p
     renamed = labels.set_column(0, "sample_id", pa.array([f"other-{sid}" for sid in labels.column("sample_id")]))
     with pytest.raises(UserError, match="48 of 48 faces have no row in it and 48 of its 48 rows name no face"):
         evaluate.check_labels_fit(tiny_tables["faces"], "other.parquet", renamed)
+
+
+# ---- progress and logs ----------------------------------------------------------------------------------
+
+def test_the_ingest_bar_ends_at_its_total_and_age_bins_sort_by_age(tmp_path, capsys):
+    layouts.utkface(tmp_path)
+    cfg = IngestConfig(data_root=str(tmp_path), image_size=32, workers=1, chunk_size=4, shard_rows=8,
+                       datasets=[UTKFaceSpec(alignment="trust_crop")])
+    ingest.run(cfg, str(tmp_path / "out"))
+    assert "| 7/7 " in capsys.readouterr().err  # it was left one short, at 6/7
+    assert sorted(["100+", "20-29", "0-9", "10-19"], key=ingest.class_order) == ["0-9", "10-19", "20-29", "100+"]
+    assert sorted(["sad", "angry"], key=ingest.class_order) == ["angry", "sad"]
+
+
+def test_curves_of_a_one_step_age_only_run_draw_without_warnings():
+    history = [{"epoch": 1, "train": {"age": 4.0}, "val": {"age_loss": 4.2, "age_mae": 9.0}}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib: "No artists with labels found to put in legend"
+        assert plot_curves(history, [1e-3])[:4] == b"\x89PNG"
+
+
+def test_an_interrupt_is_reported_on_its_own_line(monkeypatch, capsys):
+    def interrupted(args):
+        print("teacher epoch 1:  40%|####      | 2/5", end="", file=sys.stderr)  # a progress bar's unfinished line
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_upload_data", interrupted)
+    code, err = run_cli(["upload-data", "--dest", "s3://bucket/data"], capsys)
+    assert code == 130 and err.splitlines()[-1] == "d2mtl upload-data: interrupted"

@@ -17,8 +17,8 @@ from d2mtl.cli import main
 from d2mtl.config.ingest import IngestConfig
 from d2mtl.errors import UserError
 from d2mtl.models import AGE_MIN, ModelSpec, MultiTaskNet, save_model
-from d2mtl.predict import (Analyzer, InferenceModel, csv_columns, latest_model, list_images, output_names,
-                           write_results)
+from d2mtl.predict import (EXIT_BAD_INPUT, EXIT_NO_FACE, EXIT_NO_FACE_BAD_INPUT, Analyzer, InferenceModel,
+                           csv_columns, exit_code, latest_model, list_images, output_names, write_results)
 from d2mtl.tasks import TASKS
 
 CLASS_TASKS = [t for t in TASKS if TASKS[t].kind == "classification"]
@@ -245,7 +245,7 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
 @pytest.mark.realdata
 def test_cli_json_is_one_object_per_image(capsys, model_dir, photo_dir):
     code, out, err = run_cli(capsys, str(photo_dir), "--model", model_dir, "--format", "json")
-    assert code == 0
+    assert code == EXIT_BAD_INPUT  # faces found, but broken.jpg is unreadable
     records = {Path(r["source"]).name: r for r in map(json.loads, out.splitlines())}
     assert set(records) == {"pair.jpg", "noise.png", "broken.jpg"}
     assert {k: records[k]["status"] for k in records} == {"pair.jpg": "ok", "noise.png": "no_face",
@@ -274,6 +274,15 @@ def test_cli_csv_is_one_row_per_face_or_faceless_image(capsys, model_dir, photo_
     assert rows[2]["age"] == "" and rows[2]["reason"]
 
 
+@pytest.mark.parametrize("counts, code", [
+    ({"images": 2, "faces": 1, "ok": 1, "no_face": 1}, 0), ({"images": 1, "faces": 0, "no_face": 1}, 3),
+    ({"images": 2, "faces": 3, "ok": 1, "not_found": 1}, 4),
+    ({"images": 2, "faces": 0, "no_face": 1, "not_found": 1}, 5),
+    ({"images": 1, "faces": 0, "unreadable": 1}, 5)])
+def test_exit_codes_tell_nothing_predicted_from_bad_input(counts, code):
+    assert exit_code(counts) == code
+
+
 def test_csv_columns_follow_the_model_tasks():
     columns = csv_columns(["gender"])
     assert columns[-4:] == ["gender", "gender_probability", "gender_male", "gender_female"]
@@ -283,7 +292,7 @@ def test_csv_columns_follow_the_model_tasks():
 def test_cli_table_and_faceless_csv_need_no_faces(capsys, model_dir, tmp_path):
     (tmp_path / "noise.png").write_bytes(png(noise()))
     code, out, _ = run_cli(capsys, str(tmp_path), str(tmp_path / "gone.jpg"), "--model", model_dir)
-    assert code == 0
+    assert code == EXIT_NO_FACE_BAD_INPUT  # nothing predicted, and an input was missing
     assert out.splitlines() == [f"{tmp_path / 'noise.png'}  no_face: no face with detection score >= 0.9",
                                 f"{tmp_path / 'gone.jpg'}  not_found: no such file"]
     buffer = io.StringIO()
@@ -303,7 +312,7 @@ def test_cli_default_model_is_the_latest_run(capsys, model_dir, tmp_path):
     assert latest_model(str(run_root)) == model_dir
     code, out, _ = run_cli(capsys, str(tmp_path / "noise.png"), "--set", f"pipeline.run_root={run_root}",
                            "--format", "json")
-    assert code == 0 and json.loads(out)["status"] == "no_face"
+    assert code == EXIT_NO_FACE and json.loads(out)["status"] == "no_face"
 
 
 def test_cli_errors_are_one_line(capsys, model_dir, tmp_path):

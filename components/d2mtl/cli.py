@@ -32,7 +32,7 @@ from collections.abc import Callable
 from d2mtl.config import updated
 from d2mtl.errors import UserError
 
-FOLDER_OUTPUTS = ("ingest", "teacher", "pseudolabel", "student", "evaluate", "export")  # commands whose --out is a folder
+FOLDER_OUTPUTS = ("ingest", "teacher", "pseudolabel", "student", "evaluate", "export")  # their --out is a folder
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -144,7 +144,7 @@ def _model_or_latest(model: str | None, cfg) -> str:
     return model or latest_model(cfg.pipeline.run_root)
 
 
-def cmd_predict(args: argparse.Namespace) -> None:
+def cmd_predict(args: argparse.Namespace) -> int:
     from d2mtl import predict
 
     cfg = _experiment(args)
@@ -157,6 +157,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
                                 batch_size=args.batch_size)
     counts = predict.write_results(analyzer.analyze_iter(images), args.format, sys.stdout, analyzer.tasks)
     print(predict.summary_line(counts), file=sys.stderr)
+    return predict.exit_code(counts)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -287,14 +288,14 @@ def main(argv: list[str] | None = None) -> int:
             from d2mtl import store
 
             store.check_folder(args.out, "--out")
-        args.func(args)
+        code = args.func(args) or 0  # predict has exit codes of its own (d2mtl.predict.exit_code)
     except UserError as err:
         print(f"d2mtl {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\nd2mtl {args.command}: interrupted", file=sys.stderr)  # not glued to a progress bar's line
         return 130
-    return 0
+    return code
 
 
 if __name__ == "__main__":

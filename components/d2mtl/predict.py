@@ -386,6 +386,20 @@ def write_results(results: Iterable[ImageResult], fmt: str, stream: TextIO, task
     return counts
 
 
+# `d2mtl predict` exit codes beyond 0 (a face in some input, every input read) and 2 (a usage error, nothing read)
+EXIT_NO_FACE = 3  # every input was read, none had a face: nothing was predicted
+EXIT_BAD_INPUT = 4  # some input was unreadable or missing; faces were found in others
+EXIT_NO_FACE_BAD_INPUT = 5  # some input was unreadable or missing, and no other had a face
+
+
+def exit_code(counts: dict[str, int]) -> int:
+    """The exit code of a ``write_results`` count."""
+    bad_input = bool(counts.get("unreadable") or counts.get("not_found"))
+    if counts["faces"]:
+        return EXIT_BAD_INPUT if bad_input else 0
+    return EXIT_NO_FACE_BAD_INPUT if bad_input else EXIT_NO_FACE
+
+
 def summary_line(counts: dict[str, int]) -> str:
     others = ", ".join(f"{counts[s]} {s.replace('_', ' ')}" for s in ("no_face", "unreadable", "not_found")
                        if counts.get(s))
