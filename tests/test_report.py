@@ -98,3 +98,15 @@ def test_render_is_self_contained_html_with_tables_and_images():
     assert "eval <test>" in html.replace("&lt;", "<").replace("&gt;", ">")
     assert "not measurable" in parser.cells  # claims 2 and 3 lack a student
     assert "held" in parser.cells  # claim 1: the teacher beats both baselines (age MAE 1 vs 3, gender 1.0 vs 0.75)
+
+
+def test_without_a_gap_the_report_says_the_groups_are_too_small():
+    rows = [{"model": "teacher", "task": "age", "dataset": "utkface", "split": "test", "metric": "mae",
+             "group_by": "gender", "group": group, "value": value, "n": 12} for group, value in (("male", 5.0),
+                                                                                               ("female", 6.0))]
+    page = report.render(title="t", models=[], claims=[], comparison=(["task"], []), rows=rows,
+                         gaps=metrics.fairness_gaps(rows, 30), confusion_plots=[], curve_plots=[], threshold_plots=[],
+                         fairness_min_group=30)
+    assert "No dataset with gender or race labels" not in page  # the table below lists UTKFace's gender groups
+    assert ("no attribute has two groups with at least 30 labelled faces (evaluate.fairness_min_group); the largest "
+            "group here has 12") in page

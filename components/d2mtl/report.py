@@ -221,10 +221,18 @@ def _claims_section(claims: list[dict]) -> str:
     return "".join(parts)
 
 
+def _why_no_gaps(grouped: list[dict], min_group: int) -> str:
+    if not grouped:
+        return "No dataset with gender or race labels among the evaluated ones."
+    return (f"No gap computed: no attribute has two groups with at least {min_group} labelled faces "
+            f"(evaluate.fairness_min_group); the largest group here has {max(r['n'] for r in grouped)}. "
+            "The per-group metrics are in the next section.")
+
+
 def render(*, title: str, models: list[dict], claims: list[dict], comparison: tuple[list[str], list[list]],
            rows: list[dict], gaps: list[dict], confusion_plots: list[Plot], curve_plots: list[Plot],
-           threshold_plots: list[Plot], notes: list[str] = ()) -> str:
-    """The whole report as one HTML string."""
+           threshold_plots: list[Plot], notes: list[str] = (), fairness_min_group: int = 1) -> str:
+    """The whole report as one HTML string; ``fairness_min_group``: the group size the gaps were computed with."""
     overall = [r for r in rows if r["group_by"] is None]
     grouped = [r for r in rows if r["group_by"] is not None]
     model_columns = ["name", "role", "uri", "tasks", "backbone", "input size"]
@@ -242,7 +250,7 @@ def render(*, title: str, models: list[dict], claims: list[dict], comparison: tu
                    "worst", "groups"],
                   [[g["model"], g["task"], g["dataset"], g["split"], g["metric"], g["group_by"], g["gap"],
                     g["best_group"], g["best"], g["worst_group"], g["worst"], g["groups_compared"]] for g in gaps])
-            if gaps else "<p>No dataset with gender or race labels among the evaluated ones.</p>")),
+            if gaps else f"<p>{html.escape(_why_no_gaps(grouped, fairness_min_group))}</p>")),
         ("Fairness audit: every metric per group",
          "<details><summary>show</summary>"
          + table(["model", "task", "dataset", "split", "by", "group", "metric", "value", "n"],

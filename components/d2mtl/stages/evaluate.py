@@ -410,7 +410,8 @@ def run(cfg: EvaluateConfig, models: list[str], faces: str, labels: str, out: st
         gaps=gaps, confusion_plots=write_confusions(confusions, out),
         curve_plots=[p for p in (training_curves(m) for m in loaded) if p is not None],
         threshold_plots=threshold_plots,
-        notes=report_notes(cfg, evaluated, coverage, coverage_source, collected, unlabelled))
+        notes=report_notes(cfg, evaluated, coverage, coverage_source, collected, unlabelled),
+        fairness_min_group=cfg.fairness_min_group)
     scalars = scalar_metrics(rows, gaps)
     store.write_text(store.join(out, layout.EVAL_METRICS), _json(scalars))
     store.write_text(store.join(out, layout.EVAL_CLAIMS), _json({
