@@ -3,7 +3,10 @@ and the submit command's argument handling (no cluster here: kfp.Client is repla
 
 from __future__ import annotations
 
+import http.server
 import json
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -421,3 +424,44 @@ def test_steps_report_a_bad_config_as_one_line(capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("d2mtl validate: error: invalid teacher config:") and "nonsense" in err
     assert len(err.splitlines()) == 1
+
+
+class _Answers(http.server.BaseHTTPRequestHandler):
+    """GET /apis/v2beta1/healthz: KFP's JSON when the server is told to be KFP, else python -m http.server's 404."""
+
+    def do_GET(self):  # noqa: N802 (the http.server API)
+        if self.server.kfp and self.path == submit.HEALTHZ:
+            body, status, kind = b'{"multi_user": false}', 200, "application/json"
+        else:
+            body, status, kind = b"<html>Error 404: File not found</html>", 404, "text/html"
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(params=[False, True], ids=["not-kfp", "kfp"])
+def http_host(request):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Answers)
+    server.kfp = request.param
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}", request.param
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_host_that_answers_but_is_not_kfp_is_one_line_at_once(http_host, capsys):
+    host, is_kfp = http_host
+    if is_kfp:
+        submit.check_kfp_api(host)
+        return
+    started = time.perf_counter()
+    assert cli.main(["submit", "--host", host]) == 2
+    err = capsys.readouterr().err.strip()
+    assert time.perf_counter() - started < 15 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"d2mtl submit: error: {host}/apis/v2beta1/healthz answered 404 Not Found (BaseHTTP/")
+    assert "not a Kubeflow Pipelines API" in err

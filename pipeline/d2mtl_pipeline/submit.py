@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
+import urllib.error
+import urllib.request
 import warnings
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,9 @@ PARAMETER_TYPES = {  # KFP IR parameter type -> (how a --param value is read, wh
     "STRUCT": (yaml.safe_load, "a mapping, e.g. {a: 1}"),
 }
 PYTHON_TYPES = {"BOOLEAN": bool, "LIST": list, "STRUCT": dict}
+HEALTHZ = "/apis/v2beta1/healthz"  # what kfp.Client asks first
+ENDPOINT_HINT = ("(is the endpoint right? e.g. kubectl port-forward -n kubeflow svc/ml-pipeline-ui 8080:80, then "
+                 "--host http://localhost:8080)")
 
 
 def pipeline_parameters(package: str) -> dict[str, str]:
@@ -52,12 +58,40 @@ def parse_params(items: list[str], types: dict[str, str]) -> dict[str, Any]:
     return arguments
 
 
+def unreachable(host: str, err: Exception) -> UserError:
+    reason = getattr(err, "reason", None) or err
+    return UserError(f"cannot reach Kubeflow Pipelines at {host}: {type(reason).__name__}: "
+                     f"{str(reason).splitlines()[0][:200]} {ENDPOINT_HINT}")
+
+
+def check_kfp_api(host: str, timeout_s: float = 10.0) -> None:
+    """One GET of the KFP API's health endpoint: a host that does not answer, or answers but is not Kubeflow
+    Pipelines, is one line within seconds (kfp.Client would retry its health check for ~25 s, logging a traceback
+    each time, and end in a TimeoutError that hides what answered)."""
+    url = host.rstrip("/") + HEALTHZ
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            kind, body = response.headers.get_content_type(), response.read(65536)
+    except urllib.error.HTTPError as err:
+        raise UserError(f"{url} answered {err.code} {err.reason} ({err.headers.get('Server') or 'no Server header'}): "
+                        f"not a Kubeflow Pipelines API {ENDPOINT_HINT}") from None
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        raise unreachable(host, err) from None
+    try:
+        json_object = isinstance(json.loads(body), dict)
+    except ValueError:
+        json_object = False
+    if kind != "application/json" or not json_object:
+        raise UserError(f"{url} answered with {kind}, not the JSON of a Kubeflow Pipelines API {ENDPOINT_HINT}")
+
+
 def connect(host: str, namespace: str | None):
-    """A ``kfp.Client``; an endpoint that does not answer is one clear UserError."""
+    """A ``kfp.Client``; an endpoint that does not answer, or is not KFP, is one clear UserError."""
     import kfp
     from kfp_server_api.exceptions import ApiException
     from urllib3.exceptions import HTTPError
 
+    check_kfp_api(host)
     retries_log = logging.getLogger("urllib3.connectionpool")
     level = retries_log.level
     retries_log.setLevel(logging.ERROR)  # its "Retrying ..." lines would bury the one line below
@@ -66,11 +100,7 @@ def connect(host: str, namespace: str | None):
         try:
             return kfp.Client(host=host, namespace=namespace or "kubeflow")
         except (HTTPError, ApiException, OSError, ValueError) as err:
-            reason = getattr(err, "reason", None) or err
-            raise UserError(f"cannot reach Kubeflow Pipelines at {host}: {type(reason).__name__}: "
-                            f"{str(reason).splitlines()[0][:200]} (is the endpoint right? e.g. "
-                            "kubectl port-forward -n kubeflow svc/ml-pipeline-ui 8080:80, then --host "
-                            "http://localhost:8080)") from None
+            raise unreachable(host, err) from None
         finally:
             retries_log.setLevel(level)
 
