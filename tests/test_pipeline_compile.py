@@ -323,6 +323,7 @@ def test_submit_passes_params_experiment_and_caching(monkeypatch, capsys):
     import kfp
 
     monkeypatch.setattr(kfp, "Client", FakeClient)
+    monkeypatch.setattr(submit, "check_kfp_api", lambda host: None)  # no KFP API to ask here
     FakeClient.calls.clear()
     assert cli.main(["submit", "--config", "gpu", "--host", "http://kfp.example:8080", "--experiment", "ablations",
                      "--param", "shards=8", "--param", "publish_prefix=s3://b/results"]) == 0
@@ -338,6 +339,7 @@ def test_submit_rerun_checks_the_earlier_run(monkeypatch, capsys, s3_env):
     from d2mtl import store
 
     monkeypatch.setattr(kfp, "Client", FakeClient)
+    monkeypatch.setattr(submit, "check_kfp_api", lambda host: None)  # no KFP API to ask here
     FakeClient.calls.clear()
     args = ["submit", "--host", "http://kfp.example:8080", "--param", "publish_prefix=s3://bucket/results",
             "--set", f"store.endpoint={s3_env['endpoint']}", "--rerun", "evaluate", "--from-run", "r9"]
