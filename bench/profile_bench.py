@@ -1,6 +1,7 @@
 """Choosing a profile's training settings on the val split: teacher variants trained on one ingest, scored per
 task x dataset.
 
+``--model NAME=URI`` adds a model trained elsewhere (e.g. the students of two profiles, on the test split).
 Each ``--variant NAME=KEY=VALUE[;KEY=VALUE...]`` is the profile plus the common ``--set`` overrides plus its own
 (keys as in ``--set``, e.g. ``teacher.mix_temperature=2;teacher.weighting=fixed``). Every variant trains a teacher
 (a rerun with the same ``--work`` resumes or keeps finished runs), then one evaluate pass scores all of them on
@@ -23,6 +24,7 @@ from d2mtl import layout, store
 from d2mtl.claims import headline
 from d2mtl.config import load_experiment
 from d2mtl.metrics import error_of
+from d2mtl.models import read_card
 from d2mtl.roles import NO_ROLE
 from d2mtl.stages import evaluate, teacher
 
@@ -37,6 +39,10 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 def train_variants(args: argparse.Namespace) -> dict[str, dict]:
     faces, labels = layout.faces(args.ingest), layout.labels(args.ingest)
     results = {}
+    for name, uri in map(evaluate.split_model_arg, args.model):
+        training = read_card(uri)["training"]
+        results[name or uri] = {"out": uri, "settings": [],
+                                "minutes_per_epoch": training["train_seconds"] / 60 / max(training["epochs"], 1)}
     for name, settings in map(parse_variant, args.variant):
         cfg = load_experiment(args.config, [*args.overrides, *settings]).teacher
         out = store.join(args.work, name)
@@ -77,8 +83,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="override for every variant (repeatable)")
     parser.add_argument("--ingest", required=True, help="an ingest output (faces/ + labels.parquet)")
     parser.add_argument("--work", required=True, help="folder of the variants' model folders and the evaluation")
-    parser.add_argument("--variant", action="append", required=True, metavar="NAME=KEY=VALUE[;...]",
-                        help="a teacher variant (repeatable; the first is the reference)")
+    parser.add_argument("--model", action="append", default=[], metavar="NAME=URI",
+                        help="an already trained model folder to score with the variants (repeatable; listed first)")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VALUE[;...]",
+                        help="a teacher variant (repeatable); the first model or variant is the reference")
     parser.add_argument("--split", default="val", choices=("val", "test"), help="split to score (default: val)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
