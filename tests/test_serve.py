@@ -47,10 +47,10 @@ def noise(seed: int, shape=(120, 160, 3)) -> bytes:
     return png(np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8))
 
 
-def start_server(model: str, port: int, log: Path, env: dict | None = None) -> subprocess.Popen:
+def start_server(model: str, port: int, log: Path, env: dict | None = None, backend: str = "auto") -> subprocess.Popen:
     """``d2mtl serve`` in a subprocess (its log in ``log``), once it answers its readiness check."""
     command = [sys.executable, "-m", "d2mtl.cli", "serve", "--model", model, "--port", str(port), "--name", NAME,
-               "--device", "cpu", "--max-request-mb", str(LIMIT_MB)]
+               "--device", "cpu", "--max-request-mb", str(LIMIT_MB), "--backend", backend]
     with log.open("w") as output:
         process = subprocess.Popen(command, cwd=REPO, env={**os.environ, **(env or {})}, stdout=output,
                                    stderr=subprocess.STDOUT)
@@ -263,12 +263,13 @@ def test_a_folder_that_is_not_a_model_is_refused_before_the_server_starts(tmp_pa
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
 
 
-def test_a_model_in_object_storage_is_served(s3_env, model_dir, analyzer, photos, tmp_path):
+def test_a_model_in_object_storage_is_served_with_either_backend(s3_env, model_dir, analyzer, photos, tmp_path):
+    """The default forward pass on CPU is onnxruntime (the other tests); this server runs torch's."""
     for path in Path(model_dir).iterdir():
         store.upload_file(path, f"s3://bucket/served/student/{path.name}")
     port = _free_port()
     process = start_server("s3://bucket/served/student", port, tmp_path / "server.log",
-                           env={k: v for k, v in os.environ.items() if k.startswith("AWS_")})
+                           env={k: v for k, v in os.environ.items() if k.startswith("AWS_")}, backend="torch")
     try:
         answer = v1(f"http://127.0.0.1:{port}", photos[:1])
         assert answer.status_code == 200

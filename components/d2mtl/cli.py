@@ -180,7 +180,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     except ImportError as err:
         raise UserError(f"d2mtl serve needs the serve extra (pip install 'distill-2md-mtl[serve]'): {err}") from None
     serve.serve(_model_or_latest(args.model, cfg), name=args.name, port=args.port, device=args.device,
-                ingest=cfg.ingest, batch_size=args.batch_size, max_request_mb=args.max_request_mb)
+                ingest=cfg.ingest, batch_size=args.batch_size, backend=args.backend,
+                max_request_mb=args.max_request_mb)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -271,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="larger request bodies are refused with 413 before they are read (default 16)")
     p.add_argument("--batch-size", type=int, default=64, help="faces per forward pass (default 64)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto",
+                   help="forward pass: auto (default: onnxruntime on CPU, where it measures faster; torch on a GPU)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the network and the detector")
 
     from d2mtl_pipeline import cli as pipeline_cli
