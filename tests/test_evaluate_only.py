@@ -75,3 +75,24 @@ def test_ingest_marks_evaluation_only_datasets(tmp_path):
     report = json.loads(store.read_text(store.join(str(tmp_path / "out"), layout.INGEST_REPORT_JSON)))
     assert report["datasets"]["utkface"]["use"] == "evaluate"
     assert "Evaluation only" in store.read_text(store.join(str(tmp_path / "out"), layout.INGEST_REPORT_MD))
+
+
+def test_a_target_dataset_can_have_its_own_rule(tmp_path):
+    tables = make_tiny_tables(tmp_path / "ingest", per_dataset=20)
+    torch.manual_seed(0)
+    teacher = str(tmp_path / "teacher")
+    models.save_model(models.MultiTaskNet(models.ModelSpec(tasks=TASKS, input_size=32), weights="none").eval(),
+                      teacher, role="teacher")
+    rules = {"gender": {"rule": "fixed", "threshold": 0.0}}
+    cfg = PseudoLabelConfig(transforms=["identity"], batch_size=8, workers=0, device="cpu", rules=rules,
+                            dataset_rules={"fer": {"gender": {"rule": "fixed", "threshold": 1.0}}})
+    result = pseudolabel.run(cfg, [teacher], tables["faces"], tables["labels"], str(tmp_path / "out"))
+    pseudo = contracts.read_table(result["pseudo"], contracts.PSEUDO)
+    kept = {d: pseudo.filter(pc.equal(pseudo.column("dataset"), d)).column("gender_kept").to_pylist()
+            for d in ("utk", "fer")}
+    assert kept["fer"] == [False] * 20  # its own rule: nothing is that confident
+    report = json.loads(store.read_text(result["report"]))
+    assert report["selection"]["gender"]["thresholds"]["by_dataset"] == {"fer": {"rule": "fixed", "threshold": 1.0}}
+    assert report["dataset_rules"] == {"fer": {"gender": {"rule": "fixed", "threshold": 1.0}}}
+    with pytest.raises(ValueError, match="dataset_rules.fer.age: rule 'fixed' does not fit"):
+        PseudoLabelConfig(dataset_rules={"fer": {"age": {"rule": "fixed"}}})

@@ -71,6 +71,8 @@ class PseudoLabelConfig(BaseModel):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = Field(0, ge=0)  # torch CPU threads; 0 keeps torch's default
     rules: dict[str, TaskRule] = {}  # per task; a task not listed: fixed 0.9 (classification), spread 3 (age)
+    # per target dataset, task -> rule for that dataset's candidates, where its holdout curves call for another rule
+    dataset_rules: dict[str, dict[str, TaskRule]] = {}
     holdout: HoldoutConfig = Field(default_factory=HoldoutConfig)
 
     @field_validator("transforms")
@@ -86,10 +88,13 @@ class PseudoLabelConfig(BaseModel):
 
     @model_validator(mode="after")
     def _rules_fit_tasks(self) -> PseudoLabelConfig:
-        for name, rule in self.rules.items():
+        placed = [(f"rules.{name}", name, rule) for name, rule in self.rules.items()]
+        placed += [(f"dataset_rules.{dataset}.{name}", name, rule) for dataset, rules in self.dataset_rules.items()
+                   for name, rule in rules.items()]
+        for where, name, rule in placed:
             task = get_task(name)
             if rule.rule not in RULES_BY_KIND[task.kind]:
-                raise ValueError(f"rules.{name}: rule {rule.rule!r} does not fit a {task.kind} task; use "
+                raise ValueError(f"{where}: rule {rule.rule!r} does not fit a {task.kind} task; use "
                                  + " or ".join(RULES_BY_KIND[task.kind]))
         return self
 

@@ -35,7 +35,7 @@ from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
 from d2mtl import contracts, data, distill, layout, store
-from d2mtl.config.pseudolabel import RULES_BY_KIND, PseudoLabelConfig, parse_transform
+from d2mtl.config.pseudolabel import RULES_BY_KIND, PseudoLabelConfig, TaskRule, parse_transform
 from d2mtl.errors import UserError
 from d2mtl.models import MultiTaskNet, load_model, read_card, resolve_device
 from d2mtl.tasks import TASKS
@@ -321,6 +321,24 @@ def quality_curves(cfg: PseudoLabelConfig, task: str, pred: distill.TaskPredicti
             "other_rules": sweeps}
 
 
+def select_by_dataset(cfg: PseudoLabelConfig, task: str, part: pa.Table, pred: distill.TaskPrediction,
+                      candidate: np.ndarray, known: np.ndarray | None) -> distill.Selection:
+    """The task's rule over the candidates, except those of datasets with their own rule (``dataset_rules``),
+    which are selected by it among themselves; the thresholds of each such dataset go under ``by_dataset``."""
+    own_rules = {name: rules[task] for name, rules in cfg.dataset_rules.items() if task in rules}
+    if not own_rules:
+        return distill.select(task, cfg.rule_for(task), pred, candidate, known)
+    datasets = np.asarray(part.column("dataset").to_pylist(), dtype=object)
+    selection = distill.select(task, cfg.rule_for(task), pred, candidate & ~np.isin(datasets, list(own_rules)),
+                               known)
+    kept, by_dataset = selection.kept.copy(), {}
+    for name, rule in own_rules.items():
+        own = distill.select(task, rule, pred, candidate & (datasets == name), known)
+        kept |= own.kept
+        by_dataset[name] = {"rule": rule.rule, **own.thresholds}
+    return distill.Selection(kept, {**selection.thresholds, "by_dataset": by_dataset})
+
+
 def select_all(cfg: PseudoLabelConfig, part: pa.Table, tasks: tuple[str, ...],
                with_truth: bool) -> tuple[dict[str, pa.Array], dict, list[dict], dict]:
     """Apply every task's rule over the whole (merged) part: kept columns, per-task summary, retention rows,
@@ -336,7 +354,7 @@ def select_all(cfg: PseudoLabelConfig, part: pa.Table, tasks: tuple[str, ...],
         known = _numpy(part, f"{task}_known")[labelled].astype(np.int64) if TASKS[task].kind == "classification" \
             else None
         try:
-            selection = distill.select(task, rule, pred, candidate, known)
+            selection = select_by_dataset(cfg, task, part, pred, candidate, known)
         except ValueError as err:
             raise UserError(str(err)) from None
         kept_columns[f"{task}_kept"] = pa.array(selection.kept)
@@ -475,6 +493,11 @@ def read_parts(parts: list[str]) -> tuple[pa.Table, dict]:
     return table, provenance
 
 
+def rule_record(rule: TaskRule) -> dict:
+    """A rule as the provenance records it: its name and the parameter it uses."""
+    return rule.model_dump(include={"rule", distill.SWEPT[rule.rule]})
+
+
 def merge(cfg: PseudoLabelConfig, parts: list[str], out: str) -> dict:
     """Select the pseudo-labels over all parts and write ``pseudo.parquet`` and ``report.json`` under ``out``."""
     part, provenance = read_parts(parts)
@@ -486,10 +509,12 @@ def merge(cfg: PseudoLabelConfig, parts: list[str], out: str) -> dict:
     nothing = {f"{task}_kept": pa.array(np.zeros(part.num_rows, bool)) for task in TASKS if task not in tasks}
     pseudo = _table(contracts.PSEUDO_SCHEMA, part.num_rows,
                     {**{name: part.column(name) for name in part.column_names}, **kept, **nothing})
-    rules = {task: cfg.rule_for(task).model_dump(include={"rule", distill.SWEPT[cfg.rule_for(task).rule]})
-             for task in tasks}
+    rules = {task: rule_record(cfg.rule_for(task)) for task in tasks}
+    dataset_rules = {name: {task: rule_record(rule) for task, rule in own.items() if task in tasks}
+                     for name, own in cfg.dataset_rules.items()}
     meta = {"teachers": provenance["teachers"], "transforms": provenance["transforms"], "tasks": list(tasks),
-            "rules": rules, "holdout": provenance["holdout"], "evaluate_only": provenance["evaluate_only"]}
+            "rules": rules, "dataset_rules": dataset_rules, "holdout": provenance["holdout"],
+            "evaluate_only": provenance["evaluate_only"]}
     pseudo_uri, report_uri = store.join(out, layout.PSEUDO_FILE), store.join(out, layout.PSEUDO_REPORT)
     contracts.write_table(pseudo, pseudo_uri, contracts.PSEUDO, {PROVENANCE_KEY: json.dumps(meta, sort_keys=True)})
     report = {**meta, "rows": part.num_rows, "shards": provenance["shards"], "selection": summary,
@@ -498,7 +523,8 @@ def merge(cfg: PseudoLabelConfig, parts: list[str], out: str) -> dict:
         store.write_bytes(store.join(out, layout.PSEUDO_HOLDOUT_PLOT), holdout_plot(curves), "image/png")
         report["holdout"] = {**(provenance["holdout"] or {}), "curves": curves, "plot": layout.PSEUDO_HOLDOUT_PLOT}
     store.write_text(report_uri, json.dumps(report, indent=1))
-    log.info("pseudo-labels: %s", ", ".join(f"{t} {s['kept']}/{s['candidates']}" for t, s in summary.items()))
+    log.info("pseudo-labels kept, of the faces without that label: %s",
+             ", ".join(f"{t} {s['kept']} of {s['candidates']}" for t, s in summary.items()))
     return {"pseudo": pseudo_uri, "report": report_uri, "rows": part.num_rows,
             "kept": {task: s["kept"] for task, s in summary.items()}}
 
