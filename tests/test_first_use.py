@@ -14,7 +14,7 @@ import ingest_layouts as layouts
 import pytest
 from conftest import make_tiny_tables
 
-from d2mtl import cli, contracts, layout, store
+from d2mtl import cli, contracts, layout, predict, store
 from d2mtl.config import ConfigError, TrainConfig, load_experiment, updated
 from d2mtl.config.ingest import IngestConfig, UTKFaceSpec
 from d2mtl.data import FaceIndex
@@ -208,3 +208,25 @@ def test_an_interrupt_is_reported_on_its_own_line(monkeypatch, capsys):
     monkeypatch.setattr(cli, "cmd_upload_data", interrupted)
     code, err = run_cli(["upload-data", "--dest", "s3://bucket/data"], capsys)
     assert code == 130 and err.splitlines()[-1] == "d2mtl upload-data: interrupted"
+
+
+# ---- help ----------------------------------------------------------------------------------------------
+
+def test_help_is_plain_text_with_examples_and_a_version(capsys):
+    parser = cli.build_parser()
+    top = parser.format_help()
+    assert "``" not in top and "::" not in top and "Exit codes: 0 done; 2 " in top
+    commands = parser._subparsers._group_actions[0].choices  # noqa: SLF001 (argparse has no public accessor)
+    for name in ("ingest", "teacher", "pseudolabel", "student", "evaluate", "predict", "export"):
+        text = commands[name].format_help()
+        assert f"examples:\n    d2mtl {name}" in text, name
+        assert ("--data-root" in text) == (name == "ingest"), name
+        assert all(action.help for action in commands[name]._actions), name  # noqa: SLF001
+    predict_options = {action.dest: action for action in commands["predict"]._actions}  # noqa: SLF001
+    assert "--set ingest.detector.min_score=0.8" in predict_options["overrides"].help
+    predict_help = commands["predict"].format_help()
+    for code in (predict.EXIT_NO_FACE, predict.EXIT_BAD_INPUT, predict.EXIT_NO_FACE_BAD_INPUT):
+        assert f"\n  {code}  " in predict_help
+    with pytest.raises(SystemExit) as done:
+        parser.parse_args(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("d2mtl ")

@@ -43,8 +43,10 @@ def test_unavailable_weights_offline_give_a_clear_error(monkeypatch, tmp_path):
         raise urllib.error.URLError("Name or service not known")
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    with pytest.raises(ModelError, match=r"resnet18 weights IMAGENET1K_V1: not in the torch cache .*resnet18-f37072fd"):
+    expected = r"resnet18 weights IMAGENET1K_V1: not in the torch cache .*resnet18-f37072fd"
+    with pytest.raises(ModelError, match=expected) as err:
         build_model(TrainConfig(backbone="resnet18", weights="IMAGENET1K_V1"))
+    assert f"Set TORCH_HOME (now {tmp_path}) to a folder holding hub/checkpoints/resnet18-f37072fd" in str(err.value)
 
 
 def test_mobilenet_imagenet_weights_load_from_the_shared_cache():

@@ -1,6 +1,6 @@
-"""``d2mtl``: one command, a sub-command per stage and per user action.
+"""d2mtl: one command, a sub-command per stage and per user action.
 
-Examples::
+examples:
 
     d2mtl ingest   --config cpu --data-root ../shared/data --out runs/manual/ingest
     d2mtl ingest   ... --out runs/manual/ingest-1 --shard 1/4      # one part; then merge the four parts:
@@ -19,7 +19,9 @@ Examples::
     d2mtl export --model runs/manual/student --format onnx --out exports/student-onnx
     d2mtl serve --model runs/manual/student --port 8080      # a KServe model server (pip install '.[serve]')
 
-Every path may be a local path or an ``s3://bucket/key`` URI.
+Every path may be a local path or an s3://bucket/key URI. d2mtl COMMAND --help shows the command's options and
+examples. Exit codes: 0 done; 2 a mistake in the command, config or input, told in one line; 130 interrupted;
+predict also 3, 4 and 5 (see d2mtl predict --help).
 """
 
 from __future__ import annotations
@@ -33,24 +35,61 @@ from d2mtl.config import updated
 from d2mtl.errors import UserError
 
 FOLDER_OUTPUTS = ("ingest", "teacher", "pseudolabel", "student", "evaluate", "export")  # their --out is a folder
+READS_DATASETS = ("ingest", "upload-data", "run", "compile", "submit")  # the commands --data-root acts on
+SET_EXAMPLES = {"ingest": "ingest.datasets.0.limit=100", "pseudolabel": "pseudolabel.batch_size=128",
+                "student": "student.epochs=2", "evaluate": "evaluate.splits=[val,test]",
+                "upload-data": "store.endpoint=http://localhost:9000", "predict": "ingest.detector.min_score=0.8",
+                "export": "pipeline.run_root=runs", "serve": "ingest.detector.min_score=0.8"}
+PREDICT_EXIT_CODES = """exit codes:
+  0  faces were found, and every input was read
+  2  a mistake in the command, config or model, told in one line; nothing was read
+  3  every input was read, none had a face: nothing was predicted
+  4  an input was unreadable or missing; others had faces
+  5  an input was unreadable or missing, and no other had a face"""
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
+    """--config, --set and (where it acts) --data-root, for the command ``parser.prog`` ends with."""
+    command = parser.prog.split()[-1]
     parser.add_argument("--config", default=None,
                         help="experiment YAML, or a packaged profile: cpu (default), gpu")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set teacher.epochs=2 (repeatable)")
-    parser.add_argument("--data-root", default=None,
-                        help="folder (or s3:// prefix) holding the datasets; default ./data or $D2MTL_DATA_ROOT")
+                        help=f"override a config field, e.g. --set {SET_EXAMPLES.get(command, 'teacher.epochs=2')} "
+                             "(repeatable; list entries by index)")
+    if command in READS_DATASETS:
+        parser.add_argument("--data-root", default=None,
+                            help="folder (or s3:// prefix) holding the datasets; default ./data or $D2MTL_DATA_ROOT")
+
+
+def _examples(command: str) -> str | None:
+    """The lines of this module's examples for ``command`` (with their continuation lines), as an epilog."""
+    lines, keep = [], False
+    for line in __doc__.splitlines():
+        if line.startswith("    d2mtl "):
+            keep = line.split()[1] == command
+        elif not line.startswith("      "):
+            keep = False
+        if keep:
+            lines.append(line)
+    return "examples:\n" + "\n".join(lines) if lines else None
 
 
 def _experiment(args: argparse.Namespace):
     from d2mtl import store
     from d2mtl.config import load_experiment
 
-    cfg = load_experiment(args.config, args.overrides, data_root=args.data_root)
+    cfg = load_experiment(args.config, args.overrides, data_root=getattr(args, "data_root", None))
     store.configure(cfg.store)
     return cfg
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("distill-2md-mtl")
+    except metadata.PackageNotFoundError:
+        return "(not installed)"
 
 
 def _restart_flag(parser: argparse.ArgumentParser) -> None:
@@ -125,8 +164,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from d2mtl.stages import evaluate
 
     cfg = _experiment(args)
-    evaluate.run(cfg.evaluate, models=args.models, faces=args.faces, labels=args.labels, out=args.out,
-                 pseudo_reports=args.pseudo_reports)
+    result = evaluate.run(cfg.evaluate, models=args.models, faces=args.faces, labels=args.labels, out=args.out,
+                          pseudo_reports=args.pseudo_reports)
+    print(f"report: {result['report']}")
 
 
 def cmd_upload_data(args: argparse.Namespace) -> None:
@@ -188,10 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="d2mtl", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"d2mtl {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, func: Callable[[argparse.Namespace], None], help_text: str) -> argparse.ArgumentParser:
-        command = sub.add_parser(name, help=help_text, description=help_text)
+        epilog = "\n\n".join(part for part in (_examples(name), PREDICT_EXIT_CODES if name == "predict" else None)
+                             if part)
+        command = sub.add_parser(name, help=help_text, description=help_text, epilog=epilog or None,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
         _common(command)
         command.set_defaults(func=func)
         return command
@@ -225,11 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "truth) under --out; needs pseudolabel.holdout.fraction > 0")
 
     p = add("student", cmd_student, "train the student on ground truth + kept pseudo-labels")
-    p.add_argument("--faces", required=True)
-    p.add_argument("--labels", required=True)
+    p.add_argument("--faces", required=True, help="face table (folder with _manifest.json)")
+    p.add_argument("--labels", required=True, help="label table (Parquet)")
     p.add_argument("--pseudo", required=True, help="pseudo-label table (Parquet)")
     p.add_argument("--teacher", default=None, help="teacher model folder (for init: teacher)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="model folder (weights, model card, checkpoint, curves)")
     _restart_flag(p)
 
     p = add("evaluate", cmd_evaluate, "evaluate models per task x dataset x split, fairness audit, claims")
@@ -237,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model folders, comma-separated; NAME=URI to name one (teacher=..., baseline_age=..., "
                         "student=..., student_single_age=...: the name gives the role in the claims)")
     p.add_argument("--faces", required=True, help="face table of any ingest, also of datasets never trained on")
-    p.add_argument("--labels", required=True)
+    p.add_argument("--labels", required=True, help="label table of the same ingest (Parquet)")
     p.add_argument("--pseudo", dest="pseudo_reports", type=_split_list, default=[],
                    help="pseudo-label report.json file(s), comma-separated: their threshold curves go in the report")
     p.add_argument("--out", required=True, help="output prefix (report.html, metrics.json, claims.json, confusion/)")
@@ -260,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("export", cmd_export, "export a model as ONNX or TorchScript (dynamic batch axis, model card included)")
     p.add_argument("--model", default=None, help="model folder; default: the final model of the latest d2mtl run")
-    p.add_argument("--format", choices=("onnx", "torchscript"), required=True)
+    p.add_argument("--format", choices=("onnx", "torchscript"), required=True,
+                   help="onnx: model.onnx (opset 18, onnxruntime); torchscript: model.torchscript.pt (LibTorch)")
     p.add_argument("--out", required=True, help="output folder (model.onnx or model.torchscript.pt + model_card.json)")
 
     p = add("serve", cmd_serve, "serve a model with KServe: v1 and v2 inference endpoints and a page to try it (/ui)")

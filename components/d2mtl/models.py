@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -104,8 +105,8 @@ def build_backbone(name: str, weights: str | None) -> tuple[nn.Module, int]:
     except OSError as err:  # URLError is an OSError: offline and not in the cache
         raise ModelError(
             f"cannot load {name} weights {weights}: not in the torch cache ({_weights_cache_path(spec)}) and the "
-            f"download failed ({err}). Set TORCH_HOME to a folder holding hub/checkpoints/"
-            f"{_weights_cache_path(spec).name}, or use weights: none") from None
+            f"download failed ({err}). Set TORCH_HOME (now {os.environ.get('TORCH_HOME', 'unset')}) to a folder "
+            f"holding hub/checkpoints/{_weights_cache_path(spec).name}, or use weights: none") from None
     head = model.get_submodule(backbone.classifier)
     linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
     feature_dim = linears[-1].in_features
