@@ -30,7 +30,7 @@ from conftest import REPO
 
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 REQUIREMENTS = REPO / "docker" / "requirements"
-IMAGE_TARGETS = ("ingest", "train-cpu", "train-cuda")
+IMAGE_TARGETS = ("ingest", "train-cpu", "train-cuda", "serve")
 CONTEXT_ALLOWED = ("pyproject.toml", "README.md", "components/", "pipeline/", "docker/requirements/")
 RUNTIME_APT_PACKAGES = {"libgl1", "libglib2.0-0"}  # opencv-python's GL runtime, nothing to build with
 TORCH_STACK = re.compile(r"^(torch|torchvision|triton|nvidia-.+|cuda-.+)$")
@@ -199,7 +199,8 @@ def lock_pins(name: str) -> dict[str, str]:
     return {canonicalize_name(k): v for k, v in load_lock_module().pins((REQUIREMENTS / name).read_text()).items()}
 
 
-@pytest.mark.parametrize("name", ["ingest.txt", "train-cuda.txt", "train-cpu.txt", "torch-cpu.txt", "build.txt"])
+@pytest.mark.parametrize("name", ["ingest.txt", "train-cuda.txt", "train-cpu.txt", "torch-cpu.txt", "build.txt",
+                                  "serve.txt"])
 def test_locks_pin_every_line_exactly(name):
     for line in (REQUIREMENTS / name).read_text().splitlines():
         if line and not line.startswith(("#", "--index-url ")):
@@ -228,6 +229,20 @@ def test_cpu_locks_are_the_cuda_lock_without_cuda():
         {k: v for k, v in cuda.items() if not TORCH_STACK.match(k)}
 
 
+def test_serve_lock_is_the_cpu_training_lock_plus_the_serve_extra():
+    lock = load_lock_module()
+    serve, train_cpu = lock_pins("serve.txt"), lock_pins("train-cpu.txt")
+    own = {canonicalize_name(name) for name in lock.SERVE_OWN_VERSIONS}
+    assert {name: (version, serve.get(name)) for name, version in train_cpu.items()
+            if name not in own and serve.get(name) != version} == {}
+    assert not [name for name in serve if TORCH_STACK.match(name)]
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["serve"]
+    for requirement in map(Requirement, extras):
+        if canonicalize_name(requirement.name) != "distill-2md-mtl":
+            assert requirement.specifier.contains(serve[canonicalize_name(requirement.name)]), \
+                f"serve.txt pins {requirement.name} outside pyproject's {requirement}: run make lock-images"
+
+
 def test_ingest_lock_is_torch_free_at_the_training_versions():
     ingest, cuda = lock_pins("ingest.txt"), lock_pins("train-cuda.txt")
     assert not [name for name in ingest if TORCH_STACK.match(name)]
@@ -237,7 +252,8 @@ def test_ingest_lock_is_torch_free_at_the_training_versions():
 # ---- what each image's code imports ----------------------------------------------------------------------------
 
 IMAGE_LOCKS = {"d2mtl-ingest": ("ingest.txt",), "d2mtl-train-cpu": ("train-cpu.txt", "torch-cpu.txt"),
-               "d2mtl-train-cuda": ("train-cuda.txt",)}
+               "d2mtl-train-cuda": ("train-cuda.txt",), "d2mtl-serve": ("serve.txt", "torch-cpu.txt")}
+SERVE_MODULES = {"d2mtl.serve", "d2mtl.deploy"}  # import the serve extra (kserve): only the serve image has it
 # Modules whose functions import lazily what only some commands need: only their module-level imports count.
 # (The CLIs import each stage inside its sub-command; steps.py imports each stage inside its step.)
 LAZY_MODULES = {"d2mtl.cli", "d2mtl_pipeline.cli", "d2mtl_pipeline.steps"}
@@ -343,7 +359,8 @@ def component_roots(tmp_path_factory) -> dict[str, set[str]]:
     for profile in ("cpu", "gpu"):
         package = tmp_path_factory.mktemp(profile) / "pipeline.yaml"
         assert main(["compile", "--config", profile, "--out", str(package), "--set", "pipeline.baselines=true",
-                     "--set", "pipeline.single_distill=true"]) == 0
+                     "--set", "pipeline.single_distill=true", "--set", "pipeline.deploy=true",
+                     "--set", "pipeline.publish_prefix=s3://d2mtl/results"]) == 0
         spec = next(yaml.safe_load_all(package.read_text()))
         for executor in spec["deploymentSpec"]["executors"].values():
             image = executor["container"]["image"].rsplit("/", 1)[-1].split(":")[0]
@@ -371,10 +388,16 @@ def test_ingest_image_holds_what_its_commands_import():
                         + "\n".join(gaps))
 
 
+def test_serve_image_holds_what_d2mtl_serve_imports():
+    gaps = image_gaps("d2mtl-serve", {"d2mtl.cli", "d2mtl.serve", "d2mtl.deploy"})
+    assert gaps == [], "the serve image lacks what `d2mtl serve` imports (docker/requirements/serve.txt):\n" + \
+        "\n".join(gaps)
+
+
 def test_pyproject_covers_everything_the_package_imports():
     roots = {f"{top}.{path.relative_to(root).with_suffix('').as_posix().replace('/', '.')}".removesuffix(".__init__")
              for top, root in PACKAGE_ROOTS.items() for path in root.rglob("*.py")}
-    gaps = image_gaps("d2mtl-train-cuda", roots - LAZY_MODULES | {"d2mtl.cli"})
+    gaps = image_gaps("d2mtl-train-cuda", roots - LAZY_MODULES - SERVE_MODULES | {"d2mtl.cli"})
     assert gaps == [], "pyproject.toml lacks dependencies the package imports:\n" + "\n".join(gaps)
 
 

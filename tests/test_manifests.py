@@ -5,6 +5,7 @@ bases pinned; names, keys, labels and taints agreeing with the pipeline's settin
 
 from __future__ import annotations
 
+import copy
 import re
 import subprocess
 import tomllib
@@ -18,6 +19,7 @@ from test_containers import tool
 MANIFESTS = REPO / "manifests"
 REMOTE = re.compile(r"^(https?://|github\.com/)")
 PINNED_REF = re.compile(r"(\?ref=|/)v?\d+\.\d+\.\d+(/|$)")
+CUSTOM_RESOURCES = {"serving.kserve.io/v1beta1": "V1beta1InferenceService"}  # API version -> kserve client model
 
 
 def kustomizations() -> dict[str, dict]:
@@ -64,7 +66,10 @@ def test_every_local_kustomization_renders_to_valid_kubernetes_objects():
         objects = render(folder)
         assert objects, f"manifests/{folder} renders nothing"
         for obj in objects:
-            validate(obj, f"manifests/{folder}")
+            if obj["apiVersion"] in CUSTOM_RESOURCES:
+                assert schema_errors(obj, CUSTOM_RESOURCES[obj["apiVersion"]]) == [], f"manifests/{folder}"
+            else:
+                validate(obj, f"manifests/{folder}")
 
 
 def test_remote_bases_are_pinned_releases():
@@ -156,3 +161,91 @@ def test_nvkind_gpu_worker_is_what_the_gpu_stages_select_and_tolerate(pipeline_s
     mount = worker["extraMounts"][0]
     assert mount["hostPath"] == "/dev/null"
     assert mount["containerPath"].startswith("/var/run/nvidia-container-devices/")
+
+
+# ---- serving (KServe) ---------------------------------------------------------------------------------------
+
+PRIMITIVES = {"str": str, "int": int, "bool": bool, "float": (int, float), "object": object}
+
+
+def schema_errors(value, type_name: str, where: str = "") -> list[str]:
+    """Where ``value`` does not fit the OpenAPI model ``type_name`` of the kserve / kubernetes clients: unknown
+    fields, wrong types. (Neither client validates a dict; KServe's CRD schema is not shipped with the wheel.)"""
+    kserve = pytest.importorskip("kserve", reason="the serving manifests are checked with the serve extra")
+    import kubernetes.client
+
+    if type_name.startswith("list["):
+        if not isinstance(value, list):
+            return [f"{where}: expected a list"]
+        return [e for i, item in enumerate(value) for e in schema_errors(item, type_name[5:-1], f"{where}[{i}]")]
+    if type_name.startswith("dict("):
+        inner = type_name[5:-1].split(", ", 1)[1]
+        if not isinstance(value, dict):
+            return [f"{where}: expected a mapping"]
+        return [e for key, item in value.items() for e in schema_errors(item, inner, f"{where}.{key}")]
+    if type_name in PRIMITIVES:
+        ok = isinstance(value, PRIMITIVES[type_name]) and not (type_name != "bool" and isinstance(value, bool))
+        return [] if ok else [f"{where}: expected {type_name}, got {value!r}"]
+    model = getattr(kserve, type_name, None) or getattr(kubernetes.client, type_name)
+    if not isinstance(value, dict):
+        return [f"{where}: expected a {type_name} mapping"]
+    fields = {json_name: python_name for python_name, json_name in model.attribute_map.items()}
+    errors = [f"{where}.{key}: no such field in {type_name}" for key in value if key not in fields]
+    return errors + [e for key, item in value.items() if key in fields
+                     for e in schema_errors(item, model.openapi_types[fields[key]], f"{where}.{key}")]
+
+
+@pytest.fixture(scope="module")
+def serving() -> dict[str, dict]:
+    pytest.importorskip("kserve", reason="the serving manifests are checked with the serve extra")
+    return {obj["kind"]: obj for obj in render("serving")}
+
+
+def test_the_inference_service_fits_kserves_schema(serving):
+    service = serving["InferenceService"]
+    assert service["apiVersion"] == "serving.kserve.io/v1beta1"
+    assert schema_errors(service, "V1beta1InferenceService") == []
+    misspelt = copy.deepcopy(service)
+    misspelt["spec"]["predictor"]["batcher"]["maxBatchsize"] = 16
+    misspelt["spec"]["predictor"]["minReplicas"] = "1"
+    assert sorted(schema_errors(misspelt, "V1beta1InferenceService")) == [
+        ".spec.predictor.batcher.maxBatchsize: no such field in V1beta1Batcher",
+        ".spec.predictor.minReplicas: expected int, got '1'"]
+
+
+def test_the_manifest_is_what_the_deploy_step_creates(serving):
+    from d2mtl.config.pipeline import ServingConfig, StageImages
+    from d2mtl.deploy import inference_service
+
+    service = serving["InferenceService"]
+    (container,) = service["spec"]["predictor"]["containers"]
+    storage_uri = next(env["value"] for env in container["env"] if env["name"] == "STORAGE_URI")
+    assert storage_uri.startswith("s3://") and storage_uri.endswith("/student")
+    assert service == inference_service(ServingConfig(), StageImages().reference("serve"), storage_uri)
+    assert "namespace" not in service["metadata"], "applied with -n, like manifests/storage"
+
+
+def test_the_predictor_serves_the_published_model_batched_and_probed(serving, pipeline_settings):
+    predictor = serving["InferenceService"]["spec"]["predictor"]
+    settings = pipeline_settings.serving
+    assert predictor["batcher"] == {"maxBatchSize": settings.max_batch_size, "maxLatency": settings.max_latency_ms}
+    (container,) = predictor["containers"]
+    assert container["image"].rsplit("/", 1)[1].startswith("d2mtl-serve:")
+    assert container["args"][:3] == ["serve", "--model", "/mnt/models"]
+    assert container["readinessProbe"]["httpGet"] == {"path": f"/v2/models/{settings.name}/ready", "port": 8080}
+    assert container["resources"]["requests"] == container["resources"]["limits"]
+    assert container["securityContext"]["runAsNonRoot"] is True
+    account = serving["ServiceAccount"]
+    assert predictor["serviceAccountName"] == account["metadata"]["name"]
+    assert {"name": pipeline_settings.secret_name} in account["secrets"]
+
+
+def test_the_pipeline_runner_may_create_and_update_inference_services(serving):
+    (rule,) = serving["Role"]["rules"]
+    assert rule["apiGroups"] == ["serving.kserve.io"] and rule["resources"] == ["inferenceservices"]
+    assert {"get", "create", "patch"} <= set(rule["verbs"]) and "delete" not in rule["verbs"]
+    binding = serving["RoleBinding"]
+    assert binding["roleRef"]["name"] == serving["Role"]["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": "kubeflow"}]
+
+

@@ -252,6 +252,18 @@ def publish(store: str, source: Input[Artifact], prefix: str, run: str, job: str
     return steps.main(steps.publish, store, source, prefix, run or job, stage, name)
 
 
+def deploy(serving: str, image: str, model: str) -> str:
+    """Create or update the KServe InferenceService that serves the published student; returns its storageUri.
+
+    Args:
+        serving: the serving settings (ServingConfig JSON).
+        image: the d2mtl serve image of the predictor.
+        model: where the student was published (s3:// or minio://): the InferenceService's storageUri.
+    """
+    from d2mtl_pipeline import steps
+    return steps.main(steps.deploy, serving, image, model)
+
+
 @dataclass(frozen=True)
 class Components:
     ingest_shard: PythonComponent
@@ -269,6 +281,7 @@ class Components:
     gather_pseudo: PythonComponent
     evaluate: PythonComponent
     publish: PythonComponent
+    deploy: PythonComponent
 
 
 def build(images: StageImages) -> Components:
@@ -292,4 +305,5 @@ def build(images: StageImages) -> Components:
         gather_pseudo=on("utility", gather_pseudo),
         evaluate=on("evaluate", evaluate),
         publish=on("utility", publish),
+        deploy=on("serve", deploy),  # the kserve client
     )

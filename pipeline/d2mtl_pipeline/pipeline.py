@@ -8,7 +8,8 @@
 
 In holdout mode (pseudolabel.holdout.fraction > 0) a holdout step first hides some known labels from the teacher
 and the baselines, so the pseudo-label report can measure the pseudo-labels against them.
-Every artifact is also copied to ``<publish_prefix>/<run>/<stage>/...`` when a publish prefix is given.
+Every artifact is also copied to ``<publish_prefix>/<run>/<stage>/...`` when a publish prefix is given; with
+``pipeline.deploy`` a last step then serves the published student behind a KServe InferenceService (d2mtl.deploy).
 ``build(cfg)`` returns the ``@dsl.pipeline`` for an experiment: the stage configs are the defaults of its
 parameters, the images and resources come from the ``pipeline`` section. ``Reuse`` turns the stages that a
 ``--rerun`` does not recompute into ``dsl.importer`` tasks over an earlier run's published artifacts.
@@ -147,11 +148,14 @@ def build(cfg: ExperimentConfig, reuse: Reuse | None = None, local: bool = False
             run_id: the <run> part of the published layout; empty: the KFP run id.
         """
 
-        def publish(artifact, stage: str, name=""):
+        def publish(artifact, stage: str, name="", then=None):
+            """Copy ``artifact`` to the published layout; ``then(uri)`` adds tasks that use where it went."""
             with dsl.If(publish_prefix != "", name=f"publish-{stage}"):
-                place(c.publish(store=store, source=artifact, prefix=publish_prefix, run=run_id,
-                                job=dsl.PIPELINE_JOB_ID_PLACEHOLDER, stage=stage, name=name),
-                      "publish", res.utility, cache=False)
+                task = place(c.publish(store=store, source=artifact, prefix=publish_prefix, run=run_id,
+                                       job=dsl.PIPELINE_JOB_ID_PLACEHOLDER, stage=stage, name=name),
+                             "publish", res.utility, cache=False)
+                if then is not None:
+                    then(task.output)
 
         def per_task(stage: str, make, resources, output: str, gather, kind: type):
             """``make(task)`` for every task of baseline_tasks in parallel, gathered into <task>/ folders (or what an
@@ -217,7 +221,6 @@ def build(cfg: ExperimentConfig, reuse: Reuse | None = None, local: bool = False
             student_model = student.outputs["model"]
         else:
             student_model = imported("student", "", Model)
-        publish(student_model, "student")
 
         # ---- baselines: the teacher's recipe on one task each, in parallel; gathered as baselines/<task>/ --
         optional = {}
@@ -246,6 +249,13 @@ def build(cfg: ExperimentConfig, reuse: Reuse | None = None, local: bool = False
                                     teacher=teacher_model, student=student_model, **optional),
                          "evaluate", res.evaluate)
         publish(evaluate.outputs["evaluation"], "evaluate")
+
+        # ---- deploy (pipeline.deploy): the published student behind a KServe InferenceService ------------
+        def deploy(model_uri):
+            place(c.deploy(serving=p.serving.model_dump_json(), image=p.images.reference("serve"), model=model_uri),
+                  "deploy", res.utility, cache=False).after(evaluate)
+
+        publish(student_model, "student", then=deploy if p.deploy else None)
         return Outputs(model=student_model, report=evaluate.outputs["report"],
                        evaluation=evaluate.outputs["evaluation"])
 

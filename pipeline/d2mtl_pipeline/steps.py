@@ -277,6 +277,21 @@ def evaluate(config: str, confusion_task: str, faces, labels, teacher, student, 
     log_confusion(confusion, matrix["categories"], matrix["matrix"])
 
 
+def deploy(serving: str, image: str, model: str) -> str:
+    """Create or update the InferenceService serving the published model folder ``model``; returns its storageUri."""
+    from d2mtl import deploy as serving_deploy
+    from d2mtl.config.pipeline import ServingConfig
+
+    settings = validate(ServingConfig, serving, "serving")
+    scheme, sep, rest = model.partition("://")
+    if not sep or scheme not in ("s3", "minio"):
+        raise UserError(f"deploy serves the published student from object storage; it was published to {model} "
+                        "(set pipeline.publish_prefix=s3://...)")
+    storage_uri = f"s3://{rest}"  # KServe's storage initializer reads minio:// objects through its s3 support
+    serving_deploy.apply(serving_deploy.inference_service(settings, image, storage_uri))
+    return storage_uri
+
+
 def published_uri(prefix: str, run: str, stage: str, name: str) -> str:
     """Where ``publish`` puts an artifact: ``<prefix>/<run>/<stage>/<name>`` (name may be empty)."""
     uri = layout.stage_prefix(prefix, run, stage)

@@ -37,6 +37,7 @@ class StageImages(BaseModel):
     student: str = "d2mtl-train-cpu"  # also the single-task students
     evaluate: str = "d2mtl-train-cpu"
     utility: str = "d2mtl-ingest"  # publish, shard plan, gather: no torch needed
+    serve: str = "d2mtl-serve"  # the deploy step, and the predictor of the InferenceService it creates
 
     def reference(self, stage: str) -> str:
         name = getattr(self, stage)
@@ -74,6 +75,22 @@ class Toleration(BaseModel):
     effect: Literal["NoExecute", "NoSchedule", "PreferNoSchedule"] | None = "NoSchedule"
 
 
+class ServingConfig(BaseModel):
+    """The KServe InferenceService of the deploy step (``deploy: true``); manifests/serving/ holds the defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "d2mtl"  # InferenceService name, also the model's name in its endpoint paths
+    namespace: str = ""  # empty: the namespace the pipeline runs in
+    service_account: str = "d2mtl-serving"  # its Secret lets KServe's storage initializer read the published model
+    cpu: str = "1"  # request and limit of the predictor
+    memory: str = "2Gi"
+    min_replicas: int = Field(1, ge=0)
+    max_batch_size: int = Field(16, ge=1)  # KServe's batcher sends a batch of this many instances at most...
+    max_latency_ms: int = Field(50, ge=1)  # ...or what arrived within this many milliseconds
+    max_request_mb: float = Field(16.0, gt=0)  # d2mtl serve --max-request-mb
+
+
 class PipelineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -105,6 +122,9 @@ class PipelineConfig(BaseModel):
     retry_backoff_factor: float = Field(2.0, ge=1.0)
     retry_backoff_max: str = "1h"
     caching: bool = True  # reuse a task's outputs when its inputs, settings and image are unchanged
+    # serving
+    deploy: bool = False  # last step: create or update the InferenceService serving the published student
+    serving: ServingConfig = Field(default_factory=ServingConfig)
 
     @field_validator("confusion_task")
     @classmethod
@@ -121,6 +141,12 @@ class PipelineConfig(BaseModel):
             raise ValueError(f"run_root {root!r} must be a local folder (kfp.local cannot write to object storage); "
                              "use publish_prefix for s3://")
         return root
+
+    @model_validator(mode="after")
+    def _deploy_needs_a_publish_prefix(self) -> PipelineConfig:
+        if self.deploy and not self.publish_prefix:
+            raise ValueError("deploy serves the published student: set publish_prefix (s3://...) as well")
+        return self
 
     @model_validator(mode="after")
     def _single_needs_baselines(self) -> PipelineConfig:
