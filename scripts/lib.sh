@@ -14,7 +14,7 @@ REGISTRY="${REGISTRY:-ghcr.io/distill-2md-mtl}"          # image names: $REGISTR
 VERSION="${VERSION:-$(sed -n 's/^version = "\(.*\)"$/\1/p' "$REPO/pyproject.toml")}"  # as pipeline.images
 GPU="${GPU:-0}"                                          # 1: a GPU worker (nvkind) and the CUDA training image
 # shellcheck disable=SC2034  # read by the scripts that source this file
-TARGETS=(ingest train-cpu train-cuda)                    # the final stages of docker/Dockerfile
+TARGETS=(ingest train-cpu train-cuda serve)              # the final stages of docker/Dockerfile
 
 die() {
   echo "$SCRIPT: $*" >&2
