@@ -6,7 +6,7 @@ for this (asyncio + httpx) keeps C requests in flight (C = 1, 4, 16), one image 
 send to parsed answer; then a soak of ``--requests`` requests at C = 16 compares the server's resident memory after
 warm-up with the end. Both sides use ``--threads`` torch threads; the client shares the machine with the server.
 The forward pass alone is also timed in torch and in onnxruntime (the ONNX export), batch 1 and ``--batch-size``,
-to say which the CPU path should run.
+and whole in-process requests with each, in alternating rounds, to say which the CPU path should run.
 
 Goals (issue 15): p50 at C = 1 within 1.5x of in-process batch 1 (plus a few ms of HTTP); no error and no memory
 growth over the soak; faces/s at C = 16 not below C = 1. Untrained weights of the student architecture of
@@ -22,9 +22,7 @@ import asyncio
 import base64
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,12 +46,6 @@ P50_GOAL = 1.5
 def percentiles(seconds: list[float]) -> dict[str, float]:
     q = np.percentile(np.asarray(seconds) * 1000, [50, 95, 99])
     return {"p50_ms": round(q[0], 2), "p95_ms": round(q[1], 2), "p99_ms": round(q[2], 2)}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def resident_mb(pid: int) -> float:
@@ -109,22 +101,6 @@ async def load(url: str, bodies: list[bytes], concurrency: int, requests: int) -
             **percentiles(seconds or [0.0]), "faces_per_s": round(faces / wall, 1)}
 
 
-def start_server(model: str, port: int, threads: int, backend: str, log: Path) -> subprocess.Popen:
-    command = [sys.executable, "-m", "d2mtl.cli", "serve", "--model", model, "--port", str(port), "--name", NAME,
-               "--device", "cpu", "--threads", str(threads), "--backend", backend]
-    with log.open("w") as output:
-        process = subprocess.Popen(command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT)
-    deadline = time.time() + 180
-    while time.time() < deadline and process.poll() is None:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status_code == 200:
-                return process
-        except httpx.TransportError:
-            time.sleep(0.3)
-    process.kill()
-    raise SystemExit(f"d2mtl serve did not start:\n{log.read_text()[-2000:]}")
-
-
 def forward_backends(model: str, work: Path, batch_size: int, calls: int) -> dict:
     """Median ms of one forward pass: torch (as Analyzer runs it) and onnxruntime over the ONNX export."""
     import onnxruntime as ort
@@ -155,7 +131,26 @@ def forward_backends(model: str, work: Path, batch_size: int, calls: int) -> dic
     return results
 
 
+def backends_in_process(model: str, cfg, images: list[bytes], rounds: int) -> dict:
+    """Whole-request latency in process with each forward-pass backend, in alternating rounds over the images."""
+    analyzers = {backend: load_analyzer(model, device="cpu", ingest=cfg.ingest, backend=backend)
+                 for backend in ("torch", "onnx")}
+    seconds: dict[str, list[float]] = {backend: [] for backend in analyzers}
+    for analyzer in analyzers.values():
+        analyzer.analyze(images[:3])
+    for _ in range(rounds):
+        for backend, analyzer in analyzers.items():
+            for image in images:
+                start = time.perf_counter()
+                analyzer.analyze([image])
+                seconds[backend].append(time.perf_counter() - start)
+    return {backend: {"requests": len(values), **percentiles(values)} for backend, values in seconds.items()}
+
+
 def main(args: argparse.Namespace) -> dict:
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest import _free_port, start_d2mtl_serve  # the tests' way to start a server, shared
+
     torch.set_num_threads(args.threads)
     cfg = load_experiment(args.config)
     images = pick_images(Path(args.data_root), args.images)
@@ -171,8 +166,9 @@ def main(args: argparse.Namespace) -> dict:
                         "model": args.model or f"untrained {cfg.student.backbone} {cfg.student.input_size} px"}
         analyzer = load_analyzer(model, device="cpu", ingest=cfg.ingest, backend=args.backend)
         report["in_process"] = in_process(analyzer, images, args.calls)
-        port = free_port()
-        server = start_server(model, port, args.threads, args.backend, work / "server.log")
+        port = _free_port()
+        server = start_d2mtl_serve(["--model", model, "--name", NAME, "--device", "cpu", "--threads",
+                                    str(args.threads), "--backend", args.backend], port, work / "server.log")
         url = f"http://127.0.0.1:{port}/v1/models/{NAME}:predict"
         try:
             asyncio.run(load(url, bodies, 4, 50))  # warm-up
@@ -186,6 +182,7 @@ def main(args: argparse.Namespace) -> dict:
             server.wait(timeout=60)
         if not args.no_onnx:
             report["forward"] = forward_backends(model, work, args.batch_size, args.forward_calls)
+            report["request_by_backend"] = backends_in_process(model, cfg, images, args.rounds)
     single = report["served"][0]
     report["goals"] = {
         "p50_c1_over_in_process": round(single["p50_ms"] / report["in_process"]["p50_ms"], 3),
@@ -211,7 +208,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch threads on each side (default 2)")
     parser.add_argument("--batch-size", type=int, default=16, help="batch of the forward-pass comparison (default 16)")
     parser.add_argument("--forward-calls", type=int, default=200, help="timed forward passes per backend and batch")
-    parser.add_argument("--no-onnx", action="store_true", help="skip the torch / onnxruntime forward comparison")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the in-process backend comparison")
+    parser.add_argument("--no-onnx", action="store_true", help="skip the torch / onnxruntime comparisons")
     parser.add_argument("--out", default=None, help="also write the report as JSON here")
     return parser.parse_args(argv)
 

@@ -151,6 +151,28 @@ def start_s3_server(root: Path, port: int, access: str, secret: str) -> subproce
     pytest.fail("rclone serve s3 did not start")
 
 
+def start_d2mtl_serve(arguments: list[str], port: int, log: Path, env: dict | None = None,
+                      timeout_s: float = 180) -> subprocess.Popen:
+    """``d2mtl serve --port PORT ARGUMENTS...`` in a subprocess, its output in ``log``, once it reports ready;
+    a RuntimeError with the log's end when it does not."""
+    import httpx
+
+    command = [sys.executable, "-m", "d2mtl.cli", "serve", "--port", str(port), *arguments]
+    with log.open("w") as output:
+        process = subprocess.Popen(command, cwd=REPO, env={**os.environ, **(env or {})}, stdout=output,
+                                   stderr=subprocess.STDOUT)
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and process.poll() is None:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status_code == 200:
+                return process
+        except httpx.TransportError:
+            time.sleep(0.2)
+    process.kill()
+    process.wait()
+    raise RuntimeError(f"d2mtl serve did not become ready:\n{log.read_text()[-3000:]}")
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """``rclone serve s3`` over a temporary folder; yields (endpoint_url, access_key, secret_key)."""

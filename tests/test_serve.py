@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, _free_port
+from conftest import REPO, _free_port, start_d2mtl_serve
 from d2mtl import store
 from d2mtl.config import load_experiment
 from d2mtl.predict import Analyzer, ImageResult
@@ -48,22 +48,12 @@ def noise(seed: int, shape=(120, 160, 3)) -> bytes:
 
 
 def start_server(model: str, port: int, log: Path, env: dict | None = None, backend: str = "auto") -> subprocess.Popen:
-    """``d2mtl serve`` in a subprocess (its log in ``log``), once it answers its readiness check."""
-    command = [sys.executable, "-m", "d2mtl.cli", "serve", "--model", model, "--port", str(port), "--name", NAME,
-               "--device", "cpu", "--max-request-mb", str(LIMIT_MB), "--backend", backend]
-    with log.open("w") as output:
-        process = subprocess.Popen(command, cwd=REPO, env={**os.environ, **(env or {})}, stdout=output,
-                                   stderr=subprocess.STDOUT)
-    deadline = time.time() + 120
-    while time.time() < deadline and process.poll() is None:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status_code == 200:
-                return process
-        except httpx.TransportError:
-            time.sleep(0.2)
-    process.kill()
-    process.wait()
-    pytest.fail(f"d2mtl serve did not become ready:\n{log.read_text()[-3000:]}")
+    """The server under test: ``d2mtl serve`` of ``model`` on loopback ``port``, once it is ready."""
+    try:
+        return start_d2mtl_serve(["--model", model, "--name", NAME, "--device", "cpu", "--max-request-mb",
+                                  str(LIMIT_MB), "--backend", backend], port, log, env)
+    except RuntimeError as err:
+        pytest.fail(str(err))
 
 
 def stop_server(process: subprocess.Popen) -> None:
@@ -224,6 +214,15 @@ def test_a_v2_request_needs_one_bytes_input(server):
     body = {"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]}
     answer = http.post(f"{server}/v2/models/{NAME}/infer", json=body)
     assert answer.status_code == 400 and "one BYTES input" in answer.json()["error"]
+
+
+def test_the_v2_binary_data_extension_is_refused_in_one_line(server, photos):
+    header = b'{"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", ' \
+             b'"parameters": {"binary_data_size": 8}}]}'
+    answer = http.post(f"{server}/v2/models/{NAME}/infer", content=header + b"\x89PNG\r\n\x1a\n",
+                       headers={"Inference-Header-Content-Length": str(len(header))})
+    assert answer.status_code == 400 and "base64" in answer.json()["error"]
+    assert_still_serving(server, photos[0])
 
 
 def test_a_bad_image_refuses_the_whole_request(server, photos):

@@ -234,6 +234,20 @@ class BodyLimit:
         return await self.app(scope, replay, send)
 
 
+class NoBinaryExtension:
+    """ASGI middleware: a v2 request in the binary data extension (``Inference-Header-Content-Length``) gets 400.
+    KServe 0.21 decodes its BYTES as UTF-8 text, so an image fails with a 500 whose message quotes the image."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and any(name == b"inference-header-content-length" for name, _ in scope["headers"]):
+            reason = "the binary data extension is not supported: send the images as base64 text in a JSON request"
+            return await error_response(400, reason)(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 def page() -> str:
     return resources.files("d2mtl").joinpath("static", "index.html").read_text(encoding="utf-8")
 
@@ -252,6 +266,7 @@ async def one_line_validation_error(_, err: RequestValidationError) -> JSONRespo
 
 def configure_app(max_request_bytes: int) -> None:
     """Our additions to KServe's FastAPI app: the body limit, one-line errors, the page."""
+    app.add_middleware(NoBinaryExtension)
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
     app.add_exception_handler(RequestValidationError, one_line_validation_error)
     app.add_exception_handler(HTTPException, http_error)
