@@ -1,10 +1,11 @@
 """Serving speed: ``d2mtl serve`` (KServe, v1 protocol over HTTP) against in-process ``Analyzer``, same images, one run.
 
 In-process: ``Analyzer.analyze([image])`` per image (batch 1, what one request does), with the server's forward
-pass (``--backend``). Served: a load generator made
-for this (asyncio + httpx) keeps C requests in flight (C = 1, 4, 16), one image per request, and times each from
-send to parsed answer; then a soak of ``--requests`` requests at C = 16 compares the server's resident memory after
-warm-up with the end. Both sides use ``--threads`` torch threads; the client shares the machine with the server.
+pass (``--backend``). Served: a load generator made for this (asyncio + httpx) keeps C requests in flight (C = 1,
+4, 16), one image per request, and times each from send to parsed answer. The sides take turns over ``--rounds``
+rounds, so that load from other jobs hits them alike. Then a soak of ``--requests`` requests at C = 16 compares the
+server's resident memory after warm-up with the end. Both sides use ``--threads`` torch threads; the client shares
+the machine with the server.
 The forward pass alone is also timed in torch and in onnxruntime (the ONNX export), batch 1 and ``--batch-size``,
 and whole in-process requests with each, in alternating rounds, to say which the CPU path should run.
 
@@ -26,6 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -62,43 +64,53 @@ def pick_images(data_root: Path, count: int) -> list[bytes]:
     return [files[i].read_bytes() for i in np.linspace(0, len(files) - 1, count).astype(int)]
 
 
-def in_process(analyzer: Analyzer, images: list[bytes], calls: int) -> dict:
-    for image in images[:3]:
-        analyzer.analyze([image])
-    seconds, faces = [], 0
-    for i in range(calls):
+@dataclass
+class Timings:
+    """Request latencies, faces and busy wall time of one side, gathered over the rounds."""
+
+    seconds: list[float] = field(default_factory=list)
+    faces: int = 0
+    wall: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {"requests": len(self.seconds) + len(self.errors), "errors": len(self.errors),
+                "first_errors": self.errors[:3], **percentiles(self.seconds or [0.0]),
+                "faces_per_s": round(self.faces / self.wall, 1) if self.wall else 0.0}
+
+
+def in_process(analyzer: Analyzer, images: list[bytes], first: int, calls: int, timings: Timings) -> None:
+    """``calls`` images from number ``first`` on, one ``analyze`` each (batch 1)."""
+    for i in range(first, first + calls):
         start = time.perf_counter()
         [result] = analyzer.analyze([images[i % len(images)]])
-        seconds.append(time.perf_counter() - start)
-        faces += len(result.faces)
-    return {"requests": calls, **percentiles(seconds), "faces_per_s": round(faces / sum(seconds), 1)}
+        timings.seconds.append(time.perf_counter() - start)
+        timings.wall += timings.seconds[-1]
+        timings.faces += len(result.faces)
 
 
-async def load(url: str, bodies: list[bytes], concurrency: int, requests: int) -> dict:
+async def load(url: str, bodies: list[bytes], concurrency: int, requests: int, timings: Timings) -> None:
     """``requests`` requests, ``concurrency`` in flight, each body in turn."""
-    seconds, faces, errors = [], 0, []
     next_index = 0
 
     async def worker(client: httpx.AsyncClient) -> None:
-        nonlocal next_index, faces
+        nonlocal next_index
         while next_index < requests:
             body = bodies[next_index % len(bodies)]
             next_index += 1
             start = time.perf_counter()
             answer = await client.post(url, content=body, headers={"Content-Type": "application/json"})
             if answer.status_code != 200:
-                errors.append(f"{answer.status_code} {answer.text[:200]}")
+                timings.errors.append(f"{answer.status_code} {answer.text[:200]}")
                 continue
-            faces += len(answer.json()["predictions"][0]["faces"])
-            seconds.append(time.perf_counter() - start)
+            timings.faces += len(answer.json()["predictions"][0]["faces"])
+            timings.seconds.append(time.perf_counter() - start)
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=300, limits=limits) as client:
         start = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
-        wall = time.perf_counter() - start
-    return {"concurrency": concurrency, "requests": requests, "errors": len(errors), "first_errors": errors[:3],
-            **percentiles(seconds or [0.0]), "faces_per_s": round(faces / wall, 1)}
+        timings.wall += time.perf_counter() - start
 
 
 def forward_backends(model: str, work: Path, batch_size: int, calls: int) -> dict:
@@ -165,17 +177,25 @@ def main(args: argparse.Namespace) -> dict:
         report: dict = {"images": len(images), "threads": args.threads, "cpus": os.cpu_count(), "backend": args.backend,
                         "model": args.model or f"untrained {cfg.student.backbone} {cfg.student.input_size} px"}
         analyzer = load_analyzer(model, device="cpu", ingest=cfg.ingest, backend=args.backend)
-        report["in_process"] = in_process(analyzer, images, args.calls)
+        analyzer.analyze(images[:3])
         port = _free_port()
         server = start_d2mtl_serve(["--model", model, "--name", NAME, "--device", "cpu", "--threads",
                                     str(args.threads), "--backend", args.backend], port, work / "server.log")
         url = f"http://127.0.0.1:{port}/v1/models/{NAME}:predict"
         try:
-            asyncio.run(load(url, bodies, 4, 50))  # warm-up
+            asyncio.run(load(url, bodies, 4, 50, Timings()))  # warm-up
             rss_start = resident_mb(server.pid)
-            report["served"] = [asyncio.run(load(url, bodies, c, args.per_level)) for c in LEVELS]
-            soak = asyncio.run(load(url, bodies, LEVELS[-1], args.requests))
-            report["soak"] = {**soak, "rss_after_warmup_mb": round(rss_start, 1),
+            local, served = Timings(), {c: Timings() for c in LEVELS}
+            for round_number in range(args.rounds):  # in turn, so that other jobs' load hits every side alike
+                in_process(analyzer, images, round_number * args.calls // args.rounds, args.calls // args.rounds,
+                           local)
+                for c in LEVELS:
+                    asyncio.run(load(url, bodies, c, args.per_level // args.rounds, served[c]))
+            soak = Timings()
+            asyncio.run(load(url, bodies, LEVELS[-1], args.requests, soak))
+            report["in_process"] = local.summary()
+            report["served"] = [{"concurrency": c, **served[c].summary()} for c in LEVELS]
+            report["soak"] = {"concurrency": LEVELS[-1], **soak.summary(), "rss_after_warmup_mb": round(rss_start, 1),
                               "rss_end_mb": round(resident_mb(server.pid), 1)}
         finally:
             server.terminate()
@@ -208,7 +228,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch threads on each side (default 2)")
     parser.add_argument("--batch-size", type=int, default=16, help="batch of the forward-pass comparison (default 16)")
     parser.add_argument("--forward-calls", type=int, default=200, help="timed forward passes per backend and batch")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the in-process backend comparison")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="rounds taking turns over the sides, each with 1/rounds of the requests (default 4)")
     parser.add_argument("--no-onnx", action="store_true", help="skip the torch / onnxruntime comparisons")
     parser.add_argument("--out", default=None, help="also write the report as JSON here")
     return parser.parse_args(argv)
