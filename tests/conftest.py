@@ -75,6 +75,17 @@ def make_tiny_tables(root: Path, per_dataset: int = 24, image_size: int = 32, se
     return {"faces": faces_uri, "labels": labels_uri}
 
 
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    """(exit code, stderr) of ``d2mtl ARGV`` run in this process; the store settings are reset afterwards."""
+    from d2mtl import cli, store
+
+    try:
+        code = cli.main(argv)
+    finally:
+        store.configure(store.StoreSettings())
+    return code, capsys.readouterr().err.strip()
+
+
 @pytest.fixture
 def tiny_tables(tmp_path: Path) -> dict[str, str]:
     return make_tiny_tables(tmp_path / "ingest")

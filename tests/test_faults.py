@@ -19,8 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, _free_port, make_tiny_tables, start_s3_server
-from d2mtl import cli, contracts, layout, store
+from conftest import REPO, _free_port, make_tiny_tables, run_cli, start_s3_server
+from d2mtl import contracts, layout, store
 from d2mtl.config import load_experiment
 from d2mtl.config.train import TrainConfig
 from d2mtl.models import load_model
@@ -212,14 +212,6 @@ def test_a_retried_write_sends_the_whole_object_again(stoppable_s3, monkeypatch)
     monkeypatch.setattr(Minio, "put_object", fail_first)
     store.write_bytes("s3://bucket/retried.bin", b"x" * 1000)
     assert attempts == [b"x" * 1000] * 2 and store.read_bytes("s3://bucket/retried.bin") == b"x" * 1000
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, str]:
-    try:
-        code = cli.main(argv)
-    finally:
-        store.configure(store.StoreSettings())
-    return code, capsys.readouterr().err.strip()
 
 
 def test_unreachable_store_is_bounded_retries_then_one_line(monkeypatch, capsys, tmp_path):

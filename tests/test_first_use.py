@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import ingest_layouts as layouts
 import pytest
-from conftest import make_tiny_tables
+from conftest import make_tiny_tables, run_cli
 
 from d2mtl import cli, contracts, layout, predict, store
 from d2mtl.config import ConfigError, TrainConfig, load_experiment, updated
@@ -21,15 +21,6 @@ from d2mtl.data import FaceIndex
 from d2mtl.engine import plot_curves
 from d2mtl.errors import UserError
 from d2mtl.stages import evaluate, ingest
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, str]:
-    """(exit code, stderr) of ``d2mtl ARGV`` run in this process."""
-    try:
-        code = cli.main(argv)
-    finally:
-        store.configure(store.StoreSettings())
-    return code, capsys.readouterr().err.strip()
 
 
 def one_line_error(code: int, err: str, *fragments: str) -> None:

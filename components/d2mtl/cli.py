@@ -42,7 +42,7 @@ SET_EXAMPLES = {"ingest": "ingest.datasets.0.limit=100", "pseudolabel": "pseudol
                 "export": "pipeline.run_root=runs", "serve": "ingest.detector.min_score=0.8"}
 PREDICT_EXIT_CODES = """exit codes:
   0  faces were found, and every input was read
-  2  a mistake in the command, config or model, told in one line; nothing was read
+  2  a mistake in the command, config, model or storage, told in one line
   3  every input was read, none had a face: nothing was predicted
   4  an input was unreadable or missing; others had faces
   5  an input was unreadable or missing, and no other had a face"""
