@@ -427,15 +427,16 @@ def jobs_of(blocks: list[list[Planned]],
                 yield slot, payload, spec.alignment
 
 
-def results_by_block(blocks: list[list[Planned]],
-                     results: Iterator[tuple[int, AlignedFace | Rejected]]) -> Iterator[list[tuple[Planned, object]]]:
-    """Each block's (input, result) pairs in plan order, from the results in job order."""
+def in_plan_order(blocks: list[list[Planned]],
+                  results: Iterator[tuple[int, AlignedFace | Rejected]]) -> Iterator[tuple[Planned, object]]:
+    """(input, result) pairs in plan order, block by block, from the results in job order. Pairs, not a list per
+    block: a consumer holding a block's list while the next block's results arrive would hold two blocks."""
     for block in blocks:
         found: list = [None] * len(block)
         for _ in block:
             slot, result = next(results)
             found[slot] = result
-        yield list(zip(block, found))
+        yield from zip(block, found)
 
 
 def counted(items: Iterable, bar: tqdm) -> Iterator:
@@ -491,21 +492,20 @@ def run(cfg: IngestConfig, out: str, shard: tuple[int, int] = (0, 1)) -> dict:
         in_flight = workers * cfg.chunk_size * 4
         bar = tqdm(total=len(mine), unit="face", desc="ingest", mininterval=1 if sys.stderr.isatty() else 30)
         results = counted(ordered_parallel(jobs_of(blocks, sources), pool, in_flight, cfg.chunk_size), bar)
-        for block in results_by_block(blocks, results):
-            for p, result in block:
-                spec, entry, sid = sources[p.dataset][0], p.entry, p.sample_id
-                if isinstance(result, Rejected):
-                    report.reject(spec.name, sid, entry, result.reason, result.detail)
-                    continue
-                split = assign_split(entry, sid, cfg.split)
-                writer.write({"sample_id": sid, "dataset": spec.name, "domain": spec.domain_name,
-                              "split": split, "subject": entry.subject, "image": result.image,
-                              "source_uri": entry.source_uri, "det_score": result.det_score, "box": result.box,
-                              "landmarks": result.landmarks, "alignment": result.alignment})
-                labels["sample_id"].append(sid)
-                for column in LABEL_COLUMNS:
-                    labels[column].append(entry.labels.get(column))
-                report.face(spec.name, split, entry, result.alignment)
+        for p, result in in_plan_order(blocks, results):
+            spec, entry, sid = sources[p.dataset][0], p.entry, p.sample_id
+            if isinstance(result, Rejected):
+                report.reject(spec.name, sid, entry, result.reason, result.detail)
+                continue
+            split = assign_split(entry, sid, cfg.split)
+            writer.write({"sample_id": sid, "dataset": spec.name, "domain": spec.domain_name,
+                          "split": split, "subject": entry.subject, "image": result.image,
+                          "source_uri": entry.source_uri, "det_score": result.det_score, "box": result.box,
+                          "landmarks": result.landmarks, "alignment": result.alignment})
+            labels["sample_id"].append(sid)
+            for column in LABEL_COLUMNS:
+                labels[column].append(entry.labels.get(column))
+            report.face(spec.name, split, entry, result.alignment)
         bar.close()
         writer.close()
     report.check()
