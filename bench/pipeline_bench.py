@@ -29,8 +29,7 @@ GOAL = 1.10
 
 
 def run_dir_of(run_root: Path) -> Path:
-    (run_dir,) = [p for p in run_root.iterdir() if p.is_dir() and p.name.startswith("distill-2md-mtl-")]
-    return run_dir
+    return run_root / json.loads((run_root / layout.LATEST_RUN).read_text())["run_id"]  # runs are named by id
 
 
 def student_metrics(run_dir: Path) -> dict[str, float]:

@@ -70,6 +70,7 @@ def test_whole_pipeline(first_run):
                                      "pseudolabel-shard", "pseudolabel-merge", "student", "baseline", "gather-models",
                                      "pseudolabel-single", "gather-pseudo", "student-single", "gather-models-2",
                                      "evaluate"}
+    assert first_run.run_dir.name == first_run.run_id  # one id: the run folder is named by it
     assert sum(name.endswith("/ingest-shard") for name in first_run.executed) == 2
     assert sum(name.endswith("/pseudolabel-shard") for name in first_run.executed) == 2
     card = json.loads(Path(first_run.model, layout.MODEL_CARD).read_text())
@@ -86,9 +87,12 @@ def test_whole_pipeline(first_run):
     assert pseudo.num_rows == 48
 
 
-def test_second_run_is_all_cache_hits(experiment, first_run):
+def test_second_run_is_all_cache_hits(experiment, first_run, capsys):
     again = local.run(experiment["cfg"]())
-    assert again.executed == [] and again.run_dir is None
+    shown = capsys.readouterr().out.splitlines()
+    assert shown[0] == f"run {again.run_id}: kfp.local's whole output goes to {again.run_dir / local.RUN_LOG}"
+    assert shown[1:] and all(line.endswith(": cached") for line in shown[1:])  # one line per task, nothing else
+    assert again.executed == [] and again.run_dir == Path(experiment["cfg"]().pipeline.run_root, again.run_id)
     assert again.model == first_run.model
     assert again.wall_seconds < 15
 
@@ -139,8 +143,13 @@ def test_failing_stage_is_one_clear_line(experiment, tmp_path, capsys):
     code = cli.main(["run", "--config", experiment["config"], "--data-root", str(tmp_path / "missing"),
                      "--set", f"pipeline.run_root={tmp_path / 'runs'}"])
     assert code == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]
+    captured = capsys.readouterr()
+    last = captured.err.strip().splitlines()[-1]
     assert last.startswith("d2mtl run: error: the pipeline failed") and "'ingest-shard'" in last
+    (log,) = (tmp_path / "runs").glob(f"*/{local.RUN_LOG}")
+    assert last.endswith(f"(its log: {log})") and "Executing task" in log.read_text()
+    assert "ingest-shard: failed in" in captured.out and "Executing task" not in captured.out
+    assert any(line.startswith("  d2mtl ingest_shard: error: ") for line in captured.out.splitlines())
 
 
 def test_publish_to_s3(experiment, first_run, s3_env):
