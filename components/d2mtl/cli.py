@@ -14,6 +14,7 @@ examples:
                    --out runs/manual/student
     d2mtl evaluate --config cpu --models runs/manual/teacher,runs/manual/student --faces ... --labels ... \\
                    --out runs/manual/evaluate
+    d2mtl upload-data --data-root ../shared/data --dest s3://d2mtl/datasets      # for a cluster run
     d2mtl run                      # the whole pipeline on this machine (kfp.local)
     d2mtl predict photos/ group.jpg --format csv      # faces + age, gender, race, expression (latest run's model)
     d2mtl export --model runs/manual/student --format onnx --out exports/student-onnx

@@ -14,6 +14,11 @@ RUN_EXAMPLES = """examples:
   d2mtl run --set pipeline.publish_prefix=s3://d2mtl/results   # also publish to <prefix>/<run>/<stage>/...
 """
 
+COMPILE_EXAMPLES = """examples:
+  d2mtl compile --out pipeline.yaml                 # upload it in the KFP UI
+  d2mtl compile --config gpu --out s3://d2mtl/pipelines/d2mtl.yaml --set pipeline.shards=8
+"""
+
 SUBMIT_EXAMPLES = """examples:
   d2mtl submit --config gpu --host http://localhost:8080 --param publish_prefix=s3://d2mtl/results
   d2mtl submit --config gpu --host http://localhost:8080 --param ingest_shards=16 --param shards=8
@@ -67,8 +72,9 @@ def register(sub, add_common: Callable[[argparse.ArgumentParser], None]) -> None
             RUN_EXAMPLES)
     _rerun_flags(p)
 
-    p = add("compile", cmd_compile, "compile the pipeline to KFP IR YAML (upload it in the KFP UI, or use submit)")
-    p.add_argument("--out", default="pipeline.yaml", help="output file (default pipeline.yaml)")
+    p = add("compile", cmd_compile, "compile the pipeline to KFP IR YAML (upload it in the KFP UI, or use submit)",
+            COMPILE_EXAMPLES)
+    p.add_argument("--out", default="pipeline.yaml", help="output file, *.yaml, local or s3:// (default pipeline.yaml)")
     _rerun_flags(p)
 
     p = add("submit", cmd_submit, "compile the pipeline and start a run on a Kubeflow Pipelines endpoint",
