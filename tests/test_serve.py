@@ -262,6 +262,13 @@ def test_a_folder_that_is_not_a_model_is_refused_before_the_server_starts(tmp_pa
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
 
 
+@pytest.mark.parametrize("option", [["--port", "70000"], ["--max-request-mb", "0"]])
+def test_bad_options_are_one_line(model_dir, option):
+    result = subprocess.run([sys.executable, "-m", "d2mtl.cli", "serve", "--model", model_dir, *option], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and "error" in result.stderr
+
+
 def test_a_model_in_object_storage_is_served_with_either_backend(s3_env, model_dir, analyzer, photos, tmp_path):
     """The default forward pass on CPU is onnxruntime (the other tests); this server runs torch's."""
     for path in Path(model_dir).iterdir():

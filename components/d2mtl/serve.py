@@ -278,6 +278,10 @@ def serve(model_uri: str, name: str = DEFAULT_NAME, port: int = DEFAULT_PORT, de
           ingest: IngestConfig | None = None, batch_size: int = 64, backend: str = "auto",
           max_request_mb: float = DEFAULT_MAX_REQUEST_MB) -> None:
     """Load the model (a UserError if it is not a model folder), then serve it until SIGTERM / SIGINT."""
+    if not 0 < port < 65536:
+        raise UserError(f"port {port} must be between 1 and 65535")
+    if not max_request_mb > 0:
+        raise UserError(f"the request size limit {max_request_mb} MB must be above 0")
     model = FaceAnalysisModel(name, model_uri, device=device, ingest=ingest, batch_size=batch_size, backend=backend)
     model.load()
     configure_app(int(max_request_mb * 1e6))
