@@ -28,7 +28,7 @@ from d2mtl.stages import student, teacher
 
 TINY_TRAINING = {"weights": "none", "input_size": 32, "batch_size": 8, "epochs": 3, "num_workers": 0,
                  "progress": "false", "threads": 1, "checkpoint_every": 2, "deterministic": "true",
-                 "lr.range_steps": 8}
+                 "lr.range_steps": 8, "epoch_samples": "null"}  # each train face once, not the profile's 40k
 
 
 def overrides(section: str) -> list[str]:
