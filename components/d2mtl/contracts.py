@@ -253,13 +253,15 @@ def split_label_cells(labels: pa.Table, moved: dict[str, np.ndarray]) -> tuple[p
     return kept, taken.filter(pa.array(any_moved))
 
 
-def training_labels(faces: str, labels: pa.Table) -> tuple[pa.Table, pa.Table | None]:
+def training_labels(faces: str, labels: pa.Table, face_columns: pa.Table | None = None
+                    ) -> tuple[pa.Table, pa.Table | None]:
     """(the labels training may use, the evaluation-only labels or None): every label of a face of an
-    evaluation-only dataset moves to the second table."""
+    evaluation-only dataset moves to the second table. ``face_columns``: the face table's sample_id and dataset
+    columns when the caller has read them already."""
     datasets = evaluate_only_datasets(faces)
     if not datasets:
         return labels, None
-    meta = read_face_columns(faces, ["sample_id", "dataset"])
+    meta = face_columns if face_columns is not None else read_face_columns(faces, ["sample_id", "dataset"])
     hidden_ids = meta.filter(pc.is_in(meta.column("dataset"), pa.array(datasets, pa.string()))).column("sample_id")
     rows = pc.is_in(labels.column("sample_id"), hidden_ids.combine_chunks()).to_numpy(zero_copy_only=False)
     return split_label_cells(labels, {column: rows for column in labels.column_names})

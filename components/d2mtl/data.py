@@ -169,7 +169,7 @@ class FaceIndex:
         if sum(counts) != meta.num_rows:
             raise contracts.ContractError(f"{faces}: manifest lists {sum(counts)} rows, shards hold {meta.num_rows}")
         label_table = contracts.read_table(labels, contracts.LABELS) if isinstance(labels, str) else labels
-        label_table, _ = contracts.training_labels(faces, label_table)
+        label_table, _ = contracts.training_labels(faces, label_table, meta)
         positions = positions_in(meta.column("sample_id"), label_table, where=str(labels)[:200])
         shard = np.repeat(np.arange(len(counts)), counts)
         row = np.concatenate([np.arange(c) for c in counts]) if counts else np.zeros(0, np.int64)

@@ -321,14 +321,13 @@ def quality_curves(cfg: PseudoLabelConfig, task: str, pred: distill.TaskPredicti
             "other_rules": sweeps}
 
 
-def select_by_dataset(cfg: PseudoLabelConfig, task: str, part: pa.Table, pred: distill.TaskPrediction,
+def select_by_dataset(cfg: PseudoLabelConfig, task: str, datasets: np.ndarray, pred: distill.TaskPrediction,
                       candidate: np.ndarray, known: np.ndarray | None) -> distill.Selection:
     """The task's rule over the candidates, except those of datasets with their own rule (``dataset_rules``),
     which are selected by it among themselves; the thresholds of each such dataset go under ``by_dataset``."""
     own_rules = {name: rules[task] for name, rules in cfg.dataset_rules.items() if task in rules}
     if not own_rules:
         return distill.select(task, cfg.rule_for(task), pred, candidate, known)
-    datasets = np.asarray(part.column("dataset").to_pylist(), dtype=object)
     selection = distill.select(task, cfg.rule_for(task), pred, candidate & ~np.isin(datasets, list(own_rules)),
                                known)
     kept, by_dataset = selection.kept.copy(), {}
@@ -344,8 +343,8 @@ def select_all(cfg: PseudoLabelConfig, part: pa.Table, tasks: tuple[str, ...],
     """Apply every task's rule over the whole (merged) part: kept columns, per-task summary, retention rows,
     holdout curves."""
     kept_columns, summary, retention, curves = {}, {}, [], {}
+    datasets = np.asarray(part.column("dataset").to_pylist(), dtype=object)
     for task in tasks:
-        rule = cfg.rule_for(task)
         pred = _predictions_of(part, task)
         known_column = part.column(f"{task}_known")
         labelled = (known_column.to_numpy(zero_copy_only=False).astype(bool) if TASKS[task].kind == "regression"
@@ -354,7 +353,7 @@ def select_all(cfg: PseudoLabelConfig, part: pa.Table, tasks: tuple[str, ...],
         known = _numpy(part, f"{task}_known")[labelled].astype(np.int64) if TASKS[task].kind == "classification" \
             else None
         try:
-            selection = select_by_dataset(cfg, task, part, pred, candidate, known)
+            selection = select_by_dataset(cfg, task, datasets, pred, candidate, known)
         except ValueError as err:
             raise UserError(str(err)) from None
         kept_columns[f"{task}_kept"] = pa.array(selection.kept)
@@ -364,7 +363,6 @@ def select_all(cfg: PseudoLabelConfig, part: pa.Table, tasks: tuple[str, ...],
         retention += retention_rows(task, part, pred, candidate, selection.kept)
         truth = _numpy(part, f"{task}_hidden")
         if with_truth and not np.isnan(truth).all():
-            datasets = np.asarray(part.column("dataset").to_pylist(), dtype=object)
             measured = {name: quality_curves(cfg, task, pred, candidate, known, selection.kept,
                                              np.where(datasets == name, truth, np.nan))
                         for name in sorted(set(datasets[~np.isnan(truth)]))}
