@@ -31,16 +31,27 @@ from pathlib import Path
 from train_bench import add_table_arguments  # bench/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
-SMOKE_SETTINGS = ["teacher.weights=none", "teacher.input_size=64", "teacher.batch_size=32", "teacher.epochs=2",
-                  "teacher.num_workers=0", "teacher.lr.range_test=false", "teacher.checkpoint_every=0"]
+SMOKE_SETTINGS = [
+    "teacher.weights=none",
+    "teacher.input_size=64",
+    "teacher.batch_size=32",
+    "teacher.epochs=2",
+    "teacher.num_workers=0",
+    "teacher.lr.range_test=false",
+    "teacher.checkpoint_every=0",
+]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_table_arguments(parser)
     parser.add_argument("--nproc", type=int, default=2, help="processes of the data-parallel run")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads of the single process (split evenly "
-                        "between the data-parallel processes)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="torch threads of the single process (split evenly between the data-parallel processes)",
+    )
     parser.add_argument("--repeats", type=int, default=2, help="alternating rounds of the two modes")
     parser.add_argument("--work", default=None, help="output folder (default: a temporary one)")
     parser.add_argument("--smoke", action="store_true", help="generated tables (512 faces), untrained 64 px network")
@@ -80,29 +91,72 @@ def main(argv: list[str] | None = None) -> None:
         overrides = SMOKE_SETTINGS + overrides
     if not (args.faces and args.labels):
         raise SystemExit("give --faces and --labels (an ingest output), or --smoke")
-    common = ["--config", args.config, "--faces", args.faces, "--labels", args.labels,
-              *(f"--set={item}" for item in overrides + ["teacher.progress=false"])]
+    common = [
+        "--config",
+        args.config,
+        "--faces",
+        args.faces,
+        "--labels",
+        args.labels,
+        *(f"--set={item}" for item in overrides + ["teacher.progress=false"]),
+    ]
     bin_dir = Path(sys.executable).parent
     runs: dict[str, list[dict]] = {"single": [], "data_parallel": []}
     for repeat in range(args.repeats):
         out = work / f"single-{repeat}"
-        runs["single"].append(timed_run([str(bin_dir / "d2mtl"), "teacher", *common,
-                                         f"--set=teacher.threads={args.threads}", "--out", str(out)], out))
+        runs["single"].append(
+            timed_run(
+                [
+                    str(bin_dir / "d2mtl"),
+                    "teacher",
+                    *common,
+                    f"--set=teacher.threads={args.threads}",
+                    "--out",
+                    str(out),
+                ],
+                out,
+            )
+        )
         out = work / f"ddp{args.nproc}-{repeat}"
-        runs["data_parallel"].append(timed_run(
-            [str(bin_dir / "torchrun"), f"--nproc-per-node={args.nproc}", f"--master-port={free_port()}", "-m",
-             "d2mtl.cli", "teacher", *common, f"--set=teacher.threads={max(1, args.threads // args.nproc)}",
-             "--out", str(out)], out))
-    best = {mode: {key: min(run[key] for run in found) for key in ("wall_s", "train_s")}
-            for mode, found in runs.items()}
-    print(json.dumps({
-        "nproc": args.nproc, "threads": args.threads, "load_average": [round(x, 1) for x in os.getloadavg()],
-        "rounds": {mode: [{k: v for k, v in run.items() if k != "history"} for run in found]
-                   for mode, found in runs.items()},
-        "best": best, "train_time_ratio": round(best["data_parallel"]["train_s"] / best["single"]["train_s"], 2),
-        "largest_metric_difference": largest_difference(runs["single"][0]["history"],
-                                                        runs["data_parallel"][0]["history"]),
-    }, indent=1))
+        runs["data_parallel"].append(
+            timed_run(
+                [
+                    str(bin_dir / "torchrun"),
+                    f"--nproc-per-node={args.nproc}",
+                    f"--master-port={free_port()}",
+                    "-m",
+                    "d2mtl.cli",
+                    "teacher",
+                    *common,
+                    f"--set=teacher.threads={max(1, args.threads // args.nproc)}",
+                    "--out",
+                    str(out),
+                ],
+                out,
+            )
+        )
+    best = {
+        mode: {key: min(run[key] for run in found) for key in ("wall_s", "train_s")} for mode, found in runs.items()
+    }
+    print(
+        json.dumps(
+            {
+                "nproc": args.nproc,
+                "threads": args.threads,
+                "load_average": [round(x, 1) for x in os.getloadavg()],
+                "rounds": {
+                    mode: [{k: v for k, v in run.items() if k != "history"} for run in found]
+                    for mode, found in runs.items()
+                },
+                "best": best,
+                "train_time_ratio": round(best["data_parallel"]["train_s"] / best["single"]["train_s"], 2),
+                "largest_metric_difference": largest_difference(
+                    runs["single"][0]["history"], runs["data_parallel"][0]["history"]
+                ),
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -38,8 +38,10 @@ def ingest_config(args: argparse.Namespace, images: int | None) -> IngestConfig:
     """The profile's ingest section with ``images`` spread evenly over its datasets (None: all of them)."""
     cfg = load_experiment(args.config, args.overrides, data_root=args.data_root).ingest
     count = len(cfg.datasets)
-    datasets = [spec.model_copy(update={"limit": None if images is None else images // count + (i < images % count)})
-                for i, spec in enumerate(cfg.datasets)]
+    datasets = [
+        spec.model_copy(update={"limit": None if images is None else images // count + (i < images % count)})
+        for i, spec in enumerate(cfg.datasets)
+    ]
     return cfg.model_copy(update={"datasets": datasets, "workers": args.workers})
 
 
@@ -53,8 +55,9 @@ def chosen_payloads(cfg: IngestConfig) -> tuple[list[tuple[str, Payload]], float
         listing_s = time.perf_counter() - started
         for (spec, source), dataset_plan in zip(sources, planned):
             readable = [p.entry for p in dataset_plan if not p.entry.reject]
-            chosen += [(spec.name, payload) for payload in source.payloads(readable)
-                       if not isinstance(payload, Rejected)]
+            chosen += [
+                (spec.name, payload) for payload in source.payloads(readable) if not isinstance(payload, Rejected)
+            ]
     return chosen, listing_s
 
 
@@ -74,8 +77,9 @@ def _detect_chunk(job: tuple[IngestConfig, list[tuple[str, Payload]]]) -> tuple[
 
     cfg, chunk = job
     cv2.setNumThreads(1)
-    detector = FaceDetector(min_score=cfg.detector.min_score, min_side=cfg.detector.min_side,
-                            max_side=cfg.detector.max_side, threads=1)
+    detector = FaceDetector(
+        min_score=cfg.detector.min_score, min_side=cfg.detector.min_side, max_side=cfg.detector.max_side, threads=1
+    )
     images = [(dataset, rgb) for dataset, payload in chunk if (rgb := pixels(payload)) is not None]
     busy: dict[str, tuple[int, float]] = {}
     cpu_started = time.process_time()
@@ -99,24 +103,47 @@ def detector_only(cfg: IngestConfig, chosen: list[tuple[str, Payload]], workers:
             images[dataset] += count
             seconds[dataset] += spent
     slowest = max(sum(spent for _, spent in worker.values()) for worker in busy)
-    return {"faces_per_s": sum(images.values()) / slowest, "cpu_ms_per_image": 1000 * sum(cpu_s) / sum(images.values()),
-            "ms_per_image": {dataset: round(1000 * seconds[dataset] / images[dataset], 2) for dataset in images}}
+    return {
+        "faces_per_s": sum(images.values()) / slowest,
+        "cpu_ms_per_image": 1000 * sum(cpu_s) / sum(images.values()),
+        "ms_per_image": {dataset: round(1000 * seconds[dataset] / images[dataset], 2) for dataset in images},
+    }
 
 
 def memory_probe(args: argparse.Namespace, images: int | None) -> dict:
     summary = ingest.run(ingest_config(args, images), args.out)
-    cpu_s = sum(getattr(resource.getrusage(who), field) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-                for field in ("ru_utime", "ru_stime"))
-    return {"images": summary["inputs"], "written": summary["written"], "elapsed_s": summary["elapsed_s"],
-            "faces_per_s": summary["faces_per_s"], "images_per_s": round(summary["inputs"] / summary["elapsed_s"], 1),
-            "cpu_ms_per_image": round(1000 * cpu_s / summary["inputs"], 2),
-            "stage_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "worker_peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+    cpu_s = sum(
+        getattr(resource.getrusage(who), field)
+        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+        for field in ("ru_utime", "ru_stime")
+    )
+    return {
+        "images": summary["inputs"],
+        "written": summary["written"],
+        "elapsed_s": summary["elapsed_s"],
+        "faces_per_s": summary["faces_per_s"],
+        "images_per_s": round(summary["inputs"] / summary["elapsed_s"], 1),
+        "cpu_ms_per_image": round(1000 * cpu_s / summary["inputs"], 2),
+        "stage_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "worker_peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+    }
 
 
 def probe_in_fresh_process(args: argparse.Namespace, images: int | None) -> dict:
-    command = [sys.executable, __file__, "--config", args.config, "--data-root", args.data_root, "--out", args.out,
-               "--workers", str(args.workers), "--probe", str(images or 0)]
+    command = [
+        sys.executable,
+        __file__,
+        "--config",
+        args.config,
+        "--data-root",
+        args.data_root,
+        "--out",
+        args.out,
+        "--workers",
+        str(args.workers),
+        "--probe",
+        str(images or 0),
+    ]
     command += [f"--set={item}" for item in args.overrides]
     result = subprocess.run(command, check=True, capture_output=True, text=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -125,8 +152,14 @@ def probe_in_fresh_process(args: argparse.Namespace, images: int | None) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="cpu", help="profile (cpu, gpu) or experiment YAML: its ingest datasets")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set ingest.shuffle_rows=2048 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set ingest.shuffle_rows=2048 (repeatable)",
+    )
     parser.add_argument("--data-root", default="../shared/data")
     parser.add_argument("--out", default="/tmp/ingest-bench", help="scratch output prefix")
     parser.add_argument("--images", type=int, default=2000, help="images of the comparison, over all datasets")
@@ -149,21 +182,28 @@ def main() -> None:
     small = max(runs, key=lambda run: run["images_per_s"])
     detector = max(detector_runs, key=lambda run: run["faces_per_s"])
     results = {
-        "config": args.config, "datasets": [spec.name for spec in cfg.datasets], "workers": args.workers,
-        "images": small["images"], "load_average_1min": round(os.getloadavg()[0], 2),
-        "ingest_faces_per_s": small["faces_per_s"], "ingest_images_per_s": small["images_per_s"],
+        "config": args.config,
+        "datasets": [spec.name for spec in cfg.datasets],
+        "workers": args.workers,
+        "images": small["images"],
+        "load_average_1min": round(os.getloadavg()[0], 2),
+        "ingest_faces_per_s": small["faces_per_s"],
+        "ingest_images_per_s": small["images_per_s"],
         "detector_only_faces_per_s": round(detector["faces_per_s"], 1),
         "ratio": round(small["images_per_s"] / detector["faces_per_s"], 2),
         "ingest_cpu_ms_per_image": small["cpu_ms_per_image"],
         "detector_cpu_ms_per_image": round(detector["cpu_ms_per_image"], 2),
         "cpu_ratio": round(detector["cpu_ms_per_image"] / small["cpu_ms_per_image"], 2),
-        "detector_ms_per_image": detector["ms_per_image"], "listing_all_s": round(listing_s, 1),
+        "detector_ms_per_image": detector["ms_per_image"],
+        "listing_all_s": round(listing_s, 1),
         "ingest_runs_images_per_s": [run["images_per_s"] for run in runs],
         "detector_runs_faces_per_s": [round(run["faces_per_s"], 1) for run in detector_runs],
     }
     probes = [small] if args.skip_full else [small, probe_in_fresh_process(args, None)]
-    results["memory_mb"] = {str(run["images"]): {"stage": round(run["stage_peak_mb"]),
-                                                  "worker": round(run["worker_peak_mb"])} for run in probes}
+    results["memory_mb"] = {
+        str(run["images"]): {"stage": round(run["stage_peak_mb"]), "worker": round(run["worker_peak_mb"])}
+        for run in probes
+    }
     if not args.skip_full:
         results["full"] = probes[1]
     print(json.dumps(results, indent=1))

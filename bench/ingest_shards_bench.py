@@ -43,8 +43,11 @@ def main() -> None:
     parser.add_argument("--out", default="/tmp/ingest-shards-bench")
     args = parser.parse_args()
 
-    cfg = IngestConfig(data_root=args.data_root, workers=args.workers,
-                       datasets=[UTKFaceSpec(limit=args.per_dataset), FER2013FolderSpec(limit=args.per_dataset)])
+    cfg = IngestConfig(
+        data_root=args.data_root,
+        workers=args.workers,
+        datasets=[UTKFaceSpec(limit=args.per_dataset), FER2013FolderSpec(limit=args.per_dataset)],
+    )
     out = Path(args.out)
     one, one_s = timed(lambda: ingest.run(cfg, str(out / "one-pass")))
     parts, part_s = [], []
@@ -54,10 +57,14 @@ def main() -> None:
     merged, merge_s = timed(lambda: ingest.merge(parts, str(out / "merged")))
     identical = same_tables(out / "one-pass", out / "merged")
     print(f"## Ingest: {args.shards} shards + merge vs one pass\n")
-    command = (f"bench/ingest_shards_bench.py --data-root {args.data_root} --per-dataset {args.per_dataset} "
-               f"--shards {args.shards} --workers {args.workers}")
-    print(f"`{command}`: {one['inputs']} real images ({one['written']} faces), {args.workers} worker(s) per run, "
-          "the runs one after another on this machine.\n")
+    command = (
+        f"bench/ingest_shards_bench.py --data-root {args.data_root} --per-dataset {args.per_dataset} "
+        f"--shards {args.shards} --workers {args.workers}"
+    )
+    print(
+        f"`{command}`: {one['inputs']} real images ({one['written']} faces), {args.workers} worker(s) per run, "
+        "the runs one after another on this machine.\n"
+    )
     print("| run | wall s | faces/s |\n|---|---|---|")
     print(f"| one pass | {one_s:.1f} | {one['written'] / one_s:.1f} |")
     for i, seconds in enumerate(part_s):
@@ -65,8 +72,10 @@ def main() -> None:
     print(f"| merge | {merge_s:.1f} | |")
     sequence = sum(part_s) + merge_s
     print(f"| shards in sequence + merge | {sequence:.1f} | {merged['written'] / sequence:.1f} |")
-    print(f"| slowest shard + merge (shards in parallel) | {max(part_s) + merge_s:.1f} | "
-          f"{merged['written'] / (max(part_s) + merge_s):.1f} |")
+    print(
+        f"| slowest shard + merge (shards in parallel) | {max(part_s) + merge_s:.1f} | "
+        f"{merged['written'] / (max(part_s) + merge_s):.1f} |"
+    )
     print(f"\nMerged face shards and label table byte-identical to the one pass: {identical}.")
 
 

@@ -35,8 +35,11 @@ def run_dir_of(run_root: Path) -> Path:
 def student_metrics(run_dir: Path) -> dict[str, float]:
     """The student's scalar test metrics, from the evaluate stage's metrics.json."""
     (path,) = run_dir.glob(f"evaluate/evaluation/{layout.EVAL_METRICS}")
-    return {k.removeprefix("student/"): v for k, v in json.loads(path.read_text()).items()
-            if k.startswith("student/") and "/test/" in k}
+    return {
+        k.removeprefix("student/"): v
+        for k, v in json.loads(path.read_text()).items()
+        if k.startswith("student/") and "/test/" in k
+    }
 
 
 def report(run_dir: Path, wall: float, command: str) -> tuple[str, float]:
@@ -44,12 +47,23 @@ def report(run_dir: Path, wall: float, command: str) -> tuple[str, float]:
     stages = {task: seconds for task, seconds in executed_tasks(run_dir).items() if seconds is not None}
     compute = sum(stages.values())
     ratio = wall / compute
-    lines = [f"### Pipeline overhead ({datetime.now():%Y-%m-%d})", "", f"`{command}`", "",
-             "| task | stage seconds |", "|---|---:|"]
+    lines = [
+        f"### Pipeline overhead ({datetime.now():%Y-%m-%d})",
+        "",
+        f"`{command}`",
+        "",
+        "| task | stage seconds |",
+        "|---|---:|",
+    ]
     lines += [f"| {task} | {seconds:.1f} |" for task, seconds in sorted(stages.items())]
-    lines += [f"| **sum of stages** | **{compute:.1f}** |", f"| **`d2mtl run` wall time** | **{wall:.1f}** |", "",
-              f"wall / sum of stages = **{ratio:.3f}** (goal <= {GOAL}; "
-              f"{'met' if ratio <= GOAL else 'not met'}); {len(executed_tasks(run_dir))} tasks ran.", ""]
+    lines += [
+        f"| **sum of stages** | **{compute:.1f}** |",
+        f"| **`d2mtl run` wall time** | **{wall:.1f}** |",
+        "",
+        f"wall / sum of stages = **{ratio:.3f}** (goal <= {GOAL}; "
+        f"{'met' if ratio <= GOAL else 'not met'}); {len(executed_tasks(run_dir))} tasks ran.",
+        "",
+    ]
     metrics = student_metrics(run_dir)
     if metrics:
         lines += ["Student, test split:", "", "| metric | value |", "|---|---:|"]
@@ -78,8 +92,17 @@ def main(argv: list[str] | None = None) -> int:
 
         overrides = [*SMOKE_OVERRIDES, *overrides]
         data_root = str(make_smoke_data(run_root.with_name(run_root.name + "-data")))
-    command = [sys.executable, "-m", "d2mtl.cli", "run", "--config", args.config,
-               "--set", f"pipeline.run_root={run_root}", *[f"--set={item}" for item in overrides]]
+    command = [
+        sys.executable,
+        "-m",
+        "d2mtl.cli",
+        "run",
+        "--config",
+        args.config,
+        "--set",
+        f"pipeline.run_root={run_root}",
+        *[f"--set={item}" for item in overrides],
+    ]
     if data_root:
         command += ["--data-root", data_root]
     shown = "python bench/pipeline_bench.py --smoke" if args.smoke else " ".join(["d2mtl", *command[3:]])

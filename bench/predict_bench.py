@@ -69,8 +69,9 @@ def build_models(work: Path, backbone: str, input_size: int) -> tuple[str, list[
     singles = []
     for task in TASKS:
         singles.append(str(work / f"single_{task}"))
-        save_model(MultiTaskNet(ModelSpec(backbone=backbone, tasks=(task,), input_size=input_size), weights=None),
-                   singles[-1])
+        save_model(
+            MultiTaskNet(ModelSpec(backbone=backbone, tasks=(task,), input_size=input_size), weights=None), singles[-1]
+        )
     return multi, singles
 
 
@@ -79,7 +80,7 @@ def compare(multi: Analyzer, singles: list[Analyzer], jpegs: list[bytes], batch_
 
     Each chunk goes through the multi-task model, then through the four single-task models one after the other
     (as a per-face loop over attribute models does); medians over chunks and rounds."""
-    chunks = [jpegs[start:start + batch_size] for start in range(0, len(jpegs), batch_size)]
+    chunks = [jpegs[start : start + batch_size] for start in range(0, len(jpegs), batch_size)]
     multi.predict_faces(chunks[0]), [single.predict_faces(chunks[0]) for single in singles]  # warm-up
     multi_ms, singles_ms, ratios = [], [], []
     for _ in range(rounds):
@@ -89,10 +90,16 @@ def compare(multi: Analyzer, singles: list[Analyzer], jpegs: list[bytes], batch_
             multi_ms.append(1000 * one / len(chunk))
             singles_ms.append(1000 * four / len(chunk))
             ratios.append(four / one)
-    return {"batch_size": batch_size, "faces": len(jpegs), "rounds": rounds,
-            "multi_ms_per_face": statistics.median(multi_ms), "singles_ms_per_face": statistics.median(singles_ms),
-            "multi_ms_fastest": min(multi_ms), "singles_ms_fastest": min(singles_ms),
-            "speedup": statistics.median(ratios)}
+    return {
+        "batch_size": batch_size,
+        "faces": len(jpegs),
+        "rounds": rounds,
+        "multi_ms_per_face": statistics.median(multi_ms),
+        "singles_ms_per_face": statistics.median(singles_ms),
+        "multi_ms_fastest": min(multi_ms),
+        "singles_ms_fastest": min(singles_ms),
+        "speedup": statistics.median(ratios),
+    }
 
 
 def detection_ms(analyzer: Analyzer, images: list[bytes]) -> dict:
@@ -108,29 +115,41 @@ def detection_ms(analyzer: Analyzer, images: list[bytes]) -> dict:
 
 
 def markdown(result: dict) -> str:
-    rows = ["| faces per pass | multi-task ms/face: median (fastest) | 4 single-task ms/face: median (fastest) | "
-            "speed-up (goal >= 3.5x) |", "|---|---|---|---|"]
+    rows = [
+        "| faces per pass | multi-task ms/face: median (fastest) | 4 single-task ms/face: median (fastest) | "
+        "speed-up (goal >= 3.5x) |",
+        "|---|---|---|---|",
+    ]
     for run in result["runs"]:
-        rows.append(f"| {run['batch_size']} | {run['multi_ms_per_face']:.2f} ({run['multi_ms_fastest']:.2f}) | "
-                    f"{run['singles_ms_per_face']:.2f} ({run['singles_ms_fastest']:.2f}) | {run['speedup']:.2f}x |")
+        rows.append(
+            f"| {run['batch_size']} | {run['multi_ms_per_face']:.2f} ({run['multi_ms_fastest']:.2f}) | "
+            f"{run['singles_ms_per_face']:.2f} ({run['singles_ms_fastest']:.2f}) | {run['speedup']:.2f}x |"
+        )
     one, batched = result["runs"]
-    lines = [f"Command: `{result['command']}`", "",
-             f"{result['backbone']} {result['input_size']} px, {result['threads']} torch thread(s), "
-             f"{result['faces_source']}, {one['rounds']} rounds, medians over chunks timed back to back.", "",
-             *rows, "",
-             f"- batch 1: {one['multi_ms_per_face']:.2f} ms per face for four answers "
-             f"(offline tools: {OFFLINE_TOOLS_MS} ms for three) -> "
-             f"{'met' if one['multi_ms_per_face'] < OFFLINE_TOOLS_MS else 'NOT met'}",
-             f"- batched: {batched['multi_ms_per_face']:.2f} ms per face, "
-             f"{OFFLINE_TOOLS_MS / batched['multi_ms_per_face']:.1f}x below the offline tools (goal >= {BATCHED_GOAL}x)"
-             f" -> {'met' if OFFLINE_TOOLS_MS / batched['multi_ms_per_face'] >= BATCHED_GOAL else 'NOT met'}",
-             f"- speed-up over four single-task models: {one['speedup']:.2f}x at batch 1, "
-             f"{batched['speedup']:.2f}x batched (goal >= {SPEEDUP_GOAL}x) -> "
-             f"{'met' if min(one['speedup'], batched['speedup']) >= SPEEDUP_GOAL else 'NOT met'}"]
+    lines = [
+        f"Command: `{result['command']}`",
+        "",
+        f"{result['backbone']} {result['input_size']} px, {result['threads']} torch thread(s), "
+        f"{result['faces_source']}, {one['rounds']} rounds, medians over chunks timed back to back.",
+        "",
+        *rows,
+        "",
+        f"- batch 1: {one['multi_ms_per_face']:.2f} ms per face for four answers "
+        f"(offline tools: {OFFLINE_TOOLS_MS} ms for three) -> "
+        f"{'met' if one['multi_ms_per_face'] < OFFLINE_TOOLS_MS else 'NOT met'}",
+        f"- batched: {batched['multi_ms_per_face']:.2f} ms per face, "
+        f"{OFFLINE_TOOLS_MS / batched['multi_ms_per_face']:.1f}x below the offline tools (goal >= {BATCHED_GOAL}x)"
+        f" -> {'met' if OFFLINE_TOOLS_MS / batched['multi_ms_per_face'] >= BATCHED_GOAL else 'NOT met'}",
+        f"- speed-up over four single-task models: {one['speedup']:.2f}x at batch 1, "
+        f"{batched['speedup']:.2f}x batched (goal >= {SPEEDUP_GOAL}x) -> "
+        f"{'met' if min(one['speedup'], batched['speedup']) >= SPEEDUP_GOAL else 'NOT met'}",
+    ]
     if "detection" in result:
         det = result["detection"]
-        lines.append(f"- detection + alignment (not counted above): {det['ms_per_image']:.1f} ms per image "
-                     f"({det['faces']} faces in {det['images']} images)")
+        lines.append(
+            f"- detection + alignment (not counted above): {det['ms_per_image']:.1f} ms per image "
+            f"({det['faces']} faces in {det['images']} images)"
+        )
     return "\n".join(lines)
 
 
@@ -153,9 +172,13 @@ def main(args: argparse.Namespace) -> dict:
         multi_dir, single_dirs = build_models(Path(work), args.backbone, args.input_size)
         multi = Analyzer(multi_dir, device="cpu", batch_size=args.batch_size)
         singles = [Analyzer(d, device="cpu", batch_size=args.batch_size) for d in single_dirs]
-        result = {"backbone": args.backbone, "input_size": args.input_size, "threads": args.threads,
-                  "command": "python bench/predict_bench.py " + " ".join(
-                      f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "json")}
+        result = {
+            "backbone": args.backbone,
+            "input_size": args.input_size,
+            "threads": args.threads,
+            "command": "python bench/predict_bench.py "
+            + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "json"),
+        }
         if args.data_root:
             images = real_images(args.data_root, args.faces)
             result["detection"] = detection_ms(multi, images)
@@ -164,8 +187,10 @@ def main(args: argparse.Namespace) -> dict:
         else:
             jpegs = generated_faces(args.faces, multi.face_size)
             result["faces_source"] = f"{len(jpegs)} generated {multi.face_size} px aligned-face JPEGs"
-        result["runs"] = [compare(multi, singles, jpegs, 1, args.rounds),
-                          compare(multi, singles, jpegs, args.batch_size, args.rounds)]
+        result["runs"] = [
+            compare(multi, singles, jpegs, 1, args.rounds),
+            compare(multi, singles, jpegs, args.batch_size, args.rounds),
+        ]
     print(markdown(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

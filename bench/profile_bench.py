@@ -41,14 +41,20 @@ def train_variants(args: argparse.Namespace) -> dict[str, dict]:
     results = {}
     for name, uri in map(evaluate.split_model_arg, args.model):
         training = read_card(uri)["training"]
-        results[name or uri] = {"out": uri, "settings": [],
-                                "minutes_per_epoch": training["train_seconds"] / 60 / max(training["epochs"], 1)}
+        results[name or uri] = {
+            "out": uri,
+            "settings": [],
+            "minutes_per_epoch": training["train_seconds"] / 60 / max(training["epochs"], 1),
+        }
     for name, settings in map(parse_variant, args.variant):
         cfg = load_experiment(args.config, [*args.overrides, *settings]).teacher
         out = store.join(args.work, name)
         result = teacher.run(cfg, faces=faces, labels=labels, out=out)
-        results[name] = {"out": out, "settings": settings, "minutes_per_epoch": result["train_seconds"] / 60 /
-                         max(result["epochs"], 1)}
+        results[name] = {
+            "out": out,
+            "settings": settings,
+            "minutes_per_epoch": result["train_seconds"] / 60 / max(result["epochs"], 1),
+        }
     return results
 
 
@@ -56,10 +62,14 @@ def table(results: dict[str, dict], rows: list[dict], split: str) -> str:
     best = headline(rows, split)
     columns = sorted({(task, dataset) for (_, task, dataset) in best if "~" not in dataset})
     reference = next(iter(results))
-    lines = ["| variant | " + " | ".join(f"{task} {dataset} ({best_metric(best, task, dataset)})"
-                                          for task, dataset in columns)
-             + " | mean rel. error vs " + reference + " | min/epoch |",
-             "|---|" + "---|" * (len(columns) + 2)]
+    lines = [
+        "| variant | "
+        + " | ".join(f"{task} {dataset} ({best_metric(best, task, dataset)})" for task, dataset in columns)
+        + " | mean rel. error vs "
+        + reference
+        + " | min/epoch |",
+        "|---|" + "---|" * (len(columns) + 2),
+    ]
     for name, info in results.items():
         cells, changes = [], []
         for task, dataset in columns:
@@ -79,24 +89,52 @@ def best_metric(best: dict, task: str, dataset: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="cpu", help="experiment profile or YAML (default: cpu)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override for every variant (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override for every variant (repeatable)",
+    )
     parser.add_argument("--ingest", required=True, help="an ingest output (faces/ + labels.parquet)")
     parser.add_argument("--work", required=True, help="folder of the variants' model folders and the evaluation")
-    parser.add_argument("--model", action="append", default=[], metavar="NAME=URI",
-                        help="an already trained model folder to score with the variants (repeatable; listed first)")
-    parser.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VALUE[;...]",
-                        help="a teacher variant (repeatable); the first model or variant is the reference")
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="NAME=URI",
+        help="an already trained model folder to score with the variants (repeatable; listed first)",
+    )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=KEY=VALUE[;...]",
+        help="a teacher variant (repeatable); the first model or variant is the reference",
+    )
     parser.add_argument("--split", default="val", choices=("val", "test"), help="split to score (default: val)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     results = train_variants(args)
     cfg = load_experiment(args.config, args.overrides).evaluate.model_copy(
-        update={"splits": [args.split], "claims_split": args.split, "views": [], "roles": dict.fromkeys(results, NO_ROLE)})
+        update={
+            "splits": [args.split],
+            "claims_split": args.split,
+            "views": [],
+            "roles": dict.fromkeys(results, NO_ROLE),
+        }
+    )
     out = store.join(args.work, f"evaluate-{args.split}")
-    evaluate.run(cfg, [f"{name}={info['out']}" for name, info in results.items()], faces=layout.faces(args.ingest),
-                 labels=layout.labels(args.ingest), out=out)
+    evaluate.run(
+        cfg,
+        [f"{name}={info['out']}" for name, info in results.items()],
+        faces=layout.faces(args.ingest),
+        labels=layout.labels(args.ingest),
+        out=out,
+    )
     rows = json.loads(store.read_text(store.join(out, layout.EVAL_DETAILS)))["rows"]
     markdown = table(results, rows, args.split)
     store.write_text(store.join(args.work, f"variants-{args.split}.md"), markdown + "\n")

@@ -58,14 +58,18 @@ def untrained_teacher(cfg, out: str) -> str:
 def bare_inference_seconds(teacher: str, faces: str, transforms: list[str], batch_size: int) -> tuple[float, int]:
     """Seconds for the model alone over every face's views, prepared in memory beforehand."""
     net, card = models.load_model(teacher)
-    jpegs = [jpeg for batch in contracts.iter_face_batches(faces, columns=["image"], batch_rows=batch_size)
-             for jpeg in batch.column("image").to_pylist()]
+    jpegs = [
+        jpeg
+        for batch in contracts.iter_face_batches(faces, columns=["image"], batch_rows=batch_size)
+        for jpeg in batch.column("image").to_pylist()
+    ]
     batches = []
     for start in range(0, len(jpegs), batch_size):
-        x = data.preprocess(jpegs[start:start + batch_size], card)
+        x = data.preprocess(jpegs[start : start + batch_size], card)
         views = pseudolabel.make_views(x, transforms)
-        batches.append([torch.cat([v for v in views if v.shape == shape])
-                        for shape in dict.fromkeys(v.shape for v in views)])
+        batches.append(
+            [torch.cat([v for v in views if v.shape == shape]) for shape in dict.fromkeys(v.shape for v in views)]
+        )
     begin = time.perf_counter()
     for groups in batches:
         for group in groups:
@@ -91,16 +95,22 @@ def speed(args: argparse.Namespace) -> None:
     card = models.read_card(teacher)
     k = len(cfg.transforms)
     ratio = min(bare) / min(stage)
-    print(f"\n{count} faces ({args.faces_per_dataset} per dataset), {card['backbone']} {card['input_size']} px, "
-          f"K={k} transforms {cfg.transforms}, batch {cfg.batch_size}, {torch.get_num_threads()} threads, "
-          f"best of {args.repeats}")
+    print(
+        f"\n{count} faces ({args.faces_per_dataset} per dataset), {card['backbone']} {card['input_size']} px, "
+        f"K={k} transforms {cfg.transforms}, batch {cfg.batch_size}, {torch.get_num_threads()} threads, "
+        f"best of {args.repeats}"
+    )
     print("| measure | faces/s | views/s (x K) |\n|---|---|---|")
     print(f"| bare batched inference (views in memory) | {count / min(bare):.0f} | {count * k / min(bare):.0f} |")
-    print(f"| pseudo-label stage (read, decode, infer, select, write) | {count / min(stage):.0f} | "
-          f"{count * k / min(stage):.0f} |")
+    print(
+        f"| pseudo-label stage (read, decode, infer, select, write) | {count / min(stage):.0f} | "
+        f"{count * k / min(stage):.0f} |"
+    )
     print(f"| stage / bare | {ratio:.2f} (goal >= 0.9) | |")
-    print("stage / bare of each repeat (the load moves between runs): "
-          + ", ".join(f"{b / s:.2f}" for b, s in zip(bare, stage)))
+    print(
+        "stage / bare of each repeat (the load moves between runs): "
+        + ", ".join(f"{b / s:.2f}" for b, s in zip(bare, stage))
+    )
 
 
 def holdout(args: argparse.Namespace) -> None:
@@ -121,14 +131,18 @@ def holdout(args: argparse.Namespace) -> None:
     result = pseudolabel.run(cfg, [teacher], faces, labels, store.join(args.work, "pseudolabel"))
     seconds = time.perf_counter() - begin
     report = json.loads(store.read_text(result["report"]))
-    print(f"\nholdout: {args.fraction:g} of the known {', '.join(cfg.holdout.tasks)} labels hidden "
-          f"(seed {cfg.holdout.seed}); teacher {teacher}; transforms {cfg.transforms}; stage {seconds:.0f} s")
+    print(
+        f"\nholdout: {args.fraction:g} of the known {', '.join(cfg.holdout.tasks)} labels hidden "
+        f"(seed {cfg.holdout.seed}); teacher {teacher}; transforms {cfg.transforms}; stage {seconds:.0f} s"
+    )
     print("| task | rule | hidden | kept | retention | accuracy / MAE |\n|---|---|---|---|---|---|")
     for task, info in report["holdout"]["curves"].items():
         chosen, rule = info["chosen"], report["rules"][task]
         quality = chosen.get("accuracy", chosen.get("mae"))
-        print(f"| {task} | {json.dumps(rule)} | {chosen['hidden']} | {chosen['kept']} | {chosen['retention']:.3f} | "
-              f"{'-' if quality is None else f'{quality:.3f}'} |")
+        print(
+            f"| {task} | {json.dumps(rule)} | {chosen['hidden']} | {chosen['kept']} | {chosen['retention']:.3f} | "
+            f"{'-' if quality is None else f'{quality:.3f}'} |"
+        )
     for task, info in report["holdout"]["curves"].items():
         quality = "accuracy" if "accuracy" in info["chosen"] else "mae"
         for rule, sweep in {info["rule"]: info, **info["other_rules"]}.items():
@@ -137,8 +151,10 @@ def holdout(args: argparse.Namespace) -> None:
             print(f"| {parameter} | kept | retention | {quality} |\n|---|---|---|---|")
             for point in sweep["curve"]:
                 value = point[quality]
-                print(f"| {point[parameter]:g} | {point['kept']} | {point['retention']:.3f} | "
-                      f"{'-' if value is None else f'{value:.3f}'} |")
+                print(
+                    f"| {point[parameter]:g} | {point['kept']} | {point['retention']:.3f} | "
+                    f"{'-' if value is None else f'{value:.3f}'} |"
+                )
     print(f"\ncurves: {store.join(args.work, 'pseudolabel', layout.PSEUDO_HOLDOUT_PLOT)}")
 
 

@@ -33,13 +33,13 @@ sys.path.insert(0, str(REPO / "tests"))
 
 def kills(args: argparse.Namespace) -> dict:
     import torch
-    from safetensors.torch import load_file
-
     from conftest import make_tiny_tables
+    from safetensors.torch import load_file
+    from test_faults import kill_after_checkpoint, overrides, write_pseudo_table
+
     from d2mtl import layout
     from d2mtl.config import load_experiment
     from d2mtl.stages import student, teacher
-    from test_faults import kill_after_checkpoint, overrides, write_pseudo_table
 
     results = {}
     with tempfile.TemporaryDirectory(prefix="reliability-") as tmp:
@@ -47,8 +47,10 @@ def kills(args: argparse.Namespace) -> dict:
         tables = make_tiny_tables(root / "ingest")
         pseudo = str(root / "pseudo.parquet")
         write_pseudo_table(tables, pseudo)
-        inputs = {"teacher": ["--faces", tables["faces"], "--labels", tables["labels"]],
-                  "student": ["--faces", tables["faces"], "--labels", tables["labels"], "--pseudo", pseudo]}
+        inputs = {
+            "teacher": ["--faces", tables["faces"], "--labels", tables["labels"]],
+            "student": ["--faces", tables["faces"], "--labels", tables["labels"], "--pseudo", pseudo],
+        }
         for stage in ("teacher", "student"):
             cfg = getattr(load_experiment("cpu", overrides(stage)), stage)
             straight = root / stage / "straight"
@@ -71,17 +73,27 @@ def kills(args: argparse.Namespace) -> dict:
                     low, high = step + 1, min(step + total // 2, total - 2)  # leave steps to kill in
                     if low > high:
                         break
-                    step = kill_after_checkpoint(command, out / layout.CHECKPOINT_FILE,
-                                                 int(rng.integers(low, high + 1)), rng)
+                    step = kill_after_checkpoint(
+                        command, out / layout.CHECKPOINT_FILE, int(rng.integers(low, high + 1)), rng
+                    )
                     killed_at.append(step)
                 subprocess.run(command, cwd=REPO, check=True, capture_output=True)
                 resumed = load_file(out / layout.WEIGHTS_FILE)
                 exact = all(torch.equal(expected[k], resumed[k]) for k in expected)
-                trials.append({"killed_at_checkpoint_steps": killed_at, "exact": exact,
-                               "seconds": round(time.perf_counter() - started, 1)})
+                trials.append(
+                    {
+                        "killed_at_checkpoint_steps": killed_at,
+                        "exact": exact,
+                        "seconds": round(time.perf_counter() - started, 1),
+                    }
+                )
                 print(stage, trials[-1], flush=True)
-            results[stage] = {"total_steps": total, "trials": trials,
-                              "exact": sum(t["exact"] for t in trials), "of": len(trials)}
+            results[stage] = {
+                "total_steps": total,
+                "trials": trials,
+                "exact": sum(t["exact"] for t in trials),
+                "of": len(trials),
+            }
     return results
 
 
@@ -106,20 +118,35 @@ print(round((time.perf_counter() - started) * 1e3, 2), (resource.getrusage(resou
 def bomb(args: argparse.Namespace) -> dict:
     results = {}
     for kind in ("png", "jpeg"):
-        out = subprocess.run([sys.executable, "-c", BOMB_PROBE.format(tests=str(REPO / "tests")), kind],
-                             cwd=REPO, capture_output=True, text=True, check=True).stdout.strip().split("\t")
-        results[kind] = {"ms": float(out[0]), "peak_rss_growth_mb": int(out[1]), "file_bytes": int(out[2]),
-                         "outcome": out[3]}
+        out = (
+            subprocess.run(
+                [sys.executable, "-c", BOMB_PROBE.format(tests=str(REPO / "tests")), kind],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            .stdout.strip()
+            .split("\t")
+        )
+        results[kind] = {
+            "ms": float(out[0]),
+            "peak_rss_growth_mb": int(out[1]),
+            "file_bytes": int(out[2]),
+            "outcome": out[3],
+        }
         print(kind, results[kind], flush=True)
     return results
 
 
 def unreachable(args: argparse.Namespace) -> dict:
     from conftest import _free_port
+
     from d2mtl import store
 
-    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{_free_port()}", AWS_ACCESS_KEY_ID="key",
-                      AWS_SECRET_ACCESS_KEY="secret")
+    os.environ.update(
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{_free_port()}", AWS_ACCESS_KEY_ID="key", AWS_SECRET_ACCESS_KEY="secret"
+    )
     settings = store.StoreSettings()
     store.configure(settings)
     started = time.perf_counter()
@@ -128,8 +155,12 @@ def unreachable(args: argparse.Namespace) -> dict:
         message = "read succeeded?"
     except store.StoreError as err:
         message = str(err)
-    result = {"retries": settings.retries, "backoff_s": settings.backoff_s,
-              "seconds": round(time.perf_counter() - started, 2), "message": message}
+    result = {
+        "retries": settings.retries,
+        "backoff_s": settings.backoff_s,
+        "seconds": round(time.perf_counter() - started, 2),
+        "message": message,
+    }
     print(result, flush=True)
     return result
 
@@ -139,8 +170,11 @@ def real_ingest(args: argparse.Namespace) -> dict:
     from d2mtl.config.ingest import FER2013FolderSpec, IngestConfig, UTKFaceSpec
     from d2mtl.stages import ingest
 
-    cfg = IngestConfig(data_root=args.data_root, workers=1,
-                       datasets=[UTKFaceSpec(limit=args.limit), FER2013FolderSpec(limit=args.limit)])
+    cfg = IngestConfig(
+        data_root=args.data_root,
+        workers=1,
+        datasets=[UTKFaceSpec(limit=args.limit), FER2013FolderSpec(limit=args.limit)],
+    )
     runs = []
     with tempfile.TemporaryDirectory(prefix="reliability-") as tmp:
         for run in ("one", "two"):
@@ -148,12 +182,20 @@ def real_ingest(args: argparse.Namespace) -> dict:
             started = time.perf_counter()
             summary = ingest.run(cfg, out)
             manifest = contracts.read_manifest(layout.faces(out))
-            runs.append({"seconds": round(time.perf_counter() - started, 1), "written": summary["written"],
-                         "shards": [s["sha256"] for s in manifest["shards"]],
-                         "labels_sha256": hashlib.sha256(store.read_bytes(layout.labels(out))).hexdigest()})
-    result = {"inputs": 2 * args.limit, "written": runs[0]["written"], "seconds": [r["seconds"] for r in runs],
-              "identical": runs[0]["shards"] == runs[1]["shards"] and
-              runs[0]["labels_sha256"] == runs[1]["labels_sha256"]}
+            runs.append(
+                {
+                    "seconds": round(time.perf_counter() - started, 1),
+                    "written": summary["written"],
+                    "shards": [s["sha256"] for s in manifest["shards"]],
+                    "labels_sha256": hashlib.sha256(store.read_bytes(layout.labels(out))).hexdigest(),
+                }
+            )
+    result = {
+        "inputs": 2 * args.limit,
+        "written": runs[0]["written"],
+        "seconds": [r["seconds"] for r in runs],
+        "identical": runs[0]["shards"] == runs[1]["shards"] and runs[0]["labels_sha256"] == runs[1]["labels_sha256"],
+    }
     print(result, flush=True)
     return result
 

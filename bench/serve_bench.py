@@ -74,9 +74,13 @@ class Timings:
     errors: list[str] = field(default_factory=list)
 
     def summary(self) -> dict:
-        return {"requests": len(self.seconds) + len(self.errors), "errors": len(self.errors),
-                "first_errors": self.errors[:3], **percentiles(self.seconds or [0.0]),
-                "faces_per_s": round(self.faces / self.wall, 1) if self.wall else 0.0}
+        return {
+            "requests": len(self.seconds) + len(self.errors),
+            "errors": len(self.errors),
+            "first_errors": self.errors[:3],
+            **percentiles(self.seconds or [0.0]),
+            "faces_per_s": round(self.faces / self.wall, 1) if self.wall else 0.0,
+        }
 
 
 def in_process(analyzer: Analyzer, images: list[bytes], first: int, calls: int, timings: Timings) -> None:
@@ -129,8 +133,10 @@ def forward_backends(model: str, work: Path, batch_size: int, calls: int) -> dic
     for batch in (1, batch_size):
         x = torch.randn(batch, 3, size, size)
         channels_last = x.contiguous(memory_format=torch.channels_last)
-        runs = {"torch": lambda: analyzer_graph(channels_last),
-                "onnxruntime": lambda: session.run(None, {export.INPUT_NAME: x.numpy()})}
+        runs = {
+            "torch": lambda: analyzer_graph(channels_last),
+            "onnxruntime": lambda: session.run(None, {export.INPUT_NAME: x.numpy()}),
+        }
         with torch.inference_mode():
             for name, run in runs.items():
                 run()
@@ -145,8 +151,9 @@ def forward_backends(model: str, work: Path, batch_size: int, calls: int) -> dic
 
 def backends_in_process(model: str, cfg, images: list[bytes], rounds: int) -> dict:
     """Whole-request latency in process with each forward-pass backend, in alternating rounds over the images."""
-    analyzers = {backend: load_analyzer(model, device="cpu", ingest=cfg.ingest, backend=backend)
-                 for backend in ("torch", "onnx")}
+    analyzers = {
+        backend: load_analyzer(model, device="cpu", ingest=cfg.ingest, backend=backend) for backend in ("torch", "onnx")
+    }
     seconds: dict[str, list[float]] = {backend: [] for backend in analyzers}
     for analyzer in analyzers.values():
         analyzer.analyze(images[:3])
@@ -166,37 +173,61 @@ def main(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     cfg = load_experiment(args.config)
     images = pick_images(Path(args.data_root), args.images)
-    bodies = [json.dumps({"instances": [{"image_bytes": {"b64": base64.b64encode(image).decode()}}]}).encode()
-              for image in images]
+    bodies = [
+        json.dumps({"instances": [{"image_bytes": {"b64": base64.b64encode(image).decode()}}]}).encode()
+        for image in images
+    ]
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         work = Path(tmp)
         model = args.model
         if model is None:
             model = str(work / "student")
             save_model(MultiTaskNet(ModelSpec.from_config(cfg.student), weights=None), model)
-        report: dict = {"images": len(images), "threads": args.threads, "cpus": os.cpu_count(), "backend": args.backend,
-                        "model": args.model or f"untrained {cfg.student.backbone} {cfg.student.input_size} px"}
+        report: dict = {
+            "images": len(images),
+            "threads": args.threads,
+            "cpus": os.cpu_count(),
+            "backend": args.backend,
+            "model": args.model or f"untrained {cfg.student.backbone} {cfg.student.input_size} px",
+        }
         analyzer = load_analyzer(model, device="cpu", ingest=cfg.ingest, backend=args.backend)
         analyzer.analyze(images[:3])
         port = _free_port()
-        server = start_d2mtl_serve(["--model", model, "--name", NAME, "--device", "cpu", "--threads",
-                                    str(args.threads), "--backend", args.backend], port, work / "server.log")
+        server = start_d2mtl_serve(
+            [
+                "--model",
+                model,
+                "--name",
+                NAME,
+                "--device",
+                "cpu",
+                "--threads",
+                str(args.threads),
+                "--backend",
+                args.backend,
+            ],
+            port,
+            work / "server.log",
+        )
         url = f"http://127.0.0.1:{port}/v1/models/{NAME}:predict"
         try:
             asyncio.run(load(url, bodies, 4, 50, Timings()))  # warm-up
             rss_start = resident_mb(server.pid)
             local, served = Timings(), {c: Timings() for c in LEVELS}
             for round_number in range(args.rounds):  # in turn, so that other jobs' load hits every side alike
-                in_process(analyzer, images, round_number * args.calls // args.rounds, args.calls // args.rounds,
-                           local)
+                in_process(analyzer, images, round_number * args.calls // args.rounds, args.calls // args.rounds, local)
                 for c in LEVELS:
                     asyncio.run(load(url, bodies, c, args.per_level // args.rounds, served[c]))
             soak = Timings()
             asyncio.run(load(url, bodies, LEVELS[-1], args.requests, soak))
             report["in_process"] = local.summary()
             report["served"] = [{"concurrency": c, **served[c].summary()} for c in LEVELS]
-            report["soak"] = {"concurrency": LEVELS[-1], **soak.summary(), "rss_after_warmup_mb": round(rss_start, 1),
-                              "rss_end_mb": round(resident_mb(server.pid), 1)}
+            report["soak"] = {
+                "concurrency": LEVELS[-1],
+                **soak.summary(),
+                "rss_after_warmup_mb": round(rss_start, 1),
+                "rss_end_mb": round(resident_mb(server.pid), 1),
+            }
         finally:
             server.terminate()
             server.wait(timeout=60)
@@ -216,8 +247,9 @@ def main(args: argparse.Namespace) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"),
-                        help="holds utkface/*.jpg (default ../shared/data)")
+    parser.add_argument(
+        "--data-root", default=str(REPO.parent / "shared" / "data"), help="holds utkface/*.jpg (default ../shared/data)"
+    )
     parser.add_argument("--model", default=None, help="a model folder (default: untrained, --config's student)")
     parser.add_argument("--config", default=None, help="experiment profile for the architecture and ingest settings")
     parser.add_argument("--images", type=int, default=32, help="distinct UTKFace images, cycled (default 32)")
@@ -228,8 +260,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch threads on each side (default 2)")
     parser.add_argument("--batch-size", type=int, default=16, help="batch of the forward-pass comparison (default 16)")
     parser.add_argument("--forward-calls", type=int, default=200, help="timed forward passes per backend and batch")
-    parser.add_argument("--rounds", type=int, default=4,
-                        help="rounds taking turns over the sides, each with 1/rounds of the requests (default 4)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=4,
+        help="rounds taking turns over the sides, each with 1/rounds of the requests (default 4)",
+    )
     parser.add_argument("--no-onnx", action="store_true", help="skip the torch / onnxruntime comparisons")
     parser.add_argument("--out", default=None, help="also write the report as JSON here")
     return parser.parse_args(argv)

@@ -27,7 +27,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 from d2mtl.config import load_experiment
 from d2mtl.data import EpochSampler, FaceIndex, make_loader
 from d2mtl.engine import Trainer, setup_run
@@ -42,16 +41,27 @@ def add_table_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--faces", help="face table (default with --smoke: generated)")
     parser.add_argument("--labels", help="label table")
     parser.add_argument("--config", default="cpu", help="experiment profile or YAML (its teacher: section is used)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, e.g. --set teacher.input_size=96 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, e.g. --set teacher.input_size=96 (repeatable)",
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_table_arguments(parser)
     parser.add_argument("--steps", type=int, default=10, help="optimiser steps per round and mode")
-    parser.add_argument("--rounds", type=int, default=15, help="alternating bare / stage rounds (short rounds, so "
-                        "that a change of load on the machine hits both modes alike)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=15,
+        help="alternating bare / stage rounds (short rounds, so "
+        "that a change of load on the machine hits both modes alike)",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny generated tables, 32 px, untrained network")
     return parser.parse_args(argv)
 
@@ -65,8 +75,9 @@ def bench(cfg, faces: str, labels: str, steps: int, rounds: int) -> dict:
         trainer.progress.peak_lr = cfg.lr.lr
         trainer.scheduler = DynamicLR(trainer.optimizer, cfg.lr, cfg.lr.lr, 10**6, 10**6)
         trainer.train_one_epoch(-1)  # warm-up: workers start, shards enter their caches (once per run)
-        batch = next(iter(make_loader(trainer.train_data, EpochSampler(index, trainer.train_rows, cfg.batch_size,
-                                                                          cfg.seed))))
+        batch = next(
+            iter(make_loader(trainer.train_data, EpochSampler(index, trainer.train_rows, cfg.batch_size, cfg.seed)))
+        )
         bare, stage = [], []
         for round_ in range(rounds):
             started = time.perf_counter()
@@ -77,14 +88,26 @@ def bench(cfg, faces: str, labels: str, steps: int, rounds: int) -> dict:
             started = time.perf_counter()
             trainer.train_one_epoch(round_)  # a fresh epoch plan each round: shards are read anew
             stage.append(steps * cfg.batch_size / (time.perf_counter() - started))
-            logging.info("round %d: bare %.1f img/s, stage %.1f img/s, ratio %.3f", round_ + 1, bare[-1], stage[-1],
-                         stage[-1] / bare[-1])
+            logging.info(
+                "round %d: bare %.1f img/s, stage %.1f img/s, ratio %.3f",
+                round_ + 1,
+                bare[-1],
+                stage[-1],
+                stage[-1] / bare[-1],
+            )
     ratios = [s / b for s, b in zip(stage, bare)]
-    return {"backbone": cfg.backbone, "input_size": cfg.input_size, "batch_size": cfg.batch_size,
-            "freeze_stages": cfg.freeze_stages, "num_workers": cfg.num_workers, "threads": cfg.threads,
-            "bare_img_s": round(statistics.median(bare), 1), "stage_img_s": round(statistics.median(stage), 1),
-            "ratio_median": round(statistics.median(ratios), 3),
-            "ratio_quartiles": [round(q, 3) for q in statistics.quantiles(ratios, n=4)] if len(ratios) > 1 else []}
+    return {
+        "backbone": cfg.backbone,
+        "input_size": cfg.input_size,
+        "batch_size": cfg.batch_size,
+        "freeze_stages": cfg.freeze_stages,
+        "num_workers": cfg.num_workers,
+        "threads": cfg.threads,
+        "bare_img_s": round(statistics.median(bare), 1),
+        "stage_img_s": round(statistics.median(stage), 1),
+        "ratio_median": round(statistics.median(ratios), 3),
+        "ratio_quartiles": [round(q, 3) for q in statistics.quantiles(ratios, n=4)] if len(ratios) > 1 else [],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

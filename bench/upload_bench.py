@@ -35,10 +35,16 @@ def loopback_s3(root: Path) -> Iterator[None]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    server = subprocess.Popen([rclone, "serve", "s3", str(root), "--addr", f"127.0.0.1:{port}",
-                               "--auth-key", "benchkey,benchsecret"], stderr=subprocess.DEVNULL)
-    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="benchkey",
-                      AWS_SECRET_ACCESS_KEY="benchsecret", AWS_REGION="us-east-1")
+    server = subprocess.Popen(
+        [rclone, "serve", "s3", str(root), "--addr", f"127.0.0.1:{port}", "--auth-key", "benchkey,benchsecret"],
+        stderr=subprocess.DEVNULL,
+    )
+    os.environ.update(
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
+        AWS_ACCESS_KEY_ID="benchkey",
+        AWS_SECRET_ACCESS_KEY="benchsecret",
+        AWS_REGION="us-east-1",
+    )
     try:
         for _ in range(100):
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
@@ -54,9 +60,14 @@ def timed_upload(source: Path, dest: str, workers: int) -> dict:
     started = time.perf_counter()
     summary = upload.upload_tree(source, dest, workers=workers)
     seconds = time.perf_counter() - started
-    return {"workers": workers, "uploaded": summary.uploaded, "skipped": summary.skipped,
-            "mb": round(summary.bytes_uploaded / 1e6, 1), "seconds": round(seconds, 2),
-            "files_per_s": round((summary.uploaded + summary.skipped) / seconds, 1)}
+    return {
+        "workers": workers,
+        "uploaded": summary.uploaded,
+        "skipped": summary.skipped,
+        "mb": round(summary.bytes_uploaded / 1e6, 1),
+        "seconds": round(seconds, 2),
+        "files_per_s": round((summary.uploaded + summary.skipped) / seconds, 1),
+    }
 
 
 def main() -> None:
@@ -67,7 +78,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="upload-bench-") as tmp:
         subset = Path(tmp, "subset", "utkface")
         subset.mkdir(parents=True)
-        for path in sorted(Path(args.data_root, "utkface").iterdir())[:args.subset]:
+        for path in sorted(Path(args.data_root, "utkface").iterdir())[: args.subset]:
             (subset / path.name).symlink_to(path.resolve())
         (Path(tmp) / "s3").mkdir()
         with loopback_s3(Path(tmp) / "s3"):
@@ -78,9 +89,14 @@ def main() -> None:
             started = time.perf_counter()
             store.list_files("s3://bench/datasets")
             listing = time.perf_counter() - started
-    result = {"scaling": scaling, "speedup_8_vs_1": round(scaling[2]["files_per_s"] / scaling[0]["files_per_s"], 2),
-              "whole": first, "rerun": again, "listing_seconds": round(listing, 2),
-              "rerun_vs_listing": round(again["seconds"] / listing, 2)}
+    result = {
+        "scaling": scaling,
+        "speedup_8_vs_1": round(scaling[2]["files_per_s"] / scaling[0]["files_per_s"], 2),
+        "whole": first,
+        "rerun": again,
+        "listing_seconds": round(listing, 2),
+        "rerun_vs_listing": round(again["seconds"] / listing, 2),
+    }
     print(json.dumps(result, indent=1))
 
 

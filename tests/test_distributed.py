@@ -20,9 +20,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import yaml
+from conftest import REPO, _free_port, make_tiny_tables
 from safetensors.torch import load_file
 
-from conftest import REPO, _free_port, make_tiny_tables
 from d2mtl import distributed, layout, store
 from d2mtl.config.train import TrainConfig
 from d2mtl.data import EpochSampler, FaceIndex
@@ -35,9 +35,21 @@ LOSS_RTOL = 1e-5  # measured: max relative difference ~1e-7 (summation order of 
 
 
 def frozen_config(**overrides) -> TrainConfig:
-    settings = dict(weights="none", input_size=32, batch_size=8, epochs=2, num_workers=0, progress=False, threads=1,
-                    checkpoint_every=3, deterministic=True, dropout=0.0, freeze_stages=19, weighting="uncertainty",
-                    lr={"range_steps": 6, "plateau_patience": 1})
+    settings = dict(
+        weights="none",
+        input_size=32,
+        batch_size=8,
+        epochs=2,
+        num_workers=0,
+        progress=False,
+        threads=1,
+        checkpoint_every=3,
+        deterministic=True,
+        dropout=0.0,
+        freeze_stages=19,
+        weighting="uncertainty",
+        lr={"range_steps": 6, "plateau_patience": 1},
+    )
     settings.update(overrides)
     return TrainConfig(**settings)
 
@@ -62,6 +74,7 @@ def recording(interrupt_at: int | None = None) -> Iterator[tuple[list[dict], lis
         def call(uri, *args, **kwargs):
             writes.append(uri)
             return write(uri, *args, **kwargs)
+
         return call
 
     Trainer.train_step = recorded_step
@@ -112,8 +125,10 @@ def test_two_processes_follow_the_single_process_loss_trajectory(two_process_run
     ddp_weights = load_file(Path(runs["straight"], layout.WEIGHTS_FILE))
     single_weights = load_file(runs["root"] / "single" / layout.WEIGHTS_FILE)
     assert all(torch.allclose(ddp_weights[k], single_weights[k], rtol=1e-4, atol=1e-6) for k in single_weights)
-    metrics = [json.loads(Path(folder, layout.TRAIN_METRICS).read_text())
-               for folder in (runs["straight"], runs["root"] / "single")]
+    metrics = [
+        json.loads(Path(folder, layout.TRAIN_METRICS).read_text())
+        for folder in (runs["straight"], runs["root"] / "single")
+    ]
     assert metrics[0]["lr"]["peak"] == pytest.approx(metrics[1]["lr"]["peak"])  # same range-test decision
     assert metrics[0]["history"][-1]["val"] == pytest.approx(metrics[1]["history"][-1]["val"], rel=1e-4)
 
@@ -137,6 +152,7 @@ def test_only_rank_zero_writes_and_a_two_process_run_resumes_exactly(two_process
 
 
 # ---- without processes ------------------------------------------------------------------------------
+
 
 def test_ranks_share_each_global_batch(tiny_tables):
     index = FaceIndex.load(tiny_tables["faces"], tiny_tables["labels"], ("gender", "expression"))
@@ -184,8 +200,12 @@ def test_pytorchjob_manifest_runs_torchrun_on_the_cuda_image():
         assert "d2mtl-train-cuda" in container["image"]
         gpus = container["resources"]["limits"]["nvidia.com/gpu"]
         command = container["command"] + container["args"]
-        assert command[:4] == ["torchrun", f"--nproc-per-node={gpus}", "--master-addr=$(MASTER_ADDR)",
-                               "--master-port=$(MASTER_PORT)"]
+        assert command[:4] == [
+            "torchrun",
+            f"--nproc-per-node={gpus}",
+            "--master-addr=$(MASTER_ADDR)",
+            "--master-port=$(MASTER_PORT)",
+        ]
         assert command[4:7] == ["-m", "d2mtl.cli", "teacher"] and job["spec"]["nprocPerNode"] == str(gpus)
         secrets = {e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"] if "valueFrom" in e}
         assert secrets == {pipeline.secret_name}

@@ -13,8 +13,16 @@ from safetensors.torch import load_file
 
 from d2mtl import layout, store
 from d2mtl.config.train import TrainConfig
-from d2mtl.data import (EpochSampler, FaceDataset, FaceIndex, decode_jpeg, empty_targets, label_targets, make_loader,
-                        preprocess)
+from d2mtl.data import (
+    EpochSampler,
+    FaceDataset,
+    FaceIndex,
+    decode_jpeg,
+    empty_targets,
+    label_targets,
+    make_loader,
+    preprocess,
+)
 from d2mtl.engine import Trainer
 from d2mtl.errors import UserError
 from d2mtl.models import build_model, load_model
@@ -24,13 +32,24 @@ TASK_NAMES = ("age", "gender", "race", "expression")
 
 
 def tiny_config(**overrides) -> TrainConfig:
-    settings = dict(weights="none", input_size=32, batch_size=8, epochs=2, num_workers=0, progress=False, threads=1,
-                    checkpoint_every=3, deterministic=True, lr={"range_steps": 8})
+    settings = dict(
+        weights="none",
+        input_size=32,
+        batch_size=8,
+        epochs=2,
+        num_workers=0,
+        progress=False,
+        threads=1,
+        checkpoint_every=3,
+        deterministic=True,
+        lr={"range_steps": 8},
+    )
     settings.update(overrides)
     return TrainConfig(**settings)
 
 
 # ---- data ---------------------------------------------------------------------------------------------
+
 
 def test_decode_gives_three_channels_and_bad_bytes_a_user_error():
     import cv2
@@ -50,11 +69,14 @@ def test_label_targets_take_exact_ages_and_age_groups():
 
     from d2mtl.contracts import LABEL_SCHEMA
 
-    labels = pa.Table.from_pylist([
-        {"sample_id": "a", "age": 31.0, "gender": 1},
-        {"sample_id": "b", "age_low": 20.0, "age_high": 29.0, "expression": 3},
-        {"sample_id": "c"},
-    ], schema=LABEL_SCHEMA)
+    labels = pa.Table.from_pylist(
+        [
+            {"sample_id": "a", "age": 31.0, "gender": 1},
+            {"sample_id": "b", "age_low": 20.0, "age_high": 29.0, "expression": 3},
+            {"sample_id": "c"},
+        ],
+        schema=LABEL_SCHEMA,
+    )
     targets = label_targets(labels, np.array([0, 1, 2, -1]), TASK_NAMES)
     assert targets["age_low"][:2].tolist() == [31.0, 20.0] and targets["age_high"][:2].tolist() == [31.0, 29.0]
     assert targets["age_weight"].tolist() == [1, 1, 0, 0]
@@ -71,9 +93,17 @@ def fake_index(sizes: dict[str, int], shard_rows: int) -> FaceIndex:
     utk = dataset == "utk"
     targets["gender"][utk], targets["gender_weight"][utk] = 0, 1
     targets["expression"][~utk], targets["expression_weight"][~utk] = 0, 1
-    return FaceIndex(faces="", shards=[f"s{i}" for i in range(-(-n // shard_rows))],
-                     sample_id=np.arange(n).astype(object), dataset=dataset, split=np.array(["train"] * n, object), shard=np.arange(n) // shard_rows,
-                     row=np.arange(n) % shard_rows, tasks=("gender", "expression"), targets=targets)
+    return FaceIndex(
+        faces="",
+        shards=[f"s{i}" for i in range(-(-n // shard_rows))],
+        sample_id=np.arange(n).astype(object),
+        dataset=dataset,
+        split=np.array(["train"] * n, object),
+        shard=np.arange(n) // shard_rows,
+        row=np.arange(n) % shard_rows,
+        tasks=("gender", "expression"),
+        targets=targets,
+    )
 
 
 def test_epoch_plan_is_deterministic_windowed_and_covers_every_row():
@@ -84,11 +114,11 @@ def test_epoch_plan_is_deterministic_windowed_and_covers_every_row():
     assert np.array_equal(rows, EpochSampler(index, np.arange(1000), 10, seed=3, window=4).plan(0)[0])
     assert not np.array_equal(rows, sampler.plan(1)[0])
     shards = index.shard[rows]
-    windows = [set(shards[i:i + 200]) for i in range(0, 1000, 200)]  # 4 shards x 50 rows
+    windows = [set(shards[i : i + 200]) for i in range(0, 1000, 200)]  # 4 shards x 50 rows
     assert all(len(w) <= 4 for w in windows)  # bounded memory: a window holds few shards
-    assert all({"utk", "fer"} == set(index.dataset[rows[i:i + 200]]) for i in range(0, 1000, 200))
+    assert all({"utk", "fer"} == set(index.dataset[rows[i : i + 200]]) for i in range(0, 1000, 200))
     sampler.set_epoch(0, start=95)
-    expected = [list(zip(rows[i:i + 10].tolist(), seeds[i:i + 10].tolist())) for i in range(950, 1000, 10)]
+    expected = [list(zip(rows[i : i + 10].tolist(), seeds[i : i + 10].tolist())) for i in range(950, 1000, 10)]
     assert list(sampler) == expected  # resumed at batch 95: the rest of the same plan
 
 
@@ -105,15 +135,26 @@ def test_default_window_mixes_the_whole_table_even_when_shards_are_sorted_by_lab
     index.targets["expression"] = np.arange(1400) // 200  # one class per shard, as ingest writes FER2013
     whole, _ = EpochSampler(index, np.arange(1400), 70, seed=0).plan(0)
     windowed, _ = EpochSampler(index, np.arange(1400), 70, seed=0, window=1).plan(0)
-    classes_per_batch = [len(set(index.targets["expression"][rows[i:i + 70]])) for rows in (whole, windowed)
-                         for i in range(0, 1400, 70)]
+    classes_per_batch = [
+        len(set(index.targets["expression"][rows[i : i + 70]]))
+        for rows in (whole, windowed)
+        for i in range(0, 1400, 70)
+    ]
     assert min(classes_per_batch[:20]) >= 6  # every batch sees (nearly) every class
     assert max(classes_per_batch[20:]) <= 2  # one-shard windows: one class (two where a batch spans two)
 
 
-@pytest.mark.parametrize("mix, temperature, utk_share", [
-    ("proportional", 1.0, 0.1), ("dataset", 1.0, 0.5), ("task", 1.0, 0.5),
-    ("temperature", 1.0, 0.1), ("temperature", 2.0, 0.25), ("temperature", 1000.0, 0.5)])
+@pytest.mark.parametrize(
+    "mix, temperature, utk_share",
+    [
+        ("proportional", 1.0, 0.1),
+        ("dataset", 1.0, 0.5),
+        ("task", 1.0, 0.5),
+        ("temperature", 1.0, 0.1),
+        ("temperature", 2.0, 0.25),
+        ("temperature", 1000.0, 0.5),
+    ],
+)
 def test_mixes_share_the_epoch_between_datasets(mix, temperature, utk_share):
     index = fake_index({"utk": 100, "fer": 900}, shard_rows=100)
     rows, _ = EpochSampler(index, np.arange(1000), 10, seed=0, mix=mix, samples=4000, temperature=temperature).plan(0)
@@ -133,6 +174,7 @@ def test_shard_cache_stays_bounded(tiny_tables):
 
 
 # ---- training -------------------------------------------------------------------------------------------
+
 
 def test_a_few_steps_lower_the_loss(tiny_tables, tmp_path):
     cfg = tiny_config(lr={"schedule": "fixed", "lr": 3e-3})
@@ -154,8 +196,14 @@ def _train(tables, out, cfg) -> dict:
 def test_teacher_writes_a_complete_model_folder(tiny_tables, tmp_path):
     out = tmp_path / "teacher"
     result = _train(tiny_tables, out, tiny_config())
-    assert {p.name for p in out.iterdir()} >= {layout.WEIGHTS_FILE, layout.MODEL_CARD, layout.CHECKPOINT_FILE,
-                                               layout.TRAIN_METRICS, layout.TRAIN_CURVES, layout.LR_RANGE_PLOT}
+    assert {p.name for p in out.iterdir()} >= {
+        layout.WEIGHTS_FILE,
+        layout.MODEL_CARD,
+        layout.CHECKPOINT_FILE,
+        layout.TRAIN_METRICS,
+        layout.TRAIN_CURVES,
+        layout.LR_RANGE_PLOT,
+    }
     net, card = load_model(str(out))
     assert card["role"] == "teacher" and card["training"]["data"]["train"]["utk"]["age"] == 18
     assert card["training"]["faces"]["image_size"] == "32"  # the face table's settings, for predict
@@ -190,7 +238,11 @@ def test_interrupt_and_resume_gives_the_same_state(tiny_tables, tmp_path, monkey
         _train(tiny_tables, tmp_path / "resumed", cfg)
     monkeypatch.undo()
     state = torch.load(tmp_path / "resumed" / layout.CHECKPOINT_FILE, weights_only=True)
-    assert (state["progress"]["global_step"], state["progress"]["epoch"], state["progress"]["step_in_epoch"]) == (3, 0, 3)
+    assert (state["progress"]["global_step"], state["progress"]["epoch"], state["progress"]["step_in_epoch"]) == (
+        3,
+        0,
+        3,
+    )
     assert not (tmp_path / "resumed" / layout.WEIGHTS_FILE).exists()
 
     _train(tiny_tables, tmp_path / "resumed", cfg.model_copy(update={"num_workers": 1}))
@@ -203,8 +255,9 @@ def test_interrupt_and_resume_gives_the_same_state(tiny_tables, tmp_path, monkey
 
 
 def test_single_task_baseline_trains_on_that_task_only(tiny_tables, tmp_path):
-    result = _train(tiny_tables, tmp_path / "base", tiny_config(tasks=["expression"], epochs=1,
-                                                                 lr={"schedule": "fixed"}))
+    result = _train(
+        tiny_tables, tmp_path / "base", tiny_config(tasks=["expression"], epochs=1, lr={"schedule": "fixed"})
+    )
     net, card = load_model(str(tmp_path / "base"))
     assert result["role"] == "baseline:expression" and list(net.heads) == ["expression"]
     assert set(card["training"]["data"]["train"]) == {"fer"} and set(result["test"]) >= {"expression_acc"}
@@ -220,6 +273,5 @@ def test_teacher_reads_and_writes_s3(tiny_tables, s3_env):
     result = _train(tables, "s3://bucket/teacher", tiny_config(epochs=1, checkpoint_every=0))
     net, card = load_model("s3://bucket/teacher")
     assert card["metrics"]["test"] == result["test"]
-    state = torch.load(io.BytesIO(store.read_bytes("s3://bucket/teacher/" + layout.CHECKPOINT_FILE)),
-                       weights_only=True)
+    state = torch.load(io.BytesIO(store.read_bytes("s3://bucket/teacher/" + layout.CHECKPOINT_FILE)), weights_only=True)
     assert state["progress"]["epoch"] == 1

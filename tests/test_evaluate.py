@@ -6,8 +6,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import torch
-
 from conftest import make_tiny_tables
+
 from d2mtl import contracts, data, layout, models, store
 from d2mtl.config import EvaluateConfig
 from d2mtl.errors import UserError
@@ -36,9 +36,11 @@ def tables(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    return {"teacher": _tiny_model(str(root / "teacher"), ALL_TASKS, 0),
-            "baseline_age": _tiny_model(str(root / "baselines" / "age"), ("age",), 1),
-            "student": _tiny_model(str(root / "student"), ALL_TASKS, 2)}
+    return {
+        "teacher": _tiny_model(str(root / "teacher"), ALL_TASKS, 0),
+        "baseline_age": _tiny_model(str(root / "baselines" / "age"), ("age",), 1),
+        "student": _tiny_model(str(root / "student"), ALL_TASKS, 2),
+    }
 
 
 def _cfg(**extra) -> EvaluateConfig:
@@ -67,7 +69,8 @@ def test_evaluate_end_to_end(tables, model_dirs, tmp_path):
     scalars = json.loads(store.read_text(store.join(out, layout.EVAL_METRICS)))
     assert scalars == summary["metrics"] and all(isinstance(v, float) for v in scalars.values())
     assert scalars["teacher/age/utk/test/mae"] == pytest.approx(
-        _direct_age_mae(model_dirs["teacher"], **tables, dataset="utk", split="test"), rel=1e-5)
+        _direct_age_mae(model_dirs["teacher"], **tables, dataset="utk", split="test"), rel=1e-5
+    )
     assert "teacher/expression/fer/test/macro_f1" in scalars
     assert not any(k.startswith("baselines_age/") and "/age/" not in k for k in scalars)  # only its own task
 
@@ -97,16 +100,18 @@ def test_evaluate_end_to_end(tables, model_dirs, tmp_path):
 
 def test_roles_from_config_and_name_clashes(model_dirs):
     cfg = _cfg(roles={"a": "teacher", "b": "student"})
-    loaded = evaluate.load_models([f"a={model_dirs['teacher']}", f"b={model_dirs['student']}"], cfg,
-                                  torch.device("cpu"))
+    loaded = evaluate.load_models(
+        [f"a={model_dirs['teacher']}", f"b={model_dirs['student']}"], cfg, torch.device("cpu")
+    )
     assert [m.role for m in loaded] == [Role("teacher"), Role("student")]
     with pytest.raises(UserError, match="two models are named 'teacher'"):
         evaluate.load_models([model_dirs["teacher"], f"teacher={model_dirs['student']}"], _cfg(), torch.device("cpu"))
     with pytest.raises(UserError, match="evaluate.roles names model"):
         evaluate.load_models([model_dirs["teacher"]], _cfg(roles={"ghost": "student"}), torch.device("cpu"))
     with pytest.raises(UserError, match="both have role teacher"):
-        evaluate.load_models([model_dirs["teacher"], f"x={model_dirs['student']}"], _cfg(roles={"x": "teacher"}),
-                             torch.device("cpu"))
+        evaluate.load_models(
+            [model_dirs["teacher"], f"x={model_dirs['student']}"], _cfg(roles={"x": "teacher"}), torch.device("cpu")
+        )
 
 
 def test_split_model_arg():
@@ -124,8 +129,7 @@ def test_coverage_from_ground_truth_cards_not_students(tables, tmp_path):
     labels = contracts.read_table(tables["labels"], contracts.LABELS)
     coverage, source = evaluate.in_domain_coverage(_cfg(), loaded, tables["faces"], labels)
     assert coverage["age"] == {"utk"} and coverage["expression"] == set() and source == "model cards of teacher"
-    coverage, source = evaluate.in_domain_coverage(_cfg(in_domain={"age": ["fer"]}), loaded, tables["faces"],
-                                                   labels)
+    coverage, source = evaluate.in_domain_coverage(_cfg(in_domain={"age": ["fer"]}), loaded, tables["faces"], labels)
     assert coverage["age"] == {"fer"} and coverage["gender"] == set() and source.startswith("config")
 
 
@@ -152,10 +156,17 @@ def test_undecodable_face_is_reported_not_fatal(tables, model_dirs, tmp_path):
 
 
 def test_sample_per_dataset_and_empty_split(tables, model_dirs, tmp_path):
-    summary = evaluate.run(_cfg(views=[], splits=["train"], claims_split="train", max_faces_per_dataset=4),
-                           [model_dirs["teacher"]], tables["faces"], tables["labels"], str(tmp_path / "a"))
-    assert {(f["dataset"], f["split"], f["faces"]) for f in summary["faces"]} == {("utk", "train", 4),
-                                                                                   ("fer", "train", 4)}
+    summary = evaluate.run(
+        _cfg(views=[], splits=["train"], claims_split="train", max_faces_per_dataset=4),
+        [model_dirs["teacher"]],
+        tables["faces"],
+        tables["labels"],
+        str(tmp_path / "a"),
+    )
+    assert {(f["dataset"], f["split"], f["faces"]) for f in summary["faces"]} == {
+        ("utk", "train", 4),
+        ("fer", "train", 4),
+    }
     faces = _copy_faces(tables["faces"], str(tmp_path / "faces"), lambda r: r if r["split"] == "train" else None)
     with pytest.raises(UserError, match="no faces in split"):
         evaluate.run(_cfg(), [model_dirs["teacher"]], faces, tables["labels"], str(tmp_path / "b"))
@@ -205,5 +216,11 @@ def test_missing_inputs_are_user_errors(tables, model_dirs, tmp_path):
     with pytest.raises(UserError, match="no _manifest.json"):
         evaluate.run(_cfg(), [model_dirs["teacher"]], str(tmp_path / "none"), tables["labels"], str(tmp_path))
     with pytest.raises(UserError, match="pseudo-label report .* not found"):
-        evaluate.run(_cfg(views=[]), [model_dirs["teacher"]], tables["faces"], tables["labels"], str(tmp_path / "o"),
-                     pseudo_reports=[str(tmp_path / "report.json")])
+        evaluate.run(
+            _cfg(views=[]),
+            [model_dirs["teacher"]],
+            tables["faces"],
+            tables["labels"],
+            str(tmp_path / "o"),
+            pseudo_reports=[str(tmp_path / "report.json")],
+        )

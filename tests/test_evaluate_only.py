@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 
+import ingest_layouts as layouts
 import numpy as np
 import pyarrow.compute as pc
 import pytest
 import torch
-
-import ingest_layouts as layouts
 from conftest import make_tiny_tables
+
 from d2mtl import contracts, layout, models, store
 from d2mtl.config.ingest import IngestConfig, UTKFaceSpec
 from d2mtl.config.pseudolabel import PseudoLabelConfig
@@ -32,8 +32,13 @@ def test_training_targets_leave_out_evaluation_only_labels(tables):
     assert fer.sum() == 20
     assert not index.targets["expression_weight"][fer].any()
     assert set(index.dataset[index.rows("train")]) == {"utk"}
-    assert index.summary(np.arange(len(index)))["fer"] == {"rows": 20, "age": 0, "gender": 0, "race": 0,
-                                                          "expression": 0}
+    assert index.summary(np.arange(len(index)))["fer"] == {
+        "rows": 20,
+        "age": 0,
+        "gender": 0,
+        "race": 0,
+        "expression": 0,
+    }
 
     labels = contracts.read_table(tables["labels"], contracts.LABELS)
     record, truth = contracts.training_labels(tables["faces"], labels)
@@ -46,10 +51,18 @@ def test_training_targets_leave_out_evaluation_only_labels(tables):
 def test_pseudo_labels_fill_the_unlabelled_domain_and_are_measured_on_its_labels(tables, tmp_path):
     torch.manual_seed(0)
     teacher = str(tmp_path / "teacher")
-    models.save_model(models.MultiTaskNet(models.ModelSpec(tasks=TASKS, input_size=32), weights="none").eval(),
-                      teacher, role="teacher")
-    cfg = PseudoLabelConfig(transforms=["identity", "hflip"], batch_size=8, workers=0, device="cpu",
-                            rules={"expression": {"rule": "fixed", "threshold": 0.0}})
+    models.save_model(
+        models.MultiTaskNet(models.ModelSpec(tasks=TASKS, input_size=32), weights="none").eval(),
+        teacher,
+        role="teacher",
+    )
+    cfg = PseudoLabelConfig(
+        transforms=["identity", "hflip"],
+        batch_size=8,
+        workers=0,
+        device="cpu",
+        rules={"expression": {"rule": "fixed", "threshold": 0.0}},
+    )
     result = pseudolabel.run(cfg, [teacher], tables["faces"], tables["labels"], str(tmp_path / "out"))
     pseudo = contracts.read_table(result["pseudo"], contracts.PSEUDO)
     fer = pseudo.filter(pc.equal(pseudo.column("dataset"), "fer"))
@@ -59,8 +72,9 @@ def test_pseudo_labels_fill_the_unlabelled_domain_and_are_measured_on_its_labels
     curve = report["holdout"]["curves"]["expression"]
     assert curve["chosen"]["hidden"] == 20 and curve["chosen"]["kept"] == 20
     assert list(curve["by_dataset"]) == ["fer"]
-    truth = {r["sample_id"]: r["expression"] for r in contracts.read_table(tables["labels"], contracts.LABELS)
-             .to_pylist()}
+    truth = {
+        r["sample_id"]: r["expression"] for r in contracts.read_table(tables["labels"], contracts.LABELS).to_pylist()
+    }
     accuracy = np.mean([row["expression"] == truth[row["sample_id"]] for row in fer.to_pylist()])
     assert curve["chosen"]["accuracy"] == pytest.approx(accuracy)
 
@@ -68,8 +82,14 @@ def test_pseudo_labels_fill_the_unlabelled_domain_and_are_measured_on_its_labels
 def test_ingest_marks_evaluation_only_datasets(tmp_path):
     root = tmp_path / "data"
     layouts.utkface(root)
-    cfg = IngestConfig(data_root=str(root), image_size=32, workers=1, chunk_size=4, shard_rows=8,
-                       datasets=[UTKFaceSpec(alignment="trust_crop", use="evaluate")])
+    cfg = IngestConfig(
+        data_root=str(root),
+        image_size=32,
+        workers=1,
+        chunk_size=4,
+        shard_rows=8,
+        datasets=[UTKFaceSpec(alignment="trust_crop", use="evaluate")],
+    )
     ingest.run(cfg, str(tmp_path / "out"))
     assert contracts.evaluate_only_datasets(layout.faces(str(tmp_path / "out"))) == ["utkface"]
     report = json.loads(store.read_text(store.join(str(tmp_path / "out"), layout.INGEST_REPORT_JSON)))
@@ -81,15 +101,26 @@ def test_a_target_dataset_can_have_its_own_rule(tmp_path):
     tables = make_tiny_tables(tmp_path / "ingest", per_dataset=20)
     torch.manual_seed(0)
     teacher = str(tmp_path / "teacher")
-    models.save_model(models.MultiTaskNet(models.ModelSpec(tasks=TASKS, input_size=32), weights="none").eval(),
-                      teacher, role="teacher")
+    models.save_model(
+        models.MultiTaskNet(models.ModelSpec(tasks=TASKS, input_size=32), weights="none").eval(),
+        teacher,
+        role="teacher",
+    )
     rules = {"gender": {"rule": "fixed", "threshold": 0.0}}
-    cfg = PseudoLabelConfig(transforms=["identity"], batch_size=8, workers=0, device="cpu", rules=rules,
-                            dataset_rules={"fer": {"gender": {"rule": "fixed", "threshold": 1.0}}})
+    cfg = PseudoLabelConfig(
+        transforms=["identity"],
+        batch_size=8,
+        workers=0,
+        device="cpu",
+        rules=rules,
+        dataset_rules={"fer": {"gender": {"rule": "fixed", "threshold": 1.0}}},
+    )
     result = pseudolabel.run(cfg, [teacher], tables["faces"], tables["labels"], str(tmp_path / "out"))
     pseudo = contracts.read_table(result["pseudo"], contracts.PSEUDO)
-    kept = {d: pseudo.filter(pc.equal(pseudo.column("dataset"), d)).column("gender_kept").to_pylist()
-            for d in ("utk", "fer")}
+    kept = {
+        d: pseudo.filter(pc.equal(pseudo.column("dataset"), d)).column("gender_kept").to_pylist()
+        for d in ("utk", "fer")
+    }
     assert kept["fer"] == [False] * 20  # its own rule: nothing is that confident
     report = json.loads(store.read_text(result["report"]))
     assert report["selection"]["gender"]["thresholds"]["by_dataset"] == {"fer": {"rule": "fixed", "threshold": 1.0}}

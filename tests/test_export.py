@@ -130,8 +130,10 @@ def test_the_card_travels_with_each_export(model_dir, exported):
 def test_single_task_model_exported_to_s3_through_the_cli(s3_env, tmp_path, capsys):
     net = MultiTaskNet(ModelSpec(tasks=("age",), age_head="l1", input_size=32), weights=None)
     save_model(net, str(tmp_path / "m"))
-    assert main(["export", "--model", str(tmp_path / "m"), "--format", "torchscript",
-                 "--out", "s3://bucket/exports/ts"]) == 0
+    assert (
+        main(["export", "--model", str(tmp_path / "m"), "--format", "torchscript", "--out", "s3://bucket/exports/ts"])
+        == 0
+    )
     assert "s3://bucket/exports/ts/model.torchscript.pt" in capsys.readouterr().out
     with store.local_path(f"s3://bucket/exports/ts/{layout.TORCHSCRIPT_FILE}") as path:
         module, card = load_torchscript(str(path))

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import cv2
+import ingest_layouts as layouts
 import numpy as np
 import pytest
 
-import ingest_layouts as layouts
-from d2mtl.faces import (FaceDetector, UnreadableImage, align, center_crop_resize, decode_rgb, similarity_matrix,
-                         template)
+from d2mtl.faces import (
+    FaceDetector,
+    UnreadableImage,
+    align,
+    center_crop_resize,
+    decode_rgb,
+    similarity_matrix,
+    template,
+)
 
 
 def _similar(points: np.ndarray, scale: float, angle_deg: float, shift: tuple[float, float]) -> np.ndarray:
@@ -17,8 +24,10 @@ def _similar(points: np.ndarray, scale: float, angle_deg: float, shift: tuple[fl
     return points @ rotation.T + np.array(shift)
 
 
-@pytest.mark.parametrize(("scale", "angle", "shift", "size"), [
-    (2.0, 15.0, (40.0, -10.0), 112), (0.5, -30.0, (5.0, 7.0), 64), (3.3, 4.0, (-20.0, 60.0), 160)])
+@pytest.mark.parametrize(
+    ("scale", "angle", "shift", "size"),
+    [(2.0, 15.0, (40.0, -10.0), 112), (0.5, -30.0, (5.0, 7.0), 64), (3.3, 4.0, (-20.0, 60.0), 160)],
+)
 def test_similarity_maps_landmarks_onto_template(scale, angle, shift, size):
     source = _similar(template(112), scale, angle, shift)
     matrix = similarity_matrix(source, size)
@@ -53,9 +62,15 @@ def test_decode_gray_and_color_to_rgb():
     assert decode_rgb(layouts.image_bytes(1, 30, fmt="PNG")).shape == (30, 30, 3)
 
 
-@pytest.mark.parametrize(("data", "message"), [
-    (b"", "empty file"), (b"not an image at all", "cannot identify"),
-    (layouts.image_bytes(0, 64)[:300], "(?i)truncated"), (layouts.image_bytes(0, 64)[:-200], "(?i)truncated")])
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "empty file"),
+        (b"not an image at all", "cannot identify"),
+        (layouts.image_bytes(0, 64)[:300], "(?i)truncated"),
+        (layouts.image_bytes(0, 64)[:-200], "(?i)truncated"),
+    ],
+)
 def test_decode_refuses_bad_bytes(data, message):
     with pytest.raises(UnreadableImage, match=message):
         decode_rgb(data)
@@ -82,8 +97,10 @@ def test_detector_finds_no_face_in_noise():
 @pytest.mark.realdata
 def test_detect_and_align_real_faces(shared_data):
     detector = FaceDetector()
-    files = sorted((shared_data / "utkface").glob("*.jpg"))[:10:3] + \
-        sorted((shared_data / "fer2013" / "test" / "happy").glob("*.jpg"))[:10:3]
+    files = (
+        sorted((shared_data / "utkface").glob("*.jpg"))[:10:3]
+        + sorted((shared_data / "fer2013" / "test" / "happy").glob("*.jpg"))[:10:3]
+    )
     found = 0
     for path in files:
         rgb = decode_rgb(path.read_bytes())

@@ -17,18 +17,28 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from conftest import REPO, _free_port, make_tiny_tables, run_cli, start_s3_server
 from safetensors.torch import load_file
 
-from conftest import REPO, _free_port, make_tiny_tables, run_cli, start_s3_server
 from d2mtl import contracts, layout, store
 from d2mtl.config import load_experiment
 from d2mtl.config.train import TrainConfig
 from d2mtl.models import load_model
 from d2mtl.stages import student, teacher
 
-TINY_TRAINING = {"weights": "none", "input_size": 32, "batch_size": 8, "epochs": 3, "num_workers": 0,
-                 "progress": "false", "threads": 1, "checkpoint_every": 2, "deterministic": "true",
-                 "lr.range_steps": 8, "epoch_samples": "null"}  # each train face once, not the profile's 40k
+TINY_TRAINING = {
+    "weights": "none",
+    "input_size": 32,
+    "batch_size": 8,
+    "epochs": 3,
+    "num_workers": 0,
+    "progress": "false",
+    "threads": 1,
+    "checkpoint_every": 2,
+    "deterministic": "true",
+    "lr.range_steps": 8,
+    "epoch_samples": "null",
+}  # each train face once, not the profile's 40k
 
 
 def overrides(section: str) -> list[str]:
@@ -40,9 +50,17 @@ def write_pseudo_table(tables: dict[str, str], uri: str) -> None:
     faces = contracts.read_face_columns(tables["faces"], ["sample_id", "dataset"])
     probs = np.full(7, 0.4 / 6, np.float32)
     probs[3] = 0.6
-    rows = [{"sample_id": sid, "dataset": ds, "expression": 3, "expression_confidence": 0.6,
-             "expression_probs": probs.tolist(), "expression_kept": True}
-            for sid, ds in zip(faces.column("sample_id").to_pylist(), faces.column("dataset").to_pylist())]
+    rows = [
+        {
+            "sample_id": sid,
+            "dataset": ds,
+            "expression": 3,
+            "expression_confidence": 0.6,
+            "expression_probs": probs.tolist(),
+            "expression_kept": True,
+        }
+        for sid, ds in zip(faces.column("sample_id").to_pylist(), faces.column("dataset").to_pylist())
+    ]
     contracts.write_table(pa.Table.from_pylist(rows, schema=contracts.PSEUDO_SCHEMA), uri, contracts.PSEUDO)
 
 
@@ -95,8 +113,13 @@ def test_sigkilled_teacher_resumes_to_the_same_weights(tmp_path):
     tables = make_tiny_tables(tmp_path / "ingest")
     cfg = load_experiment("cpu", overrides("teacher")).teacher
     teacher.run(cfg, tables["faces"], tables["labels"], str(tmp_path / "straight"))
-    assert_resumes_exactly("teacher", ["--faces", tables["faces"], "--labels", tables["labels"]],
-                           tmp_path / "straight", tmp_path / "killed", seed=1)
+    assert_resumes_exactly(
+        "teacher",
+        ["--faces", tables["faces"], "--labels", tables["labels"]],
+        tmp_path / "straight",
+        tmp_path / "killed",
+        seed=1,
+    )
 
 
 @pytest.mark.slow
@@ -106,14 +129,20 @@ def test_sigkilled_student_resumes_to_the_same_weights(tmp_path):
     write_pseudo_table(tables, pseudo)
     cfg = load_experiment("cpu", overrides("student")).student
     student.run(cfg, tables["faces"], tables["labels"], pseudo, str(tmp_path / "straight"))
-    assert_resumes_exactly("student", ["--faces", tables["faces"], "--labels", tables["labels"], "--pseudo", pseudo],
-                           tmp_path / "straight", tmp_path / "killed", seed=2)
+    assert_resumes_exactly(
+        "student",
+        ["--faces", tables["faces"], "--labels", tables["labels"], "--pseudo", pseudo],
+        tmp_path / "straight",
+        tmp_path / "killed",
+        seed=2,
+    )
 
 
 def test_two_cpu_training_runs_give_identical_metrics_and_weights(tiny_tables, tmp_path):
     cfg = load_experiment("cpu", overrides("teacher") + ["teacher.epochs=1"]).teacher
-    results = [teacher.run(cfg, tiny_tables["faces"], tiny_tables["labels"], str(tmp_path / run))
-               for run in ("one", "two")]
+    results = [
+        teacher.run(cfg, tiny_tables["faces"], tiny_tables["labels"], str(tmp_path / run)) for run in ("one", "two")
+    ]
     for result in results:
         del result["out"], result["train_seconds"]
     assert results[0] == results[1]
@@ -122,6 +151,7 @@ def test_two_cpu_training_runs_give_identical_metrics_and_weights(tiny_tables, t
 
 
 # ---- the object store ---------------------------------------------------------------------------------
+
 
 class StoppableS3:
     """An ``rclone serve s3`` this test may stop and start again on the same port and folder."""
@@ -146,8 +176,12 @@ def stoppable_s3(tmp_path, monkeypatch):
     server = StoppableS3(tmp_path / "s3root")
     (server.root / "bucket").mkdir(parents=True)
     server.start()
-    for name, value in (("AWS_ENDPOINT_URL", server.endpoint), ("AWS_ACCESS_KEY_ID", "faultkey"),
-                        ("AWS_SECRET_ACCESS_KEY", "faultsecret"), ("AWS_REGION", "us-east-1")):
+    for name, value in (
+        ("AWS_ENDPOINT_URL", server.endpoint),
+        ("AWS_ACCESS_KEY_ID", "faultkey"),
+        ("AWS_SECRET_ACCESS_KEY", "faultsecret"),
+        ("AWS_REGION", "us-east-1"),
+    ):
         monkeypatch.setenv(name, value)
     store.configure(store.StoreSettings(retries=1, backoff_s=0.05))
     yield server
@@ -181,10 +215,22 @@ def test_store_stopped_during_upload_fails_cleanly_and_rerun_completes(tiny_tabl
         return put_object(self, bucket, key, data, length, *args, **kwargs)
 
     monkeypatch.setattr(Minio, "put_object", stop_mid_weights)
-    cfg = TrainConfig(weights="none", input_size=32, batch_size=8, epochs=1, num_workers=0, progress=False, threads=1,
-                      checkpoint_every=0, lr={"schedule": "fixed"})
-    with pytest.raises(store.StoreError, match=rf"write {out}/{layout.WEIGHTS_FILE}: object store 127.0.0.1:\d+ "
-                                               r"unreachable after 2 attempts") as err:
+    cfg = TrainConfig(
+        weights="none",
+        input_size=32,
+        batch_size=8,
+        epochs=1,
+        num_workers=0,
+        progress=False,
+        threads=1,
+        checkpoint_every=0,
+        lr={"schedule": "fixed"},
+    )
+    with pytest.raises(
+        store.StoreError,
+        match=rf"write {out}/{layout.WEIGHTS_FILE}: object store 127.0.0.1:\d+ "
+        r"unreachable after 2 attempts",
+    ) as err:
         teacher.run(cfg, tiny_tables["faces"], tiny_tables["labels"], out)
     assert "\n" not in str(err.value)
     monkeypatch.setattr(Minio, "put_object", put_object)
@@ -219,8 +265,22 @@ def test_unreachable_store_is_bounded_retries_then_one_line(monkeypatch, capsys,
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
     started = time.perf_counter()
-    code, err = run_cli(["teacher", "--set", "store.retries=3", "--set", "store.backoff_s=0.1", "--faces",
-                         "s3://bucket/faces", "--labels", "s3://bucket/labels.parquet", "--out", str(tmp_path)], capsys)
+    code, err = run_cli(
+        [
+            "teacher",
+            "--set",
+            "store.retries=3",
+            "--set",
+            "store.backoff_s=0.1",
+            "--faces",
+            "s3://bucket/faces",
+            "--labels",
+            "s3://bucket/labels.parquet",
+            "--out",
+            str(tmp_path),
+        ],
+        capsys,
+    )
     elapsed = time.perf_counter() - started
     assert code == 2 and "\n" not in err and "unreachable after 4 attempts" in err
     assert 0.1 + 0.2 + 0.4 <= elapsed < 10  # the backoff doubled between attempts, and it ended
@@ -246,18 +306,31 @@ def test_stalled_store_times_out_per_attempt(monkeypatch):
 
 def test_wrong_credentials_through_the_cli_one_line_without_the_secret(s3_env, monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-4711")
-    code, err = run_cli(["teacher", "--faces", "s3://bucket/faces", "--labels", "s3://bucket/labels.parquet",
-                         "--out", str(tmp_path)], capsys)
+    code, err = run_cli(
+        ["teacher", "--faces", "s3://bucket/faces", "--labels", "s3://bucket/labels.parquet", "--out", str(tmp_path)],
+        capsys,
+    )
     assert code == 2 and "\n" not in err
     assert "access denied" in err and "AWS_SECRET_ACCESS_KEY" in err and "wrong-secret-4711" not in err
 
 
 # ---- two runs under one prefix ----------------------------------------------------------------------------
 
+
 def face_row(sample_id: str) -> dict:
-    return {"sample_id": sample_id, "dataset": sample_id[0], "domain": "d", "split": "train", "subject": None,
-            "image": sample_id.encode(), "source_uri": "u", "det_score": None, "box": None, "landmarks": None,
-            "alignment": "trusted_crop"}
+    return {
+        "sample_id": sample_id,
+        "dataset": sample_id[0],
+        "domain": "d",
+        "split": "train",
+        "subject": None,
+        "image": sample_id.encode(),
+        "source_uri": "u",
+        "det_score": None,
+        "box": None,
+        "landmarks": None,
+        "alignment": "trusted_crop",
+    }
 
 
 @pytest.mark.parametrize("last", ["a", "b"])
@@ -286,21 +359,23 @@ def test_two_runs_publish_under_their_own_run_ids_at_once(tmp_path):
         sources[run] = SimpleNamespace(path=tables["faces"], name="faces")
     settings = store.StoreSettings().model_dump_json()
     with ThreadPoolExecutor(2) as pool:
-        published = list(pool.map(lambda run: steps.publish(settings, sources[run], prefix, run, "ingest", "faces"),
-                                  sources))
+        published = list(
+            pool.map(lambda run: steps.publish(settings, sources[run], prefix, run, "ingest", "faces"), sources)
+        )
     assert len(set(published)) == 2
     for run, uri in zip(sources, published):
         assert uri.startswith(str(Path(prefix, run)))
         assert contracts.read_manifest(uri) == contracts.read_manifest(sources[run].path)
 
 
-
 # ---- determinism ------------------------------------------------------------------------------------------
+
 
 def test_two_ingests_give_identical_content_hashes(tmp_path):
     from hashlib import sha256
 
     import ingest_layouts as layouts
+
     from d2mtl.config.ingest import FER2013FolderSpec, IngestConfig, UTKFaceSpec
     from d2mtl.stages import ingest
 
@@ -313,6 +388,10 @@ def test_two_ingests_give_identical_content_hashes(tmp_path):
         out = str(tmp_path / run)
         ingest.run(cfg, out)
         manifest = contracts.read_manifest(layout.faces(out))
-        hashes.append(([shard["sha256"] for shard in manifest["shards"]],
-                       sha256(store.read_bytes(layout.labels(out))).hexdigest()))
+        hashes.append(
+            (
+                [shard["sha256"] for shard in manifest["shards"]],
+                sha256(store.read_bytes(layout.labels(out))).hexdigest(),
+            )
+        )
     assert hashes[0] == hashes[1] and len(hashes[0][0]) > 1

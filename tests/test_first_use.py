@@ -9,8 +9,8 @@ import sys
 import warnings
 from pathlib import Path
 
-import pyarrow as pa
 import ingest_layouts as layouts
+import pyarrow as pa
 import pytest
 from conftest import make_tiny_tables, run_cli
 
@@ -32,20 +32,51 @@ def one_line_error(code: int, err: str, *fragments: str) -> None:
 
 # ---- task lists ----------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("tasks", ["ages", "age,ages", ","])
 def test_teacher_tasks_are_validated_as_the_config_is(tasks, tiny_tables, tmp_path, capsys):
-    code, err = run_cli(["teacher", "--set", "teacher.weights=none", "--faces", tiny_tables["faces"],
-                         "--labels", tiny_tables["labels"], "--out", str(tmp_path / "t"), "--tasks", tasks], capsys)
+    code, err = run_cli(
+        [
+            "teacher",
+            "--set",
+            "teacher.weights=none",
+            "--faces",
+            tiny_tables["faces"],
+            "--labels",
+            tiny_tables["labels"],
+            "--out",
+            str(tmp_path / "t"),
+            "--tasks",
+            tasks,
+        ],
+        capsys,
+    )
     one_line_error(code, err, "d2mtl teacher: error: --tasks: ")
-    assert ("unknown task(s) ages; known tasks: age, gender, race, expression" in err if "ages" in tasks
-            else "empty task list" in err)
+    assert (
+        "unknown task(s) ages; known tasks: age, gender, race, expression" in err
+        if "ages" in tasks
+        else "empty task list" in err
+    )
     assert not (tmp_path / "t").exists()
 
 
 def test_pseudolabel_tasks_name_the_unknown_task(tiny_tables, tmp_path, capsys):
-    code, err = run_cli(["pseudolabel", "--teacher", str(tmp_path / "teacher"), "--faces", tiny_tables["faces"],
-                         "--labels", tiny_tables["labels"], "--out", str(tmp_path / "p"), "--tasks", "age,gendr"],
-                        capsys)
+    code, err = run_cli(
+        [
+            "pseudolabel",
+            "--teacher",
+            str(tmp_path / "teacher"),
+            "--faces",
+            tiny_tables["faces"],
+            "--labels",
+            tiny_tables["labels"],
+            "--out",
+            str(tmp_path / "p"),
+            "--tasks",
+            "age,gendr",
+        ],
+        capsys,
+    )
     one_line_error(code, err, "unknown task(s) gendr")
 
 
@@ -57,10 +88,13 @@ def test_updated_config_sections_are_validated():
 
 # ---- --set and --config --------------------------------------------------------------------------------
 
+
 def test_set_reaches_one_dataset_by_its_index(tmp_path):
     experiment = tmp_path / "experiment.yaml"
-    experiment.write_text("ingest:\n  datasets:\n    - {format: utkface, name: utkface, path: utkface}\n"
-                          "    - {format: fer2013_folder, name: fer2013, path: fer2013}\n")
+    experiment.write_text(
+        "ingest:\n  datasets:\n    - {format: utkface, name: utkface, path: utkface}\n"
+        "    - {format: fer2013_folder, name: fer2013, path: fer2013}\n"
+    )
     cfg = load_experiment(str(experiment), ["ingest.datasets.1.limit=5"])
     assert [spec.limit for spec in cfg.ingest.datasets] == [None, 5]
     with pytest.raises(ConfigError, match=r"--set ingest.datasets.7.limit: 7 is not an index of a list of 2"):
@@ -74,29 +108,79 @@ def test_an_unknown_profile_lists_the_known_ones():
 
 # ---- path mistakes -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("argv, expected", [
-    (["predict", "--model", "{model}/model.safetensors", "{tmp}/face.jpg"],
-     "{model}/model.safetensors is a file; expected a model folder (holding model_card.json and model.safetensors): "
-     "{model}"),
-    (["export", "--model", "{model}/model.safetensors", "--format", "onnx", "--out", "{tmp}/export"],
-     "{model}/model.safetensors is a file; expected a model folder"),
-    (["evaluate", "--models", "{model}/model.safetensors", "--faces", "{faces}", "--labels", "{labels}",
-      "--out", "{tmp}/evaluate"], "{model}/model.safetensors is a file; expected a model folder"),
-    (["pseudolabel", "--teacher", "{model}/model.safetensors", "--faces", "{faces}", "--labels", "{labels}",
-      "--out", "{tmp}/pseudo"], "{model}/model.safetensors is a file; expected a model folder"),
-    (["teacher", "--faces", "{labels}", "--labels", "{labels}", "--out", "{tmp}/teacher"],
-     "{labels} is a file; expected a face table folder"),
-    (["ingest", "--out", "{labels}"], "--out {labels}: {labels} is a file; expected a folder"),
-    (["teacher", "--faces", "{faces}", "--labels", "{labels}", "--out", "{labels}/teacher"],
-     "--out {labels}/teacher: {labels} is a file; expected a folder"),
-    (["evaluate", "--models", "{model}", "--faces", "{faces}", "--labels", "{labels}", "--out", "{labels}"],
-     "--out {labels}: {labels} is a file; expected a folder"),
-    (["export", "--model", "{model}", "--format", "onnx", "--out", "{labels}"],
-     "--out {labels}: {labels} is a file; expected a folder"),
-    (["compile", "--out", "{labels}/pipeline.yaml"], "cannot write {labels}/pipeline.yaml: {labels} is a file"),
-], ids=["predict-model-file", "export-model-file", "evaluate-models-file", "pseudolabel-teacher-file",
-        "teacher-faces-file", "ingest-out-file", "teacher-out-below-file", "evaluate-out-file", "export-out-file",
-        "compile-out-below-file"])
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (
+            ["predict", "--model", "{model}/model.safetensors", "{tmp}/face.jpg"],
+            "{model}/model.safetensors is a file; expected a model folder (holding model_card.json and model.safetensors): "
+            "{model}",
+        ),
+        (
+            ["export", "--model", "{model}/model.safetensors", "--format", "onnx", "--out", "{tmp}/export"],
+            "{model}/model.safetensors is a file; expected a model folder",
+        ),
+        (
+            [
+                "evaluate",
+                "--models",
+                "{model}/model.safetensors",
+                "--faces",
+                "{faces}",
+                "--labels",
+                "{labels}",
+                "--out",
+                "{tmp}/evaluate",
+            ],
+            "{model}/model.safetensors is a file; expected a model folder",
+        ),
+        (
+            [
+                "pseudolabel",
+                "--teacher",
+                "{model}/model.safetensors",
+                "--faces",
+                "{faces}",
+                "--labels",
+                "{labels}",
+                "--out",
+                "{tmp}/pseudo",
+            ],
+            "{model}/model.safetensors is a file; expected a model folder",
+        ),
+        (
+            ["teacher", "--faces", "{labels}", "--labels", "{labels}", "--out", "{tmp}/teacher"],
+            "{labels} is a file; expected a face table folder",
+        ),
+        (["ingest", "--out", "{labels}"], "--out {labels}: {labels} is a file; expected a folder"),
+        (
+            ["teacher", "--faces", "{faces}", "--labels", "{labels}", "--out", "{labels}/teacher"],
+            "--out {labels}/teacher: {labels} is a file; expected a folder",
+        ),
+        (
+            ["evaluate", "--models", "{model}", "--faces", "{faces}", "--labels", "{labels}", "--out", "{labels}"],
+            "--out {labels}: {labels} is a file; expected a folder",
+        ),
+        (
+            ["export", "--model", "{model}", "--format", "onnx", "--out", "{labels}"],
+            "--out {labels}: {labels} is a file; expected a folder",
+        ),
+        (["compile", "--out", "{labels}/pipeline.yaml"], "cannot write {labels}/pipeline.yaml: {labels} is a file"),
+    ],
+    ids=[
+        "predict-model-file",
+        "export-model-file",
+        "evaluate-models-file",
+        "pseudolabel-teacher-file",
+        "teacher-faces-file",
+        "ingest-out-file",
+        "teacher-out-below-file",
+        "evaluate-out-file",
+        "export-out-file",
+        "compile-out-below-file",
+    ],
+)
 def test_path_mistakes_are_one_line_naming_the_path(argv, expected, tiny_tables, tmp_path, capsys):
     model = tmp_path / "model"
     model.mkdir()
@@ -116,10 +200,26 @@ def test_compile_creates_the_folder_or_writes_to_object_storage(s3_env, tmp_path
 
 # ---- training on other inputs ---------------------------------------------------------------------------
 
-TINY_TRAINING = ["--set", "teacher.weights=none", "--set", "teacher.input_size=32", "--set", "teacher.batch_size=8",
-                 "--set", "teacher.epochs=1", "--set", "teacher.num_workers=0", "--set", "teacher.progress=false",
-                 "--set", "teacher.threads=1", "--set", "teacher.lr.schedule=fixed",
-                 "--set", "teacher.epoch_samples=null"]  # each train face once, not the profile's 40k
+TINY_TRAINING = [
+    "--set",
+    "teacher.weights=none",
+    "--set",
+    "teacher.input_size=32",
+    "--set",
+    "teacher.batch_size=8",
+    "--set",
+    "teacher.epochs=1",
+    "--set",
+    "teacher.num_workers=0",
+    "--set",
+    "teacher.progress=false",
+    "--set",
+    "teacher.threads=1",
+    "--set",
+    "teacher.lr.schedule=fixed",
+    "--set",
+    "teacher.epoch_samples=null",
+]  # each train face once, not the profile's 40k
 
 
 def test_new_data_into_an_old_out_is_refused_until_restart(tiny_tables, tmp_path, capsys):
@@ -131,8 +231,12 @@ def test_new_data_into_an_old_out_is_refused_until_restart(tiny_tables, tmp_path
 
     other = make_tiny_tables(tmp_path / "other", per_dataset=12, seed=1)
     code, err = run_cli([*teacher, "--faces", other["faces"], "--labels", other["labels"]], capsys)
-    one_line_error(code, err, f"{out} holds a checkpoint of a run on other inputs (faces, labels differ). Use another "
-                              "--out, or --restart to train from the start")
+    one_line_error(
+        code,
+        err,
+        f"{out} holds a checkpoint of a run on other inputs (faces, labels differ). Use another "
+        "--out, or --restart to train from the start",
+    )
     assert json.loads(Path(out, layout.MODEL_CARD).read_text())["training"]["inputs"] == first  # the old model kept
 
     assert run_cli([*teacher, "--faces", other["faces"], "--labels", other["labels"], "--restart"], capsys)[0] == 0
@@ -143,17 +247,36 @@ def test_new_data_into_an_old_out_is_refused_until_restart(tiny_tables, tmp_path
 
 # ---- tables that do not belong together -----------------------------------------------------------------
 
+
 def test_student_refuses_pseudo_labels_of_another_face_table(tiny_tables, tmp_path, capsys):
     other = make_tiny_tables(tmp_path / "other", per_dataset=5, seed=1)
-    pseudo = pa.Table.from_pylist(contracts.read_face_columns(other["faces"], ["sample_id", "dataset"]).to_pylist(),
-                                  schema=contracts.PSEUDO_SCHEMA)
+    pseudo = pa.Table.from_pylist(
+        contracts.read_face_columns(other["faces"], ["sample_id", "dataset"]).to_pylist(),
+        schema=contracts.PSEUDO_SCHEMA,
+    )
     contracts.write_table(pseudo, str(tmp_path / "pseudo.parquet"), contracts.PSEUDO)
-    code, err = run_cli(["student", *[arg.replace("teacher.", "student.") for arg in TINY_TRAINING],
-                         "--faces", tiny_tables["faces"], "--labels", tiny_tables["labels"],
-                         "--pseudo", str(tmp_path / "pseudo.parquet"), "--out", str(tmp_path / "student")], capsys)
-    one_line_error(code, err, f"pseudo table {tmp_path / 'pseudo.parquet'} does not fit the face table "
-                              f"{tiny_tables['faces']}: 38 of 48 faces have no row in it and 0 of its 10 rows name no "
-                              "face (tables of different ingests?)")
+    code, err = run_cli(
+        [
+            "student",
+            *[arg.replace("teacher.", "student.") for arg in TINY_TRAINING],
+            "--faces",
+            tiny_tables["faces"],
+            "--labels",
+            tiny_tables["labels"],
+            "--pseudo",
+            str(tmp_path / "pseudo.parquet"),
+            "--out",
+            str(tmp_path / "student"),
+        ],
+        capsys,
+    )
+    one_line_error(
+        code,
+        err,
+        f"pseudo table {tmp_path / 'pseudo.parquet'} does not fit the face table "
+        f"{tiny_tables['faces']}: 38 of 48 faces have no row in it and 0 of its 10 rows name no "
+        "face (tables of different ingests?)",
+    )
 
 
 def test_labels_of_another_ingest_are_one_warning_with_counts(tiny_tables, tmp_path, caplog):
@@ -161,13 +284,16 @@ def test_labels_of_another_ingest_are_one_warning_with_counts(tiny_tables, tmp_p
     partial = str(tmp_path / "labels.parquet")
     contracts.write_table(labels.slice(0, 14), partial, contracts.LABELS)
     index = FaceIndex.load(tiny_tables["faces"], partial, ("age", "expression"))
-    assert index.label_mismatch == (f"label table {partial} does not fit the face table {tiny_tables['faces']}: 34 "
-                                    "of 48 faces have no row in it and 0 of its 14 rows name no face (tables of "
-                                    "different ingests?)")
+    assert index.label_mismatch == (
+        f"label table {partial} does not fit the face table {tiny_tables['faces']}: 34 "
+        "of 48 faces have no row in it and 0 of its 14 rows name no face (tables of "
+        "different ingests?)"
+    )
     with caplog.at_level(logging.WARNING, logger="d2mtl.stages.evaluate"):
         evaluate.check_labels_fit(tiny_tables["faces"], partial, contracts.read_table(partial, contracts.LABELS))
     assert [record.getMessage() for record in caplog.records] == [
-        f"{index.label_mismatch}; only the 14 faces with a label row are scored"]
+        f"{index.label_mismatch}; only the 14 faces with a label row are scored"
+    ]
     renamed = labels.set_column(0, "sample_id", pa.array([f"other-{sid}" for sid in labels.column("sample_id")]))
     with pytest.raises(UserError, match="48 of 48 faces have no row in it and 48 of its 48 rows name no face"):
         evaluate.check_labels_fit(tiny_tables["faces"], "other.parquet", renamed)
@@ -175,10 +301,17 @@ def test_labels_of_another_ingest_are_one_warning_with_counts(tiny_tables, tmp_p
 
 # ---- progress and logs ----------------------------------------------------------------------------------
 
+
 def test_the_ingest_bar_ends_at_its_total_and_age_bins_sort_by_age(tmp_path, capsys):
     layouts.utkface(tmp_path)
-    cfg = IngestConfig(data_root=str(tmp_path), image_size=32, workers=1, chunk_size=4, shard_rows=8,
-                       datasets=[UTKFaceSpec(alignment="trust_crop")])
+    cfg = IngestConfig(
+        data_root=str(tmp_path),
+        image_size=32,
+        workers=1,
+        chunk_size=4,
+        shard_rows=8,
+        datasets=[UTKFaceSpec(alignment="trust_crop")],
+    )
     ingest.run(cfg, str(tmp_path / "out"))
     assert "| 7/7 " in capsys.readouterr().err  # it was left one short, at 6/7
     assert sorted(["100+", "20-29", "0-9", "10-19"], key=ingest.class_order) == ["0-9", "10-19", "20-29", "100+"]
@@ -204,17 +337,18 @@ def test_an_interrupt_is_reported_on_its_own_line(monkeypatch, capsys):
 
 # ---- help ----------------------------------------------------------------------------------------------
 
+
 def test_help_is_plain_text_with_examples_and_a_version(capsys):
     parser = cli.build_parser()
     top = parser.format_help()
     assert "``" not in top and "::" not in top and "Exit codes: 0 done; 2 " in top
-    commands = parser._subparsers._group_actions[0].choices  # noqa: SLF001 (argparse has no public accessor)
+    commands = parser._subparsers._group_actions[0].choices
     for name, command in commands.items():
         text = command.format_help()
         assert "examples:\n" in text and f"  d2mtl {name}" in text, name
         assert ("--data-root" in text) == (name in ("ingest", "upload-data", "run", "compile", "submit")), name
-        assert all(action.help for action in command._actions), name  # noqa: SLF001
-    predict_options = {action.dest: action for action in commands["predict"]._actions}  # noqa: SLF001
+        assert all(action.help for action in command._actions), name
+    predict_options = {action.dest: action for action in commands["predict"]._actions}
     assert "--set ingest.detector.min_score=0.8" in predict_options["overrides"].help
     predict_help = commands["predict"].format_help()
     for code in (predict.EXIT_NO_FACE, predict.EXIT_BAD_INPUT, predict.EXIT_NO_FACE_BAD_INPUT):

@@ -14,12 +14,12 @@ import zlib
 from pathlib import Path
 
 import cv2
+import ingest_layouts as layouts
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import ingest_layouts as layouts
 from d2mtl import cli, contracts, layout, store
 from d2mtl.config import ConfigError, load_experiment
 from d2mtl.config.ingest import CsvManifestSpec, IngestConfig, UTKFaceSpec
@@ -37,18 +37,23 @@ from d2mtl.stages import ingest, teacher
 
 def png_claiming(width: int, height: int) -> bytes:
     """A 60-byte PNG whose header claims ``width`` x ``height`` RGB pixels (a decompression bomb's header)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def jpeg_claiming(width: int, height: int) -> bytes:
     """A small JPEG with its frame header (SOF0) rewritten to claim ``width`` x ``height``."""
     data = bytearray(encoded(Image.new("RGB", (16, 16), (90, 120, 30)), "JPEG"))
     sof = data.index(b"\xff\xc0")
-    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
     return bytes(data)
 
 
@@ -68,12 +73,15 @@ def exif_rotated_jpeg() -> bytes:
 
 
 def sixteen_bit_png(fmt: str = "PNG") -> bytes:
-    ramp = (np.arange(16 * 16, dtype=np.uint16).reshape(16, 16) * 257)  # 0 .. 65535 in steps of one 8-bit level
+    ramp = np.arange(16 * 16, dtype=np.uint16).reshape(16, 16) * 257  # 0 .. 65535 in steps of one 8-bit level
     return encoded(Image.fromarray(ramp), fmt)
 
 
-@pytest.mark.parametrize("data", [png_claiming(30000, 30000), png_claiming(9000, 9000), jpeg_claiming(30000, 30000)],
-                         ids=["png-30000", "png-9000", "jpeg-30000"])
+@pytest.mark.parametrize(
+    "data",
+    [png_claiming(30000, 30000), png_claiming(9000, 9000), jpeg_claiming(30000, 30000)],
+    ids=["png-30000", "png-9000", "jpeg-30000"],
+)
 def test_decompression_bomb_is_refused_from_its_header(data):
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.perf_counter()
@@ -114,7 +122,7 @@ def trusted(root: Path, *datasets) -> IngestConfig:
 def corrupt_in_the_middle(data: bytes, seed: int = 1) -> bytes:
     """400 random bytes written over the middle of a JPEG, its start and end markers kept."""
     middle = len(data) // 2
-    return data[:middle] + np.random.default_rng(seed).bytes(400) + data[middle + 400:]
+    return data[:middle] + np.random.default_rng(seed).bytes(400) + data[middle + 400 :]
 
 
 def read_report(out: Path) -> dict:
@@ -123,11 +131,17 @@ def read_report(out: Path) -> dict:
 
 def test_each_odd_image_file_gets_its_outcome_in_the_ingest_report(tmp_path):
     folder = tmp_path / "utkface"
-    files = {"truncated": layouts.image_bytes(1, 64)[:-300],
-             "corrupt": corrupt_in_the_middle(layouts.image_bytes(1, 64)), "zero_byte": b"", "text": b"404 Not Found\n",
-             "bomb": png_claiming(30000, 30000), "png_named_jpg": layouts.image_bytes(2, 40, fmt="PNG"),
-             "cmyk": encoded(Image.new("RGB", (40, 40), (9, 99, 199)).convert("CMYK"), "JPEG"),
-             "sixteen_bit": sixteen_bit_png(), "exif_rotated": exif_rotated_jpeg()}
+    files = {
+        "truncated": layouts.image_bytes(1, 64)[:-300],
+        "corrupt": corrupt_in_the_middle(layouts.image_bytes(1, 64)),
+        "zero_byte": b"",
+        "text": b"404 Not Found\n",
+        "bomb": png_claiming(30000, 30000),
+        "png_named_jpg": layouts.image_bytes(2, 40, fmt="PNG"),
+        "cmyk": encoded(Image.new("RGB", (40, 40), (9, 99, 199)).convert("CMYK"), "JPEG"),
+        "sixteen_bit": sixteen_bit_png(),
+        "exif_rotated": exif_rotated_jpeg(),
+    }
     names = {}
     for age, (kind, data) in enumerate(files.items(), start=20):
         names[kind] = f"{age}_0_0_2017011617452{age}.jpg.chip.jpg"
@@ -136,9 +150,16 @@ def test_each_odd_image_file_gets_its_outcome_in_the_ingest_report(tmp_path):
     report = read_report(tmp_path / "out")
     outcome = {row["source_uri"].rsplit("/", 1)[-1]: row["reason"] for row in report["rejects"]}
     assert {kind: outcome.get(name, "written") for kind, name in names.items()} == {
-        "truncated": "unreadable_image", "corrupt": "unreadable_image", "zero_byte": "unreadable_image",
-        "text": "unreadable_image", "bomb": "image_too_large", "png_named_jpg": "written", "cmyk": "written",
-        "sixteen_bit": "written", "exif_rotated": "written"}
+        "truncated": "unreadable_image",
+        "corrupt": "unreadable_image",
+        "zero_byte": "unreadable_image",
+        "text": "unreadable_image",
+        "bomb": "image_too_large",
+        "png_named_jpg": "written",
+        "cmyk": "written",
+        "sixteen_bit": "written",
+        "exif_rotated": "written",
+    }
     assert summary["inputs"] == summary["written"] + summary["rejected"] == 9
     details = {row["source_uri"].rsplit("/", 1)[-1]: row["detail"] for row in report["rejects"]}
     assert details[names["corrupt"]] == "Corrupt JPEG data: premature end of data segment"
@@ -148,21 +169,27 @@ def test_each_odd_image_file_gets_its_outcome_in_the_ingest_report(tmp_path):
 
 # ---- labels -------------------------------------------------------------------------------------------
 
+
 def test_malformed_manifest_labels_become_report_rows(tmp_path):
     folder = tmp_path / "manifest"
     for i in range(5):
         layouts.write(folder / "img" / f"{i}.jpg", layouts.image_bytes(i))
-    (folder / "labels.csv").write_text("path,age,gender,expression\n"
-                                       "img/0.jpg,31,female,happy\n"
-                                       "img/1.jpg,130,male,\n"  # age out of range
-                                       "img/2.jpg,-1,,\n"  # negative age
-                                       "img/3.jpg,40,robot,\n"  # unknown class name
-                                       "img/4.jpg,,,smirk\n"  # unknown expression
-                                       "img/0.jpg,32,male,sad\n")  # the same image again: a duplicate sample id
+    (folder / "labels.csv").write_text(
+        "path,age,gender,expression\n"
+        "img/0.jpg,31,female,happy\n"
+        "img/1.jpg,130,male,\n"  # age out of range
+        "img/2.jpg,-1,,\n"  # negative age
+        "img/3.jpg,40,robot,\n"  # unknown class name
+        "img/4.jpg,,,smirk\n"  # unknown expression
+        "img/0.jpg,32,male,sad\n"
+    )  # the same image again: a duplicate sample id
     summary = ingest.run(trusted(tmp_path, CsvManifestSpec(name="m", path="manifest")), str(tmp_path / "out"))
     report = read_report(tmp_path / "out")
-    assert report["datasets"]["m"]["rejected_by_reason"] == {"duplicate_sample_id": 1, "label_out_of_range": 2,
-                                                             "unknown_class": 2}
+    assert report["datasets"]["m"]["rejected_by_reason"] == {
+        "duplicate_sample_id": 1,
+        "label_out_of_range": 2,
+        "unknown_class": 2,
+    }
     assert summary["written"] == 1 and summary["inputs"] == 6
     labels = contracts.read_table(layout.labels(str(tmp_path / "out")), contracts.LABELS).to_pylist()
     assert [(row["age"], row["gender"], row["expression"]) for row in labels] == [(31.0, 1, 3)]  # the first row wins
@@ -177,6 +204,7 @@ def test_manifest_missing_its_label_columns_is_one_clear_error(tmp_path):
 
 
 # ---- archives -----------------------------------------------------------------------------------------
+
 
 def test_zip_with_an_absolute_member_is_refused(tmp_path):
     with zipfile.ZipFile(tmp_path / "bad.zip", "w") as archive:
@@ -201,6 +229,7 @@ def test_zip_symlink_pointing_outside_is_refused(tmp_path, target):
 
 # ---- pickles ------------------------------------------------------------------------------------------
 
+
 class Payload:
     """Unpickling this creates ``marker``: proof that code ran."""
 
@@ -219,15 +248,27 @@ def malicious_pickle(marker: Path) -> bytes:
 
 
 def tiny_config(**overrides) -> TrainConfig:
-    return TrainConfig(weights="none", input_size=32, batch_size=8, epochs=1, num_workers=0, progress=False,
-                       threads=1, lr={"schedule": "fixed"}, **overrides)
+    return TrainConfig(
+        weights="none",
+        input_size=32,
+        batch_size=8,
+        epochs=1,
+        num_workers=0,
+        progress=False,
+        threads=1,
+        lr={"schedule": "fixed"},
+        **overrides,
+    )
 
 
 def test_malicious_pickle_checkpoint_is_refused_without_running_it(tiny_tables, tmp_path):
     out, marker = tmp_path / "teacher", tmp_path / "code_ran"
     layouts.write(out / layout.CHECKPOINT_FILE, malicious_pickle(marker))
-    with pytest.raises(UserError, match=r"checkpoint.pt: not a d2mtl checkpoint \(.*UnpicklingError\); it was not "
-                                        r"loaded. Use another --out, or --restart to train from the start$") as err:
+    with pytest.raises(
+        UserError,
+        match=r"checkpoint.pt: not a d2mtl checkpoint \(.*UnpicklingError\); it was not "
+        r"loaded. Use another --out, or --restart to train from the start$",
+    ) as err:
         teacher.run(tiny_config(), tiny_tables["faces"], tiny_tables["labels"], str(out))
     assert "weights_only" not in str(err.value) and not marker.exists()  # never torch's advice to unpickle it
     torch.load(io.BytesIO(malicious_pickle(marker)), weights_only=False)
@@ -237,8 +278,21 @@ def test_malicious_pickle_checkpoint_is_refused_without_running_it(tiny_tables, 
 def test_malicious_pickle_checkpoint_is_one_line_through_the_cli(tiny_tables, tmp_path, capsys):
     out, marker = tmp_path / "teacher", tmp_path / "code_ran"
     layouts.write(out / layout.CHECKPOINT_FILE, malicious_pickle(marker))
-    code = cli.main(["teacher", "--set", "teacher.weights=none", "--set", "teacher.progress=false",
-                     "--faces", tiny_tables["faces"], "--labels", tiny_tables["labels"], "--out", str(out)])
+    code = cli.main(
+        [
+            "teacher",
+            "--set",
+            "teacher.weights=none",
+            "--set",
+            "teacher.progress=false",
+            "--faces",
+            tiny_tables["faces"],
+            "--labels",
+            tiny_tables["labels"],
+            "--out",
+            str(out),
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and not marker.exists()
 
@@ -254,15 +308,22 @@ def test_malicious_pickle_as_model_weights_is_refused_without_running_it(tmp_pat
 
 # ---- configs ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("setting", "message"), [
-    ("teacher.epocs=3", "teacher.epocs: Extra inputs are not permitted"),
-    ("teacher.epochs=three", "teacher.epochs: Input should be a valid integer"),
-    ("teacher.tasks=[age,height]", "teacher.tasks: unknown task(s) height; known tasks: age, gender, race, expression"),
-    ("student.task_weights={hight: 2}", "student.task_weights: unknown task(s) hight"),
-    ("pseudolabel.tasks=[]", "pseudolabel.tasks: empty task list"),
-    ("pipeline.baseline_tasks=[age,mood]", "pipeline.baseline_tasks: unknown task(s) mood"),
-    ("evaluate.in_domain={height: [utk]}", "evaluate.in_domain: unknown task(s) height"),
-])
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("teacher.epocs=3", "teacher.epocs: Extra inputs are not permitted"),
+        ("teacher.epochs=three", "teacher.epochs: Input should be a valid integer"),
+        (
+            "teacher.tasks=[age,height]",
+            "teacher.tasks: unknown task(s) height; known tasks: age, gender, race, expression",
+        ),
+        ("student.task_weights={hight: 2}", "student.task_weights: unknown task(s) hight"),
+        ("pseudolabel.tasks=[]", "pseudolabel.tasks: empty task list"),
+        ("pipeline.baseline_tasks=[age,mood]", "pipeline.baseline_tasks: unknown task(s) mood"),
+        ("evaluate.in_domain={height: [utk]}", "evaluate.in_domain: unknown task(s) height"),
+    ],
+)
 def test_bad_config_field_is_one_cli_line_naming_it(setting, message, capsys, tmp_path):
     code = cli.main(["teacher", "--set", setting, "--faces", "f", "--labels", "l", "--out", str(tmp_path)])
     err = capsys.readouterr().err.strip()
@@ -275,5 +336,7 @@ def test_config_file_with_unknown_field_and_wrong_type_names_both(tmp_path):
     path.write_text("teacher:\n  batch_size: big\n  colour: blue\n")
     with pytest.raises(ConfigError) as err:
         load_experiment(str(path))
-    assert str(err.value) == (f"invalid config {path}: teacher.batch_size: Input should be a valid integer, unable "
-                              "to parse string as an integer; teacher.colour: Extra inputs are not permitted")
+    assert str(err.value) == (
+        f"invalid config {path}: teacher.batch_size: Input should be a valid integer, unable "
+        "to parse string as an integer; teacher.colour: Extra inputs are not permitted"
+    )

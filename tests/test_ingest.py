@@ -5,14 +5,24 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+import ingest_layouts as layouts
 import numpy as np
 import pytest
 
-import ingest_layouts as layouts
 from d2mtl import cli, contracts, layout, store
 from d2mtl.config import ConfigError, load_experiment
-from d2mtl.config.ingest import (AdienceSpec, CKPlusSpec, CsvManifestSpec, FairFaceSpec, FER2013CsvSpec,
-                                 FER2013FolderSpec, ImageFolderSpec, IngestConfig, JAFFESpec, UTKFaceSpec)
+from d2mtl.config.ingest import (
+    AdienceSpec,
+    CKPlusSpec,
+    CsvManifestSpec,
+    FairFaceSpec,
+    FER2013CsvSpec,
+    FER2013FolderSpec,
+    ImageFolderSpec,
+    IngestConfig,
+    JAFFESpec,
+    UTKFaceSpec,
+)
 from d2mtl.faces import decode_rgb
 from d2mtl.stages import ingest
 
@@ -27,9 +37,17 @@ def all_layouts(root) -> list:
     layouts.fairface(root)
     layouts.image_folder(root)
     layouts.manifest(root)
-    return [UTKFaceSpec(), FER2013FolderSpec(), FER2013CsvSpec(name="fer_csv", path="fer_csv"), CKPlusSpec(),
-            JAFFESpec(), AdienceSpec(), FairFaceSpec(), ImageFolderSpec(name="moods", path="moods"),
-            CsvManifestSpec(name="manifest", path="manifest", split_column="split")]
+    return [
+        UTKFaceSpec(),
+        FER2013FolderSpec(),
+        FER2013CsvSpec(name="fer_csv", path="fer_csv"),
+        CKPlusSpec(),
+        JAFFESpec(),
+        AdienceSpec(),
+        FairFaceSpec(),
+        ImageFolderSpec(name="moods", path="moods"),
+        CsvManifestSpec(name="manifest", path="manifest", split_column="split"),
+    ]
 
 
 def config(root, datasets, **overrides) -> IngestConfig:
@@ -80,10 +98,16 @@ def test_face_rows_follow_the_contract(every_layout):
 
 def test_labels_land_in_their_columns(every_layout):
     _, faces, labels, _, root = every_layout
-    by_uri = {face["source_uri"][len(str(root)):]: label for face, label in zip(faces, labels)}
+    by_uri = {face["source_uri"][len(str(root)) :]: label for face, label in zip(faces, labels)}
     assert by_uri["/utkface/25_0_2_20170116174525125.jpg.chip.jpg"] == {
-        "sample_id": ingest.sample_id("utkface", "25_0_2_20170116174525125.jpg.chip.jpg"), "age": 25.0,
-        "gender": 0, "race": 2, "expression": None, "age_low": None, "age_high": None}
+        "sample_id": ingest.sample_id("utkface", "25_0_2_20170116174525125.jpg.chip.jpg"),
+        "age": 25.0,
+        "gender": 0,
+        "race": 2,
+        "expression": None,
+        "age_low": None,
+        "age_high": None,
+    }
     adience_a = by_uri["/adience/aligned/u1/landmark_aligned_face.1.a.jpg"]
     assert (adience_a["age"], adience_a["age_low"], adience_a["age_high"], adience_a["gender"]) == (None, 25, 32, 1)
     assert by_uri["/fer_csv/fer2013.csv#row=2"]["expression"] == 6
@@ -101,8 +125,9 @@ def test_bad_files_become_report_rows(tmp_path):
     (folder / "22_0_0_20170116174525113.jpg.chip.jpg").write_text("<html>not found</html>")
     manifest = layouts.manifest(tmp_path)
     (manifest / "img" / "1.jpg").unlink()
-    summary = ingest.run(config(tmp_path, [UTKFaceSpec(), CsvManifestSpec(name="m", path="manifest")]),
-                         str(tmp_path / "out"))
+    summary = ingest.run(
+        config(tmp_path, [UTKFaceSpec(), CsvManifestSpec(name="m", path="manifest")]), str(tmp_path / "out")
+    )
     _, _, report = read_output(str(tmp_path / "out"))
     assert report["datasets"]["utkface"]["rejected_by_reason"]["unreadable_image"] == 3
     assert report["datasets"]["m"]["rejected_by_reason"] == {"label_out_of_range": 1, "missing_file": 1}
@@ -143,8 +168,12 @@ def test_limit_takes_the_lowest_sample_ids(tmp_path):
     out = str(tmp_path / "out")
     ingest.run(config(tmp_path, [FER2013FolderSpec(limit=5)]), out)
     faces, _, report = read_output(out)
-    every = [f"{split}/{e}/{p}_{c}{i:04d}.jpg" for split, p in (("train", "Training"), ("test", "PublicTest"))
-             for c, e in enumerate(layouts.FER_EMOTIONS) for i in range(2)]
+    every = [
+        f"{split}/{e}/{p}_{c}{i:04d}.jpg"
+        for split, p in (("train", "Training"), ("test", "PublicTest"))
+        for c, e in enumerate(layouts.FER_EMOTIONS)
+        for i in range(2)
+    ]
     assert sorted(f["sample_id"] for f in faces) == sorted(ingest.sample_id("fer2013", p) for p in every)[:5]
     assert report["datasets"]["fer2013"]["limited_out"] == 23
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import ingest_layouts as layouts
 import pytest
 
-import ingest_layouts as layouts
 from d2mtl import cli, contracts, layout, store
 from d2mtl.config.ingest import FER2013CsvSpec, FER2013FolderSpec, IngestConfig, UTKFaceSpec
 from d2mtl.errors import UserError
@@ -19,8 +19,14 @@ TIMING = ("elapsed_s", "faces_per_s", "config")  # config: the same but for shuf
 def config(root: Path, **overrides) -> IngestConfig:
     """UTKFace (with rejected names), FER2013 folders and a FER2013 CSV (a streamed source), all trusted crops."""
     datasets = [UTKFaceSpec(), FER2013FolderSpec(), FER2013CsvSpec(name="fer_csv", path="fer_csv")]
-    fields = {"data_root": str(root), "image_size": 32, "workers": 1, "chunk_size": 4, "shard_rows": 8,
-              "datasets": [spec.model_copy(update={"alignment": "trust_crop"}) for spec in datasets]}
+    fields = {
+        "data_root": str(root),
+        "image_size": 32,
+        "workers": 1,
+        "chunk_size": 4,
+        "shard_rows": 8,
+        "datasets": [spec.model_copy(update={"alignment": "trust_crop"}) for spec in datasets],
+    }
     return IngestConfig(**(fields | overrides))
 
 
@@ -134,15 +140,29 @@ def test_merge_refuses_an_incomplete_or_mixed_set(data, tmp_path):
 
 
 def test_cli_shard_and_merge(data, one_pass, tmp_path, capsys):
-    common = ["--data-root", str(data), "--set", "ingest.workers=1", "--set", "ingest.image_size=32",
-              "--set", "ingest.shard_rows=8", "--set", "ingest.chunk_size=4", "--set",
-              "ingest.datasets=[{format: utkface, alignment: trust_crop}, {format: fer2013_folder, alignment: "
-              "trust_crop}, {format: fer2013_csv, name: fer_csv, path: fer_csv, alignment: trust_crop}]"]
+    common = [
+        "--data-root",
+        str(data),
+        "--set",
+        "ingest.workers=1",
+        "--set",
+        "ingest.image_size=32",
+        "--set",
+        "ingest.shard_rows=8",
+        "--set",
+        "ingest.chunk_size=4",
+        "--set",
+        "ingest.datasets=[{format: utkface, alignment: trust_crop}, {format: fer2013_folder, alignment: "
+        "trust_crop}, {format: fer2013_csv, name: fer_csv, path: fer_csv, alignment: trust_crop}]",
+    ]
     for i in range(2):
         assert cli.main(["ingest", *common, "--out", str(tmp_path / f"p{i}"), "--shard", f"{i}/2"]) == 0
-    assert cli.main(["ingest", "--out", str(tmp_path / "merged"), "--merge", str(tmp_path / "p0"),
-                     str(tmp_path / "p1")]) == 0
+    assert (
+        cli.main(["ingest", "--out", str(tmp_path / "merged"), "--merge", str(tmp_path / "p0"), str(tmp_path / "p1")])
+        == 0
+    )
     assert files(tmp_path / "merged") == files(one_pass)
     assert cli.main(["ingest", "--out", str(tmp_path / "x"), "--merge", str(tmp_path / "p1")]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "d2mtl ingest: error: missing shard(s) 0 of 2; merge needs every shard")
+        "d2mtl ingest: error: missing shard(s) 0 of 2; merge needs every shard"
+    )

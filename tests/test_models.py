@@ -10,8 +10,18 @@ import torch
 
 from d2mtl import layout
 from d2mtl.config.train import TrainConfig
-from d2mtl.models import (AGE_BINS, AGE_MAX, AGE_MIN, BACKBONES, ModelError, ModelSpec, MultiTaskNet, build_model,
-                          load_model, save_model)
+from d2mtl.models import (
+    AGE_BINS,
+    AGE_MAX,
+    AGE_MIN,
+    BACKBONES,
+    ModelError,
+    ModelSpec,
+    MultiTaskNet,
+    build_model,
+    load_model,
+    save_model,
+)
 from d2mtl.tasks import TASKS
 
 
@@ -119,8 +129,14 @@ def _rewrite_card(folder, **changes):
 def test_a_model_with_other_classes_or_tasks_is_refused(tmp_path):
     folder = tmp_path / "m"
     save_model(tiny(), str(folder))
-    _rewrite_card(folder, classes={"gender": ["female", "male"], "race": list(TASKS["race"].classes),
-                                   "expression": list(TASKS["expression"].classes)})
+    _rewrite_card(
+        folder,
+        classes={
+            "gender": ["female", "male"],
+            "race": list(TASKS["race"].classes),
+            "expression": list(TASKS["expression"].classes),
+        },
+    )
     with pytest.raises(ModelError, match=r"gender classes \['female', 'male'\] differ from the registry"):
         load_model(str(folder))
     _rewrite_card(folder, tasks=["age", "gender", "race", "expression", "beauty"])

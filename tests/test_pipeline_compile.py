@@ -20,8 +20,18 @@ from d2mtl_pipeline import pipeline, submit
 from d2mtl_pipeline.placement import RERUN_ENV
 
 GPU_FULL = ["pipeline.baselines=true", "pipeline.single_distill=true"]
-STAGE_COMPONENTS = ("ingest-shard", "ingest-merge", "teacher", "baseline", "pseudolabel-shard", "pseudolabel-merge",
-                    "pseudolabel-single", "student", "student-single", "evaluate")
+STAGE_COMPONENTS = (
+    "ingest-shard",
+    "ingest-merge",
+    "teacher",
+    "baseline",
+    "pseudolabel-shard",
+    "pseudolabel-merge",
+    "pseudolabel-single",
+    "student",
+    "student-single",
+    "evaluate",
+)
 GPU_COMPONENTS = ("teacher", "baseline", "pseudolabel-shard", "pseudolabel-single", "student", "student-single")
 
 
@@ -44,13 +54,18 @@ class Compiled:
 
     def tasks_of(self, component: str) -> list[dict]:
         """Tasks of a component (``publish`` also matches publish-2, ...)."""
-        return [t for t in self.tasks().values()
-                if self.component_of(t) == component or self.component_of(t).startswith(f"{component}-")
-                and self.component_of(t).removeprefix(f"{component}-").isdigit()]
+        return [
+            t
+            for t in self.tasks().values()
+            if self.component_of(t) == component
+            or (self.component_of(t).startswith(f"{component}-")
+            and self.component_of(t).removeprefix(f"{component}-").isdigit())
+        ]
 
     def executor(self, task: dict) -> dict:
-        return self.spec["deploymentSpec"]["executors"][self.spec["components"][task["componentRef"]["name"]]
-                                                         ["executorLabel"]]
+        return self.spec["deploymentSpec"]["executors"][
+            self.spec["components"][task["componentRef"]["name"]]["executorLabel"]
+        ]
 
     def platform_of(self, task: dict) -> dict:
         return self.platform.get(self.spec["components"][task["componentRef"]["name"]]["executorLabel"], {})
@@ -65,13 +80,20 @@ def compile_cli(tmp_path: Path, *args: str, name: str = "pipeline.yaml") -> Comp
 @pytest.fixture(scope="module")
 def gpu(tmp_path_factory) -> Compiled:
     overrides = [f"--set={item}" for item in GPU_FULL]
-    return compile_cli(tmp_path_factory.mktemp("gpu"), "--config", "gpu", *overrides,
-                       "--set=store.access_key=ACCESS-KEY-IN-CONFIG", "--set=store.secret_key=SECRET-IN-CONFIG")
+    return compile_cli(
+        tmp_path_factory.mktemp("gpu"),
+        "--config",
+        "gpu",
+        *overrides,
+        "--set=store.access_key=ACCESS-KEY-IN-CONFIG",
+        "--set=store.secret_key=SECRET-IN-CONFIG",
+    )
 
 
 def root_task(compiled: Compiled, component: str) -> tuple[str, dict]:
-    (found,) = [(n, t) for n, t in compiled.spec["root"]["dag"]["tasks"].items()
-                if compiled.component_of(t) == component]
+    (found,) = [
+        (n, t) for n, t in compiled.spec["root"]["dag"]["tasks"].items() if compiled.component_of(t) == component
+    ]
     return found
 
 
@@ -103,8 +125,10 @@ def test_ingest_fans_out_then_merges(gpu):
     assert shard["inputs"]["parameters"]["shards"] == {"componentInputParameter": "pipelinechannel--ingest_shards"}
     assert shard["inputs"]["parameters"]["shard"]["componentInputParameter"].endswith("loop-item")
     (collected,) = merge_task["inputs"]["artifacts"].values()
-    assert collected["taskOutputArtifact"] == {"outputArtifactKey": "pipelinechannel--ingest-shard-part",
-                                               "producerTask": shards}
+    assert collected["taskOutputArtifact"] == {
+        "outputArtifactKey": "pipelinechannel--ingest-shard-part",
+        "producerTask": shards,
+    }
     for consumer in ("teacher", "student", "evaluate"):
         (task,) = gpu.tasks_of(consumer)
         for name in ("faces", "labels"):
@@ -123,8 +147,11 @@ def test_dag_edges(gpu):
     baselines = loop_containing(gpu, "baseline")
     singles = loop_containing(gpu, "pseudolabel-single")
     students = loop_containing(gpu, "student-single")
-    gathered = {gpu.tasks()[name]["inputs"]["artifacts"]["items"]["taskOutputArtifact"]["producerTask"]: name
-                for name in deps if gpu.component_of(gpu.tasks()[name]).startswith("gather-")}
+    gathered = {
+        gpu.tasks()[name]["inputs"]["artifacts"]["items"]["taskOutputArtifact"]["producerTask"]: name
+        for name in deps
+        if gpu.component_of(gpu.tasks()[name]).startswith("gather-")
+    }
     assert deps[teacher] == {ingest}
     assert {teacher, ingest} <= deps[shards]
     assert deps[merge] == {shards}
@@ -168,8 +195,11 @@ def test_gpu_stages_get_gpu_nodes(gpu):
         else:
             assert "accelerator" not in resources and "nodeSelector" not in platform, component
         assert resources["resourceCpuRequest"] and resources["resourceMemoryLimit"], component
-    images = {gpu.component_of(t): gpu.executor(t)["container"]["image"] for t in gpu.tasks().values()
-              if "componentRef" in t and gpu.component_of(t) in STAGE_COMPONENTS}
+    images = {
+        gpu.component_of(t): gpu.executor(t)["container"]["image"]
+        for t in gpu.tasks().values()
+        if "componentRef" in t and gpu.component_of(t) in STAGE_COMPONENTS
+    }
     assert images["teacher"].startswith("ghcr.io/distill-2md-mtl/d2mtl-train-cuda:")
     assert images["ingest-shard"].startswith("ghcr.io/distill-2md-mtl/d2mtl-ingest:")
     assert images["ingest-merge"].startswith("ghcr.io/distill-2md-mtl/d2mtl-ingest:")
@@ -191,8 +221,12 @@ def test_credentials_come_from_the_secret_only(gpu):
 def test_retries_and_caching(gpu):
     for component in STAGE_COMPONENTS:
         for task in gpu.tasks_of(component):
-            assert task["retryPolicy"] == {"backoffDuration": "60s", "backoffFactor": 2.0,
-                                           "backoffMaxDuration": "3600s", "maxRetryCount": 2}, component
+            assert task["retryPolicy"] == {
+                "backoffDuration": "60s",
+                "backoffFactor": 2.0,
+                "backoffMaxDuration": "3600s",
+                "maxRetryCount": 2,
+            }, component
             assert task["cachingOptions"] == {"enableCache": True}, component
     publishes = gpu.tasks_of("publish")
     assert len(publishes) >= 8
@@ -204,26 +238,57 @@ def test_retries_and_caching(gpu):
 
 def test_cpu_profile_has_no_gpu_and_no_optional_stages(tmp_path):
     cpu = compile_cli(tmp_path)
-    assert not any("accelerator" in e.get("container", {}).get("resources", {})
-                   for e in cpu.spec["deploymentSpec"]["executors"].values())
+    assert not any(
+        "accelerator" in e.get("container", {}).get("resources", {})
+        for e in cpu.spec["deploymentSpec"]["executors"].values()
+    )
     components = {cpu.component_of(t) for t in cpu.tasks().values()}
     assert not components & {"baseline", "pseudolabel-single", "student-single"}
     assert "pseudolabel-shard" in components
 
 
 def test_rerun_from_run_imports_upstream(tmp_path):
-    compiled = compile_cli(tmp_path, "--config", "gpu", *[f"--set={i}" for i in GPU_FULL],
-                           "--set=pipeline.publish_prefix=s3://results/d2mtl", "--rerun", "student",
-                           "--from-run", "run-7")
+    compiled = compile_cli(
+        tmp_path,
+        "--config",
+        "gpu",
+        *[f"--set={i}" for i in GPU_FULL],
+        "--set=pipeline.publish_prefix=s3://results/d2mtl",
+        "--rerun",
+        "student",
+        "--from-run",
+        "run-7",
+    )
     components = {compiled.component_of(t) for t in compiled.tasks().values()}
-    assert not components & {"ingest-shard", "ingest-merge", "shard-plan", "teacher", "pseudolabel-shard",
-                             "pseudolabel-merge", "baseline", "pseudolabel-single", "student-single"}
+    assert not components & {
+        "ingest-shard",
+        "ingest-merge",
+        "shard-plan",
+        "teacher",
+        "pseudolabel-shard",
+        "pseudolabel-merge",
+        "baseline",
+        "pseudolabel-single",
+        "student-single",
+    }
     assert {"student", "evaluate"} <= components
-    imported = {e["importer"]["artifactUri"]["constant"] for e in compiled.spec["deploymentSpec"]["executors"].values()
-                if "importer" in e}
-    assert imported == {f"s3://results/d2mtl/run-7/{p}" for p in
-                        ("ingest/faces", "ingest/labels.parquet", "teacher", "pseudolabel", "baselines",
-                         "pseudolabel_single", "student_single")}
+    imported = {
+        e["importer"]["artifactUri"]["constant"]
+        for e in compiled.spec["deploymentSpec"]["executors"].values()
+        if "importer" in e
+    }
+    assert imported == {
+        f"s3://results/d2mtl/run-7/{p}"
+        for p in (
+            "ingest/faces",
+            "ingest/labels.parquet",
+            "teacher",
+            "pseudolabel",
+            "baselines",
+            "pseudolabel_single",
+            "student_single",
+        )
+    }
     (student,) = compiled.tasks_of("student")
     assert not student.get("cachingOptions", {}).get("enableCache"), "the rerun stage never reuses the cache"
     (evaluate,) = compiled.tasks_of("evaluate")
@@ -233,8 +298,21 @@ def test_rerun_from_run_imports_upstream(tmp_path):
 def test_rerun_needs_a_prefix_and_a_known_stage(tmp_path, capsys):
     assert cli.main(["compile", "--out", str(tmp_path / "p.yaml"), "--rerun", "student", "--from-run", "r1"]) == 2
     assert "publish_prefix" in capsys.readouterr().err
-    assert cli.main(["compile", "--out", str(tmp_path / "p.yaml"), "--rerun", "baselines", "--from-run", "r1",
-                     "--set=pipeline.publish_prefix=s3://b/p"]) == 2
+    assert (
+        cli.main(
+            [
+                "compile",
+                "--out",
+                str(tmp_path / "p.yaml"),
+                "--rerun",
+                "baselines",
+                "--from-run",
+                "r1",
+                "--set=pipeline.publish_prefix=s3://b/p",
+            ]
+        )
+        == 2
+    )
     assert "baselines / single_distill are off" in capsys.readouterr().err
     assert cli.main(["compile", "--out", str(tmp_path / "p.yaml"), "--rerun", "student"]) == 2
     assert "go together" in capsys.readouterr().err
@@ -244,8 +322,7 @@ def test_downstream_stages():
     cfg = load_experiment("gpu", GPU_FULL).pipeline
     stages = pipeline.enabled_stages(cfg)
     assert pipeline.downstream("teacher", stages) == {"teacher", "pseudolabel", "student", "evaluate"}
-    assert pipeline.downstream("baselines", stages) == {"baselines", "pseudolabel_single", "student_single",
-                                                        "evaluate"}
+    assert pipeline.downstream("baselines", stages) == {"baselines", "pseudolabel_single", "student_single", "evaluate"}
     assert pipeline.downstream("ingest", stages) == set(stages)
     cpu = pipeline.enabled_stages(load_experiment("cpu").pipeline)
     assert pipeline.downstream("ingest", cpu) == {"ingest", "teacher", "pseudolabel", "student", "evaluate"}
@@ -258,8 +335,11 @@ def test_local_rerun_tokens_mark_only_that_stage(tmp_path):
     out = tmp_path / "local.yaml"
     compiler.Compiler().compile(pipeline.build(cfg, local=True, rerun_tokens={"pseudolabel": "t1"}), str(out))
     compiled = Compiled(out)
-    expected = {iterated_plan(compiled, loop_containing(compiled, "pseudolabel-shard")), "pseudolabel-shard",
-                "pseudolabel-merge"}
+    expected = {
+        iterated_plan(compiled, loop_containing(compiled, "pseudolabel-shard")),
+        "pseudolabel-shard",
+        "pseudolabel-merge",
+    }
     for name, task in compiled.tasks().items():
         if "componentRef" not in task or "dag" in compiled.spec["components"][task["componentRef"]["name"]]:
             continue
@@ -273,8 +353,11 @@ def test_check_published_lists_what_is_missing(tmp_path):
     reuse = compile_module.plan_rerun(cfg, "student", "r1")
     expected = compile_module.imported_objects(cfg, reuse, cfg.pipeline.baseline_tasks)
     assert sorted(Path(u).relative_to(tmp_path / "r1").as_posix() for u in expected) == [
-        "ingest/faces/_manifest.json", "ingest/labels.parquet", "pseudolabel/pseudo.parquet",
-        "teacher/model_card.json"]
+        "ingest/faces/_manifest.json",
+        "ingest/labels.parquet",
+        "pseudolabel/pseudo.parquet",
+        "teacher/model_card.json",
+    ]
     for uri in expected[1:]:
         Path(uri).parent.mkdir(parents=True, exist_ok=True)
         Path(uri).write_text("{}")
@@ -287,6 +370,7 @@ def test_check_published_lists_what_is_missing(tmp_path):
 
 # ---- submit ---------------------------------------------------------------------------------------
 
+
 def test_unreachable_host_is_one_line(capsys):
     assert cli.main(["submit", "--host", "http://127.0.0.1:9"]) == 2
     err = capsys.readouterr().err.strip()
@@ -297,7 +381,10 @@ def test_unreachable_host_is_one_line(capsys):
 def test_params_are_typed_and_checked():
     types = {"shards": "NUMBER_INTEGER", "publish_prefix": "STRING", "baseline_tasks": "LIST"}
     assert submit.parse_params(["shards=8", "publish_prefix=s3://b/p", "baseline_tasks=[age, race]"], types) == {
-        "shards": 8, "publish_prefix": "s3://b/p", "baseline_tasks": ["age", "race"]}
+        "shards": 8,
+        "publish_prefix": "s3://b/p",
+        "baseline_tasks": ["age", "race"],
+    }
     with pytest.raises(UserError, match="no such parameter"):
         submit.parse_params(["shard=8"], types)
     with pytest.raises(UserError, match="expected an integer"):
@@ -325,8 +412,24 @@ def test_submit_passes_params_experiment_and_caching(monkeypatch, capsys):
     monkeypatch.setattr(kfp, "Client", FakeClient)
     monkeypatch.setattr(submit, "check_kfp_api", lambda host: None)  # no KFP API to ask here
     FakeClient.calls.clear()
-    assert cli.main(["submit", "--config", "gpu", "--host", "http://kfp.example:8080", "--experiment", "ablations",
-                     "--param", "shards=8", "--param", "publish_prefix=s3://b/results"]) == 0
+    assert (
+        cli.main(
+            [
+                "submit",
+                "--config",
+                "gpu",
+                "--host",
+                "http://kfp.example:8080",
+                "--experiment",
+                "ablations",
+                "--param",
+                "shards=8",
+                "--param",
+                "publish_prefix=s3://b/results",
+            ]
+        )
+        == 0
+    )
     (call,) = FakeClient.calls
     assert call["arguments"] == {"shards": 8, "publish_prefix": "s3://b/results"}
     assert call["experiment_name"] == "ablations" and call["enable_caching"] is True
@@ -341,18 +444,36 @@ def test_submit_rerun_checks_the_earlier_run(monkeypatch, capsys, s3_env):
     monkeypatch.setattr(kfp, "Client", FakeClient)
     monkeypatch.setattr(submit, "check_kfp_api", lambda host: None)  # no KFP API to ask here
     FakeClient.calls.clear()
-    args = ["submit", "--host", "http://kfp.example:8080", "--param", "publish_prefix=s3://bucket/results",
-            "--set", f"store.endpoint={s3_env['endpoint']}", "--rerun", "evaluate", "--from-run", "r9"]
+    args = [
+        "submit",
+        "--host",
+        "http://kfp.example:8080",
+        "--param",
+        "publish_prefix=s3://bucket/results",
+        "--set",
+        f"store.endpoint={s3_env['endpoint']}",
+        "--rerun",
+        "evaluate",
+        "--from-run",
+        "r9",
+    ]
     assert cli.main(args) == 2
     assert "run r9 has not published" in capsys.readouterr().err
-    for marker in ("ingest/faces/_manifest.json", "ingest/labels.parquet", "teacher/model_card.json",
-                   "pseudolabel/pseudo.parquet", "student/model_card.json"):
+    for marker in (
+        "ingest/faces/_manifest.json",
+        "ingest/labels.parquet",
+        "teacher/model_card.json",
+        "pseudolabel/pseudo.parquet",
+        "student/model_card.json",
+    ):
         store.write_text(f"s3://bucket/results/r9/{marker}", "{}")
     assert cli.main(args) == 0
     (call,) = FakeClient.calls
     assert call["run_name"] == "cpu rerun evaluate from r9"
     assert {t["componentRef"]["name"] for t in call["package"].spec["root"]["dag"]["tasks"].values()} >= {
-        "comp-evaluate", "comp-importer"}
+        "comp-evaluate",
+        "comp-importer",
+    }
     assert cli.main(["submit", "--host", "http://x", "--param", "publish_prefix=/tmp/here"]) == 2
     assert "object storage" in capsys.readouterr().err
 
@@ -383,6 +504,7 @@ def test_steps_import_no_torch():
 
 # ---- the steps' glue ------------------------------------------------------------------------------
 
+
 def artifact(path: Path):
     return type("Artifact", (), {"path": str(path), "name": path.name})()
 
@@ -408,8 +530,10 @@ def test_metrics_and_confusion_for_the_ui(tmp_path):
     from d2mtl_pipeline import steps
 
     assert steps.flat_numbers({"a": 1, "b": {"c": 2.5, "d": "text", "e": True}, "f": [1]}) == {"a": 1.0, "b/c": 2.5}
-    confusion = [{"model": "student", "task": "expression", "split": "test", "categories": ["x", "y"],
-                  "matrix": m} for m in ([[1, 0], [0, 1]], [[5, 1], [2, 9]])]
+    confusion = [
+        {"model": "student", "task": "expression", "split": "test", "categories": ["x", "y"], "matrix": m}
+        for m in ([[1, 0], [0, 1]], [[5, 1], [2, 9]])
+    ]
     confusion.append({**confusion[1], "model": "teacher", "matrix": [[50, 0], [0, 50]]})
     (tmp_path / "evaluation.json").write_text(json.dumps({"confusion": confusion}))
     assert steps.headline_confusion(str(tmp_path), "student", "expression", "test")["matrix"] == [[5, 1], [2, 9]]
@@ -431,7 +555,7 @@ def test_steps_report_a_bad_config_as_one_line(capsys):
 class _Answers(http.server.BaseHTTPRequestHandler):
     """GET /apis/v2beta1/healthz: KFP's JSON when the server is told to be KFP, else python -m http.server's 404."""
 
-    def do_GET(self):  # noqa: N802 (the http.server API)
+    def do_GET(self):
         if self.server.kfp and self.path == submit.HEALTHZ:
             body, status, kind = b'{"multi_user": false}', 200, "application/json"
         else:

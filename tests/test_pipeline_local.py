@@ -17,8 +17,17 @@ from d2mtl.config import load_experiment
 from d2mtl_pipeline import local
 
 REPO = Path(__file__).resolve().parents[1]
-TRAIN = {"weights": "none", "input_size": 32, "epochs": 1, "batch_size": 16, "num_workers": 0, "threads": 1,
-         "progress": False, "checkpoint_every": 0, "lr": {"range_test": False, "schedule": "fixed", "lr": 0.01}}
+TRAIN = {
+    "weights": "none",
+    "input_size": 32,
+    "epochs": 1,
+    "batch_size": 16,
+    "num_workers": 0,
+    "threads": 1,
+    "progress": False,
+    "checkpoint_every": 0,
+    "lr": {"range_test": False, "schedule": "fixed", "lr": 0.01},
+}
 
 
 def load_bench(name: str):
@@ -32,15 +41,28 @@ def load_bench(name: str):
 def tiny_experiment(path: Path, run_root: Path) -> Path:
     experiment = {
         "name": "tiny",
-        "ingest": {"image_size": 32, "shard_rows": 8, "workers": 1,
-                   "datasets": [{"format": "utkface", "alignment": "trust_crop"},
-                                {"format": "fer2013_folder", "alignment": "trust_crop"}],
-                   "split": {"val_fraction": 0.2, "test_fraction": 0.2}},
-        "teacher": TRAIN, "student": TRAIN,
+        "ingest": {
+            "image_size": 32,
+            "shard_rows": 8,
+            "workers": 1,
+            "datasets": [
+                {"format": "utkface", "alignment": "trust_crop"},
+                {"format": "fer2013_folder", "alignment": "trust_crop"},
+            ],
+            "split": {"val_fraction": 0.2, "test_fraction": 0.2},
+        },
+        "teacher": TRAIN,
+        "student": TRAIN,
         "pseudolabel": {"batch_size": 64, "threads": 1, "device": "cpu"},
         "evaluate": {"threads": 1, "device": "cpu", "views": []},
-        "pipeline": {"ingest_shards": 2, "shards": 2, "baselines": True, "single_distill": True,
-                     "baseline_tasks": ["expression"], "run_root": str(run_root)},
+        "pipeline": {
+            "ingest_shards": 2,
+            "shards": 2,
+            "baselines": True,
+            "single_distill": True,
+            "baseline_tasks": ["expression"],
+            "run_root": str(run_root),
+        },
     }
     path.write_text(yaml.safe_dump(experiment))
     return path
@@ -51,8 +73,12 @@ def experiment(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     data = load_bench("chain_bench").make_smoke_data(root / "data", per_dataset=24)
     config = tiny_experiment(root / "tiny.yaml", root / "runs")
-    return {"root": root, "config": str(config), "data": str(data),
-            "cfg": lambda *sets: load_experiment(str(config), list(sets), data_root=str(data))}
+    return {
+        "root": root,
+        "config": str(config),
+        "data": str(data),
+        "cfg": lambda *sets: load_experiment(str(config), list(sets), data_root=str(data)),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +92,23 @@ def task_names(result: local.LocalRun) -> set[str]:
 
 
 def test_whole_pipeline(first_run):
-    assert task_names(first_run) == {"shard-plan", "ingest-shard", "ingest-merge", "teacher", "shard-plan-2",
-                                     "pseudolabel-shard", "pseudolabel-merge", "student", "baseline", "gather-models",
-                                     "pseudolabel-single", "gather-pseudo", "student-single", "gather-models-2",
-                                     "evaluate"}
+    assert task_names(first_run) == {
+        "shard-plan",
+        "ingest-shard",
+        "ingest-merge",
+        "teacher",
+        "shard-plan-2",
+        "pseudolabel-shard",
+        "pseudolabel-merge",
+        "student",
+        "baseline",
+        "gather-models",
+        "pseudolabel-single",
+        "gather-pseudo",
+        "student-single",
+        "gather-models-2",
+        "evaluate",
+    }
     assert first_run.run_dir.name == first_run.run_id  # one id: the run folder is named by it
     assert sum(name.endswith("/ingest-shard") for name in first_run.executed) == 2
     assert sum(name.endswith("/pseudolabel-shard") for name in first_run.executed) == 2
@@ -79,9 +118,11 @@ def test_whole_pipeline(first_run):
     assert report.startswith("<!DOCTYPE html>") or "<html" in report[:200]
     metrics = json.loads(Path(first_run.report).with_name(layout.EVAL_METRICS).read_text())
     assert {"student_single_expression", "baseline_expression", "teacher", "student"} == {
-        key.split("/")[0] for key in metrics}
+        key.split("/")[0] for key in metrics
+    }
     assert {"teacher", "student", "evaluate", "ingest-shard", "ingest-merge", "pseudolabel-merge"} <= {
-        name.rsplit("/", 1)[-1] for name in first_run.stage_seconds}
+        name.rsplit("/", 1)[-1] for name in first_run.stage_seconds
+    }
     merged = next(first_run.run_dir.glob("pseudolabel-merge/pseudo"))
     pseudo = contracts.read_table(str(merged / layout.PSEUDO_FILE), contracts.PSEUDO)
     assert pseudo.num_rows == 48
@@ -116,11 +157,21 @@ def test_publish_layout(published):
     assert len(result.executed) == 10 and all(name.startswith("publish") for name in task_names(result))
     run = prefix / result.run_id
     assert result.published == str(run)
-    for path in ("ingest/faces/_manifest.json", "ingest/labels.parquet", "ingest/report.md",
-                 "teacher/model_card.json", "teacher/model.safetensors", "pseudolabel/pseudo.parquet",
-                 "student/model.safetensors", "student/model_card.json", "evaluate/report.html",
-                 "evaluate/claims.json", "baselines/expression/model_card.json",
-                 "pseudolabel_single/expression/pseudo.parquet", "student_single/expression/model_card.json"):
+    for path in (
+        "ingest/faces/_manifest.json",
+        "ingest/labels.parquet",
+        "ingest/report.md",
+        "teacher/model_card.json",
+        "teacher/model.safetensors",
+        "pseudolabel/pseudo.parquet",
+        "student/model.safetensors",
+        "student/model_card.json",
+        "evaluate/report.html",
+        "evaluate/claims.json",
+        "baselines/expression/model_card.json",
+        "pseudolabel_single/expression/pseudo.parquet",
+        "student_single/expression/model_card.json",
+    ):
         assert (run / path).is_file(), path
     labels = contracts.read_table(str(run / "ingest/labels.parquet"), contracts.LABELS)
     assert labels.num_rows == contracts.read_manifest(str(run / "ingest/faces"))["rows"] == 48
@@ -131,17 +182,36 @@ def test_from_run_imports_what_was_published(experiment, published):
     cfg = experiment["cfg"](f"pipeline.publish_prefix={prefix}")
     rerun = local.run(cfg, rerun="evaluate", from_run=result.run_id)
     ran = task_names(rerun)
-    assert "evaluate" in ran and not ran & {"ingest", "teacher", "student", "baseline", "student-single",
-                                            "pseudolabel-single"}
+    assert "evaluate" in ran and not ran & {
+        "ingest",
+        "teacher",
+        "student",
+        "baseline",
+        "student-single",
+        "pseudolabel-single",
+    }
     imported = json.loads(Path(rerun.report).with_name(layout.EVAL_DETAILS).read_text())["models"]
     assert {m["uri"].split(result.run_id + "/")[-1] for m in imported} == {
-        "teacher", "student", "baselines/expression", "student_single/expression"}
+        "teacher",
+        "student",
+        "baselines/expression",
+        "student_single/expression",
+    }
     assert (prefix / rerun.run_id / "evaluate" / layout.EVAL_REPORT_HTML).is_file()
 
 
 def test_failing_stage_is_one_clear_line(experiment, tmp_path, capsys):
-    code = cli.main(["run", "--config", experiment["config"], "--data-root", str(tmp_path / "missing"),
-                     "--set", f"pipeline.run_root={tmp_path / 'runs'}"])
+    code = cli.main(
+        [
+            "run",
+            "--config",
+            experiment["config"],
+            "--data-root",
+            str(tmp_path / "missing"),
+            "--set",
+            f"pipeline.run_root={tmp_path / 'runs'}",
+        ]
+    )
     assert code == 2
     captured = capsys.readouterr()
     last = captured.err.strip().splitlines()[-1]
@@ -161,8 +231,10 @@ def test_publish_to_s3(experiment, first_run, s3_env):
     assert contracts.read_table(f"{run}/ingest/labels.parquet", contracts.LABELS).num_rows == 48
     assert store.exists(f"{run}/student/{layout.WEIGHTS_FILE}")
     assert "<table" in store.read_text(f"{run}/evaluate/{layout.EVAL_REPORT_HTML}")
-    assert store.list_files(f"{run}/student_single") == [f"{run}/student_single/expression/{name}" for name in sorted(
-        p.name for p in Path(first_run.run_dir, "gather-models-2/folder/expression").iterdir())]
+    assert store.list_files(f"{run}/student_single") == [
+        f"{run}/student_single/expression/{name}"
+        for name in sorted(p.name for p in Path(first_run.run_dir, "gather-models-2/folder/expression").iterdir())
+    ]
 
 
 def test_bench_reports_the_overhead(first_run):

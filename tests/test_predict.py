@@ -17,8 +17,19 @@ from d2mtl.cli import main
 from d2mtl.config.ingest import IngestConfig
 from d2mtl.errors import UserError
 from d2mtl.models import AGE_MIN, ModelSpec, MultiTaskNet, save_model
-from d2mtl.predict import (EXIT_BAD_INPUT, EXIT_NO_FACE, EXIT_NO_FACE_BAD_INPUT, Analyzer, InferenceModel,
-                           csv_columns, exit_code, latest_model, list_images, output_names, write_results)
+from d2mtl.predict import (
+    EXIT_BAD_INPUT,
+    EXIT_NO_FACE,
+    EXIT_NO_FACE_BAD_INPUT,
+    Analyzer,
+    InferenceModel,
+    csv_columns,
+    exit_code,
+    latest_model,
+    list_images,
+    output_names,
+    write_results,
+)
 from d2mtl.tasks import TASKS
 
 CLASS_TASKS = [t for t in TASKS if TASKS[t].kind == "classification"]
@@ -49,12 +60,13 @@ def side_by_side(left: np.ndarray, right: np.ndarray) -> np.ndarray:
     """Two face photos pasted on one grey canvas with a margin around and between them."""
     height = max(left.shape[0], right.shape[0]) + 60
     canvas = np.full((height, left.shape[1] + right.shape[1] + 90, 3), 127, np.uint8)
-    canvas[30:30 + left.shape[0], 30:30 + left.shape[1]] = left
-    canvas[30:30 + right.shape[0], 60 + left.shape[1]:60 + left.shape[1] + right.shape[1]] = right
+    canvas[30 : 30 + left.shape[0], 30 : 30 + left.shape[1]] = left
+    canvas[30 : 30 + right.shape[0], 60 + left.shape[1] : 60 + left.shape[1] + right.shape[1]] = right
     return canvas
 
 
 # ---- the graph -----------------------------------------------------------------------------------
+
 
 def test_one_pass_gives_what_net_predict_gives():
     torch.manual_seed(0)
@@ -74,7 +86,7 @@ def test_age_interval_is_the_10th_to_90th_percentile_of_the_distribution():
     net = MultiTaskNet(ModelSpec(tasks=("age",), input_size=32), weights=None).eval()
     head = net.heads["age"]
     logits = torch.full((head.out_features,), -1e4)
-    logits[20 - AGE_MIN:25 - AGE_MIN] = 0.0  # uniform over 20..24: CDF 0.2, 0.4, ..., 1.0
+    logits[20 - AGE_MIN : 25 - AGE_MIN] = 0.0  # uniform over 20..24: CDF 0.2, 0.4, ..., 1.0
     with torch.no_grad():
         head.weight.zero_()
         head.bias.copy_(logits)
@@ -102,6 +114,7 @@ def test_bad_age_interval_and_batch_size_are_user_errors(model_dir):
 
 # ---- inputs without faces ------------------------------------------------------------------------
 
+
 def test_faces_are_aligned_at_the_size_the_model_trained_on(analyzer, tmp_path, caplog):
     out = str(tmp_path / "model")
     save_model(MultiTaskNet(ModelSpec(input_size=32), weights=None), out, training={"faces": {"image_size": "96"}})
@@ -126,11 +139,22 @@ def test_corrupt_empty_missing_files_are_results_not_errors(analyzer, tmp_path):
     (tmp_path / "empty.jpg").write_bytes(b"")
     (tmp_path / "text.jpg").write_text("not an image")
     (tmp_path / "fine.png").write_bytes(good)
-    paths = [tmp_path / "truncated.png", tmp_path / "empty.jpg", tmp_path / "missing.jpg", tmp_path / "text.jpg",
-             tmp_path / "fine.png"]
+    paths = [
+        tmp_path / "truncated.png",
+        tmp_path / "empty.jpg",
+        tmp_path / "missing.jpg",
+        tmp_path / "text.jpg",
+        tmp_path / "fine.png",
+    ]
     results = analyzer.analyze([str(p) for p in paths] + [np.zeros((4, 4, 4), np.uint8)])
-    assert [r.status for r in results] == ["unreadable", "unreadable", "not_found", "unreadable", "no_face",
-                                           "unreadable"]
+    assert [r.status for r in results] == [
+        "unreadable",
+        "unreadable",
+        "not_found",
+        "unreadable",
+        "no_face",
+        "unreadable",
+    ]
     assert [r.source for r in results[:5]] == [str(p) for p in paths]
     assert results[1].reason == "empty file" and "array" in results[5].reason
 
@@ -151,12 +175,12 @@ def test_images_from_an_s3_prefix(analyzer, s3_env):
     store.write_bytes("s3://bucket/photos/sub/broken.jpg", b"\xff\xd8\xff garbage")
     store.write_bytes("s3://bucket/photos/readme.txt", b"skip me")
     uris = list_images(["s3://bucket/photos", "s3://bucket/nothing-here.jpg"])
-    assert uris == ["s3://bucket/photos/noise.png", "s3://bucket/photos/sub/broken.jpg",
-                    "s3://bucket/nothing-here.jpg"]
+    assert uris == ["s3://bucket/photos/noise.png", "s3://bucket/photos/sub/broken.jpg", "s3://bucket/nothing-here.jpg"]
     assert [r.status for r in analyzer.analyze(uris)] == ["no_face", "unreadable", "not_found"]
 
 
 # ---- real faces ----------------------------------------------------------------------------------
+
 
 @pytest.mark.realdata
 def test_a_real_face_gets_every_attribute(analyzer, utk_faces):
@@ -198,8 +222,7 @@ def test_two_pasted_faces_give_two_face_results(analyzer, utk_faces):
     centres = sorted((f.box[0] + f.box[2]) / 2 for f in result.faces)
     middle = canvas.shape[1] / 2
     assert centres[0] < middle < centres[1]
-    assert [f.detection_score for f in result.faces] == sorted((f.detection_score for f in result.faces),
-                                                               reverse=True)
+    assert [f.detection_score for f in result.faces] == sorted((f.detection_score for f in result.faces), reverse=True)
 
 
 @pytest.mark.realdata
@@ -210,8 +233,9 @@ def test_faces_of_many_images_share_forward_passes(model_dir, utk_faces):
     for batch_size in (64, 2):
         analyzer = Analyzer(model_dir, device="cpu", batch_size=batch_size)
         batches[batch_size] = []
-        analyzer.graph.register_forward_hook(lambda module, args, out, sizes=batches[batch_size]:
-                                             sizes.append(args[0].shape[0]))
+        analyzer.graph.register_forward_hook(
+            lambda module, args, out, sizes=batches[batch_size]: sizes.append(args[0].shape[0])
+        )
         results[batch_size] = analyzer.analyze(inputs)
     assert batches[64] == [4]  # every face of every image in one pass
     assert batches[2] == [2, 2]  # two faces waiting -> a pass; then the last two images' faces
@@ -224,6 +248,7 @@ def test_faces_of_many_images_share_forward_passes(model_dir, utk_faces):
 
 
 # ---- CLI output ----------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def photo_dir(tmp_path_factory, shared_data) -> Path:
@@ -248,8 +273,11 @@ def test_cli_json_is_one_object_per_image(capsys, model_dir, photo_dir):
     assert code == EXIT_BAD_INPUT  # faces found, but broken.jpg is unreadable
     records = {Path(r["source"]).name: r for r in map(json.loads, out.splitlines())}
     assert set(records) == {"pair.jpg", "noise.png", "broken.jpg"}
-    assert {k: records[k]["status"] for k in records} == {"pair.jpg": "ok", "noise.png": "no_face",
-                                                          "broken.jpg": "unreadable"}
+    assert {k: records[k]["status"] for k in records} == {
+        "pair.jpg": "ok",
+        "noise.png": "no_face",
+        "broken.jpg": "unreadable",
+    }
     face = records["pair.jpg"]["faces"][0]
     assert set(face) == {"box", "landmarks", "detection_score", "age", "classes"}
     assert set(face["age"]) == {"years", "low", "high", "std"} and set(face["classes"]) == set(CLASS_TASKS)
@@ -259,8 +287,17 @@ def test_cli_json_is_one_object_per_image(capsys, model_dir, photo_dir):
 
 @pytest.mark.realdata
 def test_cli_csv_is_one_row_per_face_or_faceless_image(capsys, model_dir, photo_dir):
-    code, out, _ = run_cli(capsys, str(photo_dir / "pair.jpg"), str(photo_dir / "noise.png"), "--model", model_dir,
-                           "--format", "csv", "--batch-size", "1")
+    code, out, _ = run_cli(
+        capsys,
+        str(photo_dir / "pair.jpg"),
+        str(photo_dir / "noise.png"),
+        "--model",
+        model_dir,
+        "--format",
+        "csv",
+        "--batch-size",
+        "1",
+    )
     assert code == 0
     reader = csv.DictReader(io.StringIO(out))
     assert reader.fieldnames == csv_columns(list(TASKS))
@@ -274,11 +311,16 @@ def test_cli_csv_is_one_row_per_face_or_faceless_image(capsys, model_dir, photo_
     assert rows[2]["age"] == "" and rows[2]["reason"]
 
 
-@pytest.mark.parametrize("counts, code", [
-    ({"images": 2, "faces": 1, "ok": 1, "no_face": 1}, 0), ({"images": 1, "faces": 0, "no_face": 1}, 3),
-    ({"images": 2, "faces": 3, "ok": 1, "not_found": 1}, 4),
-    ({"images": 2, "faces": 0, "no_face": 1, "not_found": 1}, 5),
-    ({"images": 1, "faces": 0, "unreadable": 1}, 5)])
+@pytest.mark.parametrize(
+    "counts, code",
+    [
+        ({"images": 2, "faces": 1, "ok": 1, "no_face": 1}, 0),
+        ({"images": 1, "faces": 0, "no_face": 1}, 3),
+        ({"images": 2, "faces": 3, "ok": 1, "not_found": 1}, 4),
+        ({"images": 2, "faces": 0, "no_face": 1, "not_found": 1}, 5),
+        ({"images": 1, "faces": 0, "unreadable": 1}, 5),
+    ],
+)
 def test_exit_codes_tell_nothing_predicted_from_bad_input(counts, code):
     assert exit_code(counts) == code
 
@@ -293,8 +335,10 @@ def test_cli_table_and_faceless_csv_need_no_faces(capsys, model_dir, tmp_path):
     (tmp_path / "noise.png").write_bytes(png(noise()))
     code, out, _ = run_cli(capsys, str(tmp_path), str(tmp_path / "gone.jpg"), "--model", model_dir)
     assert code == EXIT_NO_FACE_BAD_INPUT  # nothing predicted, and an input was missing
-    assert out.splitlines() == [f"{tmp_path / 'noise.png'}  no_face: no face with detection score >= 0.9",
-                                f"{tmp_path / 'gone.jpg'}  not_found: no such file"]
+    assert out.splitlines() == [
+        f"{tmp_path / 'noise.png'}  no_face: no face with detection score >= 0.9",
+        f"{tmp_path / 'gone.jpg'}  not_found: no such file",
+    ]
     buffer = io.StringIO()
     analyzer = Analyzer(model_dir, device="cpu")
     counts = write_results(analyzer.analyze_iter([str(tmp_path / "noise.png")]), "csv", buffer, analyzer.tasks)
@@ -310,8 +354,9 @@ def test_cli_default_model_is_the_latest_run(capsys, model_dir, tmp_path):
     run_root.mkdir()
     (run_root / layout.LATEST_RUN).write_text(json.dumps({"run_id": "r1", "model": model_dir}))
     assert latest_model(str(run_root)) == model_dir
-    code, out, _ = run_cli(capsys, str(tmp_path / "noise.png"), "--set", f"pipeline.run_root={run_root}",
-                           "--format", "json")
+    code, out, _ = run_cli(
+        capsys, str(tmp_path / "noise.png"), "--set", f"pipeline.run_root={run_root}", "--format", "json"
+    )
     assert code == EXIT_NO_FACE and json.loads(out)["status"] == "no_face"
 
 

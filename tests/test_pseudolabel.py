@@ -41,10 +41,22 @@ def tables(tmp_path):
 
 
 def _config(**overrides) -> PseudoLabelConfig:
-    rules = {"gender": {"rule": "fixed", "threshold": 0.5}, "race": {"rule": "prior", "retention": 0.5},
-             "expression": {"rule": "fixed", "threshold": 0.0}, "age": {"rule": "spread", "max_spread": 100.0}}
-    return PseudoLabelConfig(**{"transforms": ["identity", "hflip", "crop:0.8", "scale:1.25"], "batch_size": 8,
-                                "workers": 0, "device": "cpu", "rules": rules, **overrides})
+    rules = {
+        "gender": {"rule": "fixed", "threshold": 0.5},
+        "race": {"rule": "prior", "retention": 0.5},
+        "expression": {"rule": "fixed", "threshold": 0.0},
+        "age": {"rule": "spread", "max_spread": 100.0},
+    }
+    return PseudoLabelConfig(
+        **{
+            "transforms": ["identity", "hflip", "crop:0.8", "scale:1.25"],
+            "batch_size": 8,
+            "workers": 0,
+            "device": "cpu",
+            "rules": rules,
+            **overrides,
+        }
+    )
 
 
 def _read(out: str) -> pa.Table:
@@ -102,16 +114,18 @@ def test_shards_merged_equal_one_pass_and_output_is_deterministic(tables, tmp_pa
     merged = str(tmp_path / "merged")
     pseudolabel.merge(cfg, list(reversed(shard_outs)), merged)
     assert _read(merged).equals(_read(whole))
-    assert (contracts.table_metadata(store.join(merged, layout.PSEUDO_FILE))
-            == contracts.table_metadata(store.join(whole, layout.PSEUDO_FILE)))
+    assert contracts.table_metadata(store.join(merged, layout.PSEUDO_FILE)) == contracts.table_metadata(
+        store.join(whole, layout.PSEUDO_FILE)
+    )
     whole_report = json.loads(store.read_text(store.join(whole, layout.PSEUDO_REPORT)))
     merged_report = json.loads(store.read_text(store.join(merged, layout.PSEUDO_REPORT)))
     assert {**merged_report, "shards": 1} == whole_report
 
     again = str(tmp_path / "again")
     pseudolabel.run(cfg, [teacher], tables["faces"], tables["labels"], again)
-    assert (store.read_bytes(store.join(again, layout.PSEUDO_FILE))
-            == store.read_bytes(store.join(whole, layout.PSEUDO_FILE)))
+    assert store.read_bytes(store.join(again, layout.PSEUDO_FILE)) == store.read_bytes(
+        store.join(whole, layout.PSEUDO_FILE)
+    )
 
 
 def test_more_shards_than_face_shards_leaves_empty_parts(tables, tmp_path):
@@ -119,8 +133,10 @@ def test_more_shards_than_face_shards_leaves_empty_parts(tables, tmp_path):
     cfg = _config(transforms=["identity"])
     pseudolabel.run(cfg, [teacher], tables["faces"], tables["labels"], str(tmp_path / "whole"))
     outs = [str(tmp_path / f"shard{i}") for i in range(5)]
-    rows = [pseudolabel.run(cfg, [teacher], tables["faces"], tables["labels"], out, shard=(i, 5))["rows"]
-            for i, out in enumerate(outs)]
+    rows = [
+        pseudolabel.run(cfg, [teacher], tables["faces"], tables["labels"], out, shard=(i, 5))["rows"]
+        for i, out in enumerate(outs)
+    ]
     assert rows == [10, 10, 10, 10, 0]
     pseudolabel.merge(cfg, outs, str(tmp_path / "merged"))
     assert _read(str(tmp_path / "merged")).equals(_read(str(tmp_path / "whole")))
@@ -135,8 +151,7 @@ def test_merge_refuses_missing_and_foreign_shards(tables, tmp_path):
     with pytest.raises(UserError, match="missing shard"):
         pseudolabel.merge(cfg, outs[:1], str(tmp_path / "merged"))
     other = str(tmp_path / "other")
-    pseudolabel.run(_config(transforms=["identity"]), [teacher], tables["faces"], tables["labels"], other,
-                    shard=(1, 2))
+    pseudolabel.run(_config(transforms=["identity"]), [teacher], tables["faces"], tables["labels"], other, shard=(1, 2))
     with pytest.raises(UserError, match="differs in transforms"):
         pseudolabel.merge(cfg, [outs[0], other], str(tmp_path / "merged"))
     with pytest.raises(UserError, match="given twice"):
@@ -149,13 +164,16 @@ def test_teacher_with_other_tasks_is_a_clear_error(tables, tmp_path):
         pseudolabel.run(_config(), [age_teacher], tables["faces"], tables["labels"], str(tmp_path / "out"))
     full = _teacher(str(tmp_path / "full"))
     with pytest.raises(UserError, match="predicts age, gender, race, expression but pseudolabel.tasks is age"):
-        pseudolabel.run(_config(tasks=["age"]), [age_teacher, full], tables["faces"], tables["labels"],
-                        str(tmp_path / "out"))
+        pseudolabel.run(
+            _config(tasks=["age"]), [age_teacher, full], tables["faces"], tables["labels"], str(tmp_path / "out")
+        )
 
 
 def test_single_task_ensemble_fills_only_its_task(tables, tmp_path):
-    teachers = [_teacher(str(tmp_path / f"age{seed}"), tasks=("age",), seed=seed, input_size=size)
-                for seed, size in ((0, 32), (1, 40))]  # each teacher gets its own input size
+    teachers = [
+        _teacher(str(tmp_path / f"age{seed}"), tasks=("age",), seed=seed, input_size=size)
+        for seed, size in ((0, 32), (1, 40))
+    ]  # each teacher gets its own input size
     cfg = _config(tasks=["age"], transforms=["identity"])
     pseudolabel.run(cfg, teachers, tables["faces"], tables["labels"], str(tmp_path / "out"))
     pseudo = _read(str(tmp_path / "out"))
@@ -219,16 +237,68 @@ def test_holdout_mode_reports_quality_against_hidden_labels(tables, tmp_path):
 
 def test_cli_runs_shards_merges_and_reports_errors_in_one_line(tables, tmp_path, capsys):
     teacher = _teacher(str(tmp_path / "teacher"))
-    common = ["--set", "pseudolabel.transforms=[identity]", "--set", "pseudolabel.device=cpu", "--set",
-              "pseudolabel.threads=1"]
+    common = [
+        "--set",
+        "pseudolabel.transforms=[identity]",
+        "--set",
+        "pseudolabel.device=cpu",
+        "--set",
+        "pseudolabel.threads=1",
+    ]
     for i in range(2):
-        assert main(["pseudolabel", *common, "--teacher", teacher, "--faces", tables["faces"], "--labels",
-                     tables["labels"], "--out", str(tmp_path / f"s{i}"), "--shard", f"{i}/2"]) == 0
-    assert main(["pseudolabel", *common, "--merge", str(tmp_path / "s0"), str(tmp_path / "s1"),
-                 "--out", str(tmp_path / "merged")]) == 0
+        assert (
+            main(
+                [
+                    "pseudolabel",
+                    *common,
+                    "--teacher",
+                    teacher,
+                    "--faces",
+                    tables["faces"],
+                    "--labels",
+                    tables["labels"],
+                    "--out",
+                    str(tmp_path / f"s{i}"),
+                    "--shard",
+                    f"{i}/2",
+                ]
+            )
+            == 0
+        )
+    assert (
+        main(
+            [
+                "pseudolabel",
+                *common,
+                "--merge",
+                str(tmp_path / "s0"),
+                str(tmp_path / "s1"),
+                "--out",
+                str(tmp_path / "merged"),
+            ]
+        )
+        == 0
+    )
     assert _read(str(tmp_path / "merged")).num_rows == 40
-    assert main(["pseudolabel", *common, "--tasks", "age", "--teacher", teacher, "--faces", tables["faces"],
-                 "--labels", tables["labels"], "--out", str(tmp_path / "bad")]) == 2
+    assert (
+        main(
+            [
+                "pseudolabel",
+                *common,
+                "--tasks",
+                "age",
+                "--teacher",
+                teacher,
+                "--faces",
+                tables["faces"],
+                "--labels",
+                tables["labels"],
+                "--out",
+                str(tmp_path / "bad"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()[-1]  # earlier lines: the shard runs' progress bars
     assert err.startswith("d2mtl pseudolabel: error: teacher") and "--tasks age,gender,race,expression" in err
 

@@ -40,11 +40,28 @@ def test_confusion_png_is_a_png():
 
 
 def test_history_series_finds_epochs_and_groups_panels():
-    doc = {"result": {"epochs": 2}, "lr": {"trace": [0.1, 0.2]}, "history": [
-        {"epoch": 1, "train": {"age": 2.0}, "val": {"age_loss": 2.2, "age_mae": 9.0, "age_n": 40, "gender_acc": 0.7},
-         "lr": 0.01, "plateau": False, "task_weights": {"age": 1.0}},
-        {"epoch": 2, "train": {"age": 1.5}, "val": {"age_loss": 1.9, "age_mae": 7.5, "age_n": 40, "gender_acc": 0.8},
-         "lr": 0.005, "plateau": True, "task_weights": {"age": 1.0}}]}
+    doc = {
+        "result": {"epochs": 2},
+        "lr": {"trace": [0.1, 0.2]},
+        "history": [
+            {
+                "epoch": 1,
+                "train": {"age": 2.0},
+                "val": {"age_loss": 2.2, "age_mae": 9.0, "age_n": 40, "gender_acc": 0.7},
+                "lr": 0.01,
+                "plateau": False,
+                "task_weights": {"age": 1.0},
+            },
+            {
+                "epoch": 2,
+                "train": {"age": 1.5},
+                "val": {"age_loss": 1.9, "age_mae": 7.5, "age_n": 40, "gender_acc": 0.8},
+                "lr": 0.005,
+                "plateau": True,
+                "task_weights": {"age": 1.0},
+            },
+        ],
+    }
     series = report.history_series(doc)
     assert series["loss"] == {"train/age": ([1.0, 2.0], [2.0, 1.5]), "val/age_loss": ([1.0, 2.0], [2.2, 1.9])}
     assert series["MAE (years)"] == {"val/age_mae": ([1.0, 2.0], [9.0, 7.5])}
@@ -55,12 +72,29 @@ def test_history_series_finds_epochs_and_groups_panels():
 
 
 def test_threshold_series_from_holdout_curves():
-    doc = {"rows": 10, "holdout": {"fraction": 0.2, "curves": {
-        "expression": {"parameter": "threshold", "chosen": {"accuracy": 0.8}, "curve": [
-            {"threshold": 0.5, "hidden": 10, "kept": 8, "retention": 0.8, "accuracy": 0.6},
-            {"threshold": 0.9, "hidden": 10, "kept": 3, "retention": 0.3, "accuracy": 0.9}]},
-        "age": {"parameter": "max_spread", "curve": [{"max_spread": 2.0, "retention": 0.4, "mae": 3.0},
-                                                     {"max_spread": 6.0, "retention": 0.9, "mae": None}]}}}}
+    doc = {
+        "rows": 10,
+        "holdout": {
+            "fraction": 0.2,
+            "curves": {
+                "expression": {
+                    "parameter": "threshold",
+                    "chosen": {"accuracy": 0.8},
+                    "curve": [
+                        {"threshold": 0.5, "hidden": 10, "kept": 8, "retention": 0.8, "accuracy": 0.6},
+                        {"threshold": 0.9, "hidden": 10, "kept": 3, "retention": 0.3, "accuracy": 0.9},
+                    ],
+                },
+                "age": {
+                    "parameter": "max_spread",
+                    "curve": [
+                        {"max_spread": 2.0, "retention": 0.4, "mae": 3.0},
+                        {"max_spread": 6.0, "retention": 0.9, "mae": None},
+                    ],
+                },
+            },
+        },
+    }
     series, xlabels = report.threshold_series(doc)
     assert series["expression: accuracy"] == {"accuracy": ([0.5, 0.9], [0.6, 0.9])}
     assert series["age: mae"] == {"mae": ([2.0], [3.0])}  # a point without a value (nothing kept) is left out
@@ -71,10 +105,18 @@ def test_threshold_series_from_holdout_curves():
 
 
 def test_render_is_self_contained_html_with_tables_and_images():
-    truth = {"dataset": np.array(["utk"] * 4), "split": np.array(["test"] * 4),
-             "age": np.array([20, 30, 40, 50.0]), "gender": np.array([0, 0, 1, 1.0]), "race": np.array([0, 1, 0, 1.0])}
-    models = {"teacher": {"age": truth["age"] + 1, "gender": np.array([0, 0, 1, 1])},
-              "baseline_age": {"age": truth["age"] + 3}, "baseline_gender": {"gender": np.array([0, 1, 1, 1])}}
+    truth = {
+        "dataset": np.array(["utk"] * 4),
+        "split": np.array(["test"] * 4),
+        "age": np.array([20, 30, 40, 50.0]),
+        "gender": np.array([0, 0, 1, 1.0]),
+        "race": np.array([0, 1, 0, 1.0]),
+    }
+    models = {
+        "teacher": {"age": truth["age"] + 1, "gender": np.array([0, 0, 1, 1])},
+        "baseline_age": {"age": truth["age"] + 3},
+        "baseline_gender": {"gender": np.array([0, 1, 1, 1])},
+    }
     rows, confusions = [], []
     for model, predictions in models.items():
         model_rows, model_confusions = metrics.score(truth, predictions)
@@ -83,13 +125,22 @@ def test_render_is_self_contained_html_with_tables_and_images():
     coverage = {"age": {"utk"}, "gender": {"utk"}}
     roles = {name: parse_role(name) for name in models}
     assessed = claims.assess(rows, roles, coverage)
-    plots = [report.Plot(f"{c['model']} {c['task']}", report.confusion_png(c["categories"], c["matrix"], "x"))
-             for c in confusions]
-    html = report.render(title="eval <test>", models=[{"name": "teacher", "role": "teacher", "uri": "/m/t",
-                                                       "tasks": ["age", "gender"]}],
-                         claims=assessed, comparison=claims.comparison_table(rows, list(roles), "test", coverage),
-                         rows=rows, gaps=metrics.fairness_gaps(rows), confusion_plots=plots, curve_plots=[],
-                         threshold_plots=[], notes=["a note"])
+    plots = [
+        report.Plot(f"{c['model']} {c['task']}", report.confusion_png(c["categories"], c["matrix"], "x"))
+        for c in confusions
+    ]
+    html = report.render(
+        title="eval <test>",
+        models=[{"name": "teacher", "role": "teacher", "uri": "/m/t", "tasks": ["age", "gender"]}],
+        claims=assessed,
+        comparison=claims.comparison_table(rows, list(roles), "test", coverage),
+        rows=rows,
+        gaps=metrics.fairness_gaps(rows),
+        confusion_plots=plots,
+        curve_plots=[],
+        threshold_plots=[],
+        notes=["a note"],
+    )
     parser = _Collector()
     parser.feed(html)
     assert parser.tags["table"] >= 6  # models, claims, claim-1 numbers, comparison, metrics, gaps, groups
@@ -101,12 +152,34 @@ def test_render_is_self_contained_html_with_tables_and_images():
 
 
 def test_without_a_gap_the_report_says_the_groups_are_too_small():
-    rows = [{"model": "teacher", "task": "age", "dataset": "utkface", "split": "test", "metric": "mae",
-             "group_by": "gender", "group": group, "value": value, "n": 12} for group, value in (("male", 5.0),
-                                                                                               ("female", 6.0))]
-    page = report.render(title="t", models=[], claims=[], comparison=(["task"], []), rows=rows,
-                         gaps=metrics.fairness_gaps(rows, 30), confusion_plots=[], curve_plots=[], threshold_plots=[],
-                         fairness_min_group=30)
+    rows = [
+        {
+            "model": "teacher",
+            "task": "age",
+            "dataset": "utkface",
+            "split": "test",
+            "metric": "mae",
+            "group_by": "gender",
+            "group": group,
+            "value": value,
+            "n": 12,
+        }
+        for group, value in (("male", 5.0), ("female", 6.0))
+    ]
+    page = report.render(
+        title="t",
+        models=[],
+        claims=[],
+        comparison=(["task"], []),
+        rows=rows,
+        gaps=metrics.fairness_gaps(rows, 30),
+        confusion_plots=[],
+        curve_plots=[],
+        threshold_plots=[],
+        fairness_min_group=30,
+    )
     assert "No dataset with gender or race labels" not in page  # the table below lists UTKFace's gender groups
-    assert ("no attribute has two groups with at least 30 labelled faces (evaluate.fairness_min_group); the largest "
-            "group here has 12") in page
+    assert (
+        "no attribute has two groups with at least 30 labelled faces (evaluate.fairness_min_group); the largest "
+        "group here has 12"
+    ) in page

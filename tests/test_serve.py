@@ -16,9 +16,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from conftest import REPO, _free_port, start_d2mtl_serve
 from PIL import Image
 
-from conftest import REPO, _free_port, start_d2mtl_serve
 from d2mtl import store
 from d2mtl.config import load_experiment
 from d2mtl.predict import Analyzer, ImageResult
@@ -50,8 +50,23 @@ def noise(seed: int, shape=(120, 160, 3)) -> bytes:
 def start_server(model: str, port: int, log: Path, env: dict | None = None, backend: str = "auto") -> subprocess.Popen:
     """The server under test: ``d2mtl serve`` of ``model`` on loopback ``port``, once it is ready."""
     try:
-        return start_d2mtl_serve(["--model", model, "--name", NAME, "--device", "cpu", "--max-request-mb",
-                                  str(LIMIT_MB), "--backend", backend], port, log, env)
+        return start_d2mtl_serve(
+            [
+                "--model",
+                model,
+                "--name",
+                NAME,
+                "--device",
+                "cpu",
+                "--max-request-mb",
+                str(LIMIT_MB),
+                "--backend",
+                backend,
+            ],
+            port,
+            log,
+            env,
+        )
     except RuntimeError as err:
         pytest.fail(str(err))
 
@@ -90,16 +105,24 @@ def v1(server: str, images: list[bytes]) -> httpx.Response:
 
 
 def v2(server: str, images: list[bytes]) -> httpx.Response:
-    body = {"id": "request-1", "inputs": [{"name": "image", "shape": [len(images)], "datatype": "BYTES",
-                                           "data": [b64(image) for image in images]}]}
+    body = {
+        "id": "request-1",
+        "inputs": [
+            {"name": "image", "shape": [len(images)], "datatype": "BYTES", "data": [b64(image) for image in images]}
+        ],
+    }
     return http.post(f"{server}/v2/models/{NAME}/infer", json=body)
 
 
 def assert_same(served: dict, expected: ImageResult) -> None:
     """A served image result is the in-process one: same shape, classes, boxes; probabilities within 1e-4."""
     assert served.keys() == expected.model_dump().keys()
-    assert (served["status"], served["width"], served["height"], served["reason"]) == \
-        (expected.status, expected.width, expected.height, expected.reason)
+    assert (served["status"], served["width"], served["height"], served["reason"]) == (
+        expected.status,
+        expected.width,
+        expected.height,
+        expected.reason,
+    )
     assert len(served["faces"]) == len(expected.faces)
     for face, truth in zip(served["faces"], expected.faces):
         assert face["box"] == pytest.approx(list(truth.box), abs=0.01)
@@ -108,8 +131,9 @@ def assert_same(served: dict, expected: ImageResult) -> None:
         for task, estimate in truth.classes.items():
             assert face["classes"][task]["label"] == estimate.label
             assert list(face["classes"][task]["probabilities"]) == list(estimate.probabilities)
-            assert list(face["classes"][task]["probabilities"].values()) == \
-                pytest.approx(list(estimate.probabilities.values()), abs=1e-4)
+            assert list(face["classes"][task]["probabilities"].values()) == pytest.approx(
+                list(estimate.probabilities.values()), abs=1e-4
+            )
 
 
 def assert_still_serving(server: str, photo: bytes) -> None:
@@ -118,6 +142,7 @@ def assert_still_serving(server: str, photo: bytes) -> None:
 
 
 # ---- answers ---------------------------------------------------------------------------------------
+
 
 def test_v1_answers_are_the_in_process_analysis(server, analyzer, photos):
     images = [*photos, noise(0)]
@@ -161,8 +186,12 @@ def test_health_readiness_and_metadata(server):
 
 
 def test_concurrent_requests_never_mix_their_results(server, analyzer, photos):
-    variants = [*photos, *(png(np.asarray(Image.open(io.BytesIO(p)).convert("RGB"))[:, ::-1].copy()) for p in photos),
-                noise(2, (90, 110, 3)), noise(3, (130, 70, 3))]
+    variants = [
+        *photos,
+        *(png(np.asarray(Image.open(io.BytesIO(p)).convert("RGB"))[:, ::-1].copy()) for p in photos),
+        noise(2, (90, 110, 3)),
+        noise(3, (130, 70, 3)),
+    ]
     expected = analyzer.analyze(variants)
     order = [i % len(variants) for i in range(48)]
     with ThreadPoolExecutor(16) as pool:
@@ -173,6 +202,7 @@ def test_concurrent_requests_never_mix_their_results(server, analyzer, photos):
 
 
 # ---- bad input -----------------------------------------------------------------------------------
+
 
 def bomb() -> bytes:
     """A 97 kB PNG that claims 10,000 x 10,000 pixels."""
@@ -217,10 +247,14 @@ def test_a_v2_request_needs_one_bytes_input(server):
 
 
 def test_the_v2_binary_data_extension_is_refused_in_one_line(server, photos):
-    header = b'{"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", ' \
-             b'"parameters": {"binary_data_size": 8}}]}'
-    answer = http.post(f"{server}/v2/models/{NAME}/infer", content=header + b"\x89PNG\r\n\x1a\n",
-                       headers={"Inference-Header-Content-Length": str(len(header))})
+    header = (
+        b'{"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 8}}]}'
+    )
+    answer = http.post(
+        f"{server}/v2/models/{NAME}/infer",
+        content=header + b"\x89PNG\r\n\x1a\n",
+        headers={"Inference-Header-Content-Length": str(len(header))},
+    )
     assert answer.status_code == 400 and "base64" in answer.json()["error"]
     assert_still_serving(server, photos[0])
 
@@ -232,15 +266,20 @@ def test_a_bad_image_refuses_the_whole_request(server, photos):
 
 def test_a_body_over_the_limit_is_refused_before_it_is_read(server, photos):
     started = time.perf_counter()
-    answer = http.post(f"{server}/v1/models/{NAME}:predict", content=os.urandom(50_000_000),
-                        headers={"Content-Type": "application/json"})
+    answer = http.post(
+        f"{server}/v1/models/{NAME}:predict",
+        content=os.urandom(50_000_000),
+        headers={"Content-Type": "application/json"},
+    )
     assert answer.status_code == 413 and f"limit of {LIMIT_MB} MB" in answer.json()["error"]
     assert time.perf_counter() - started < 10
     # a client that waits for 100-continue sends only the headers and still gets the answer
     port = int(server.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(f"POST /v1/models/{NAME}:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     "Content-Length: 50000000\r\nExpect: 100-continue\r\n\r\n".encode())
+        sock.sendall(
+            f"POST /v1/models/{NAME}:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            "Content-Length: 50000000\r\nExpect: 100-continue\r\n\r\n".encode()
+        )
         assert sock.recv(4096).startswith(b"HTTP/1.1 413")
     # a chunked body is cut off as it passes the limit
     chunks = (os.urandom(1_000_000) for _ in range(2 * LIMIT_MB))
@@ -251,11 +290,17 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(server, photos):
 
 # ---- model loading -------------------------------------------------------------------------------
 
+
 def test_a_folder_that_is_not_a_model_is_refused_before_the_server_starts(tmp_path):
     (tmp_path / "notes.txt").write_text("no model here")
     port = _free_port()
-    result = subprocess.run([sys.executable, "-m", "d2mtl.cli", "serve", "--model", str(tmp_path), "--port",
-                             str(port)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "d2mtl.cli", "serve", "--model", str(tmp_path), "--port", str(port)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "not a model folder" in result.stderr
     with pytest.raises(OSError):
@@ -264,8 +309,13 @@ def test_a_folder_that_is_not_a_model_is_refused_before_the_server_starts(tmp_pa
 
 @pytest.mark.parametrize("option", [["--port", "70000"], ["--max-request-mb", "0"]])
 def test_bad_options_are_one_line(model_dir, option):
-    result = subprocess.run([sys.executable, "-m", "d2mtl.cli", "serve", "--model", model_dir, *option], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "d2mtl.cli", "serve", "--model", model_dir, *option],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and "error" in result.stderr
 
 
@@ -274,8 +324,13 @@ def test_a_model_in_object_storage_is_served_with_either_backend(s3_env, model_d
     for path in Path(model_dir).iterdir():
         store.upload_file(path, f"s3://bucket/served/student/{path.name}")
     port = _free_port()
-    process = start_server("s3://bucket/served/student", port, tmp_path / "server.log",
-                           env={k: v for k, v in os.environ.items() if k.startswith("AWS_")}, backend="torch")
+    process = start_server(
+        "s3://bucket/served/student",
+        port,
+        tmp_path / "server.log",
+        env={k: v for k, v in os.environ.items() if k.startswith("AWS_")},
+        backend="torch",
+    )
     try:
         answer = v1(f"http://127.0.0.1:{port}", photos[:1])
         assert answer.status_code == 200
@@ -286,18 +341,26 @@ def test_a_model_in_object_storage_is_served_with_either_backend(s3_env, model_d
 
 # ---- the page, in a real browser -------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def browser():
     if not (CHROMIUM and CHROMEDRIVER):
-        pytest.skip("no chromium + chromedriver: install Debian's (apt-get install chromium chromium-driver, "
-                    "as .ci/system-packages does) to run the browser test")
+        pytest.skip(
+            "no chromium + chromedriver: install Debian's (apt-get install chromium chromium-driver, "
+            "as .ci/system-packages does) to run the browser test"
+        )
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                     "--window-size=1300,1800"):
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1300,1800",
+    ):
         options.add_argument(argument)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     yield driver
@@ -329,13 +392,17 @@ def test_the_page_shows_each_face_with_its_attributes(browser, server, analyzer,
     assert float(item.get_attribute("data-age")) == pytest.approx(expected.age.years, abs=0.05)
     assert browser.find_element(By.ID, "canvas").is_displayed()
     # the photo at its size, the face's box drawn in the first face colour (#e6194b) on its top edge
-    assert browser.execute_script("const c = document.getElementById('canvas'); return [c.width, c.height];") == \
-        list(Image.open(path).size)
+    assert browser.execute_script("const c = document.getElementById('canvas'); return [c.width, c.height];") == list(
+        Image.open(path).size
+    )
     x1, y1, x2, _ = expected.box
-    pixel = browser.execute_script("return Array.from(document.getElementById('canvas').getContext('2d')"
-                                   ".getImageData(arguments[0], arguments[1], 1, 1).data);", round((x1 + x2) / 2),
-                                   max(0, round(y1)))
-    assert pixel[:3] == pytest.approx([0xe6, 0x19, 0x4b], abs=40)
+    pixel = browser.execute_script(
+        "return Array.from(document.getElementById('canvas').getContext('2d')"
+        ".getImageData(arguments[0], arguments[1], 1, 1).data);",
+        round((x1 + x2) / 2),
+        max(0, round(y1)),
+    )
+    assert pixel[:3] == pytest.approx([0xE6, 0x19, 0x4B], abs=40)
 
     (tmp_path / "noise.png").write_bytes(noise(5))
     assert upload(browser, server, tmp_path / "noise.png").startswith("No face in noise.png")

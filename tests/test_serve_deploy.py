@@ -9,14 +9,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import yaml
-
 from conftest import _free_port
+
 from d2mtl.config.pipeline import PipelineConfig, ServingConfig, StageImages
 from d2mtl.errors import UserError
 
 pytest.importorskip("kserve", reason="the deploy step needs the serve extra: pip install -e '.[serve]'")
 
 # ---- the deploy step in the pipeline ----------------------------------------------------------------
+
 
 def compiled(tmp_path, *overrides: str) -> dict:
     from d2mtl.cli import main
@@ -38,8 +39,12 @@ def tasks_by_name(spec: dict) -> dict[str, dict]:
 
 def test_the_pipeline_deploys_only_when_asked(tmp_path):
     assert "deploy" not in tasks_by_name(compiled(tmp_path))
-    spec = compiled(tmp_path, "pipeline.deploy=true", "pipeline.publish_prefix=s3://d2mtl/results",
-                    "pipeline.serving.max_batch_size=8")
+    spec = compiled(
+        tmp_path,
+        "pipeline.deploy=true",
+        "pipeline.publish_prefix=s3://d2mtl/results",
+        "pipeline.serving.max_batch_size=8",
+    )
     tasks = tasks_by_name(spec)
     deploy = tasks["deploy"]
     (publish,) = deploy["dependentTasks"]
@@ -47,8 +52,11 @@ def test_the_pipeline_deploys_only_when_asked(tmp_path):
     assert deploy["inputs"]["parameters"]["model"]["taskOutputParameter"]["producerTask"] == publish
     settings = json.loads(deploy["inputs"]["parameters"]["serving"]["runtimeValue"]["constant"])
     assert settings["max_batch_size"] == 8
-    condition = next(task for task in tasks.values()
-                     if spec["components"][task["componentRef"]["name"]].get("dag", {}).get("tasks", {}).get("deploy"))
+    condition = next(
+        task
+        for task in tasks.values()
+        if spec["components"][task["componentRef"]["name"]].get("dag", {}).get("tasks", {}).get("deploy")
+    )
     assert "evaluate" in condition["dependentTasks"], "deploy comes last, after evaluate"
     image = spec["deploymentSpec"]["executors"]["exec-deploy"]["container"]["image"]
     assert image == StageImages().reference("serve")
@@ -60,6 +68,7 @@ def test_deploy_needs_a_publish_prefix():
 
 
 # ---- create or update, through the kserve client ----------------------------------------------------
+
 
 class FakeKubernetes(BaseHTTPRequestHandler):
     """InferenceServices in memory: POST creates (409 when it exists), PATCH merges the spec, GET reads."""
@@ -82,8 +91,15 @@ class FakeKubernetes(BaseHTTPRequestHandler):
         self.calls.append(("POST", self.path, self.headers.get("Content-Type")))
         service = self.body()
         if service["metadata"]["name"] in self.services:
-            return self.answer(409, {"kind": "Status", "reason": "AlreadyExists", "code": 409,
-                                     "message": "inferenceservices.serving.kserve.io \"d2mtl\" already exists"})
+            return self.answer(
+                409,
+                {
+                    "kind": "Status",
+                    "reason": "AlreadyExists",
+                    "code": 409,
+                    "message": 'inferenceservices.serving.kserve.io "d2mtl" already exists',
+                },
+            )
         self.services[service["metadata"]["name"]] = service
         return self.answer(201, service)
 
@@ -102,10 +118,14 @@ def kubernetes_api(tmp_path, monkeypatch):
     port = _free_port()
     server = ThreadingHTTPServer(("127.0.0.1", port), FakeKubernetes)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    kubeconfig = {"apiVersion": "v1", "kind": "Config", "current-context": "fake",
-                  "clusters": [{"name": "fake", "cluster": {"server": f"http://127.0.0.1:{port}"}}],
-                  "users": [{"name": "fake", "user": {"token": "test"}}],
-                  "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake", "namespace": "ml"}}]}
+    kubeconfig = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "current-context": "fake",
+        "clusters": [{"name": "fake", "cluster": {"server": f"http://127.0.0.1:{port}"}}],
+        "users": [{"name": "fake", "user": {"token": "test"}}],
+        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake", "namespace": "ml"}}],
+    }
     (tmp_path / "kubeconfig").write_text(yaml.safe_dump(kubeconfig))
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
     FakeKubernetes.services, FakeKubernetes.calls = {}, []
@@ -121,8 +141,11 @@ def test_deploy_creates_then_updates_the_inference_service(kubernetes_api):
     assert steps.deploy(settings, image, "minio://d2mtl/results/run-1/student") == "s3://d2mtl/results/run-1/student"
     assert steps.deploy(settings, image, "s3://d2mtl/results/run-2/student") == "s3://d2mtl/results/run-2/student"
     collection = "/apis/serving.kserve.io/v1beta1/namespaces/serving/inferenceservices"
-    assert [call[:2] for call in kubernetes_api.calls] == [("POST", collection), ("POST", collection),
-                                                             ("PATCH", f"{collection}/d2mtl")]
+    assert [call[:2] for call in kubernetes_api.calls] == [
+        ("POST", collection),
+        ("POST", collection),
+        ("PATCH", f"{collection}/d2mtl"),
+    ]
     assert kubernetes_api.calls[-1][2] == "application/merge-patch+json"
     (container,) = kubernetes_api.services["d2mtl"]["spec"]["predictor"]["containers"]
     assert container["env"] == [{"name": "STORAGE_URI", "value": "s3://d2mtl/results/run-2/student"}]

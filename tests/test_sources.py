@@ -8,12 +8,22 @@ import tarfile
 import zipfile
 from pathlib import Path
 
+import ingest_layouts as layouts
 import pytest
 
-import ingest_layouts as layouts
 from d2mtl import store
-from d2mtl.config.ingest import (AdienceSpec, CKPlusSpec, CsvManifestSpec, DatasetConfig, FairFaceSpec,
-                                 FER2013CsvSpec, FER2013FolderSpec, ImageFolderSpec, JAFFESpec, UTKFaceSpec)
+from d2mtl.config.ingest import (
+    AdienceSpec,
+    CKPlusSpec,
+    CsvManifestSpec,
+    DatasetConfig,
+    FairFaceSpec,
+    FER2013CsvSpec,
+    FER2013FolderSpec,
+    ImageFolderSpec,
+    JAFFESpec,
+    UTKFaceSpec,
+)
 from d2mtl.errors import UserError
 from d2mtl.sources import SOURCES, TRAINVAL, Rejected, open_tree
 from d2mtl.sources.trees import ArchiveError
@@ -31,12 +41,15 @@ def test_every_config_format_has_an_adapter():
     assert formats == set(SOURCES)
 
 
-@pytest.mark.parametrize(("name", "labels", "notes"), [
-    ("25_0_2_20170116174525125.jpg.chip.jpg", {"age": 25.0, "gender": 0, "race": 2}, []),
-    ("24_0_1_20170116220224657 .jpg.chip.jpg", {"age": 24.0, "gender": 0, "race": 1}, []),
-    ("55_0_0_20170116232725357jpg.chip.jpg", {"age": 55.0, "gender": 0, "race": 0}, []),
-    ("61_1_20170109142408075.jpg.chip.jpg", {"age": 61.0, "gender": 1}, ["race missing in file name"]),
-])
+@pytest.mark.parametrize(
+    ("name", "labels", "notes"),
+    [
+        ("25_0_2_20170116174525125.jpg.chip.jpg", {"age": 25.0, "gender": 0, "race": 2}, []),
+        ("24_0_1_20170116220224657 .jpg.chip.jpg", {"age": 24.0, "gender": 0, "race": 1}, []),
+        ("55_0_0_20170116232725357jpg.chip.jpg", {"age": 55.0, "gender": 0, "race": 0}, []),
+        ("61_1_20170109142408075.jpg.chip.jpg", {"age": 61.0, "gender": 1}, ["race missing in file name"]),
+    ],
+)
 def test_utkface_names_keep_what_parses(name, labels, notes):
     assert parse_name(name) == (labels, notes)
 
@@ -64,9 +77,17 @@ def test_fer_folder_official_splits_and_classes(tmp_path):
 
 def test_fer_csv_usage_splits_and_pixels(tmp_path):
     good = " ".join(["7"] * 2304)
-    layouts.fer_csv(tmp_path / "fer2013" / "fer2013.csv", [
-        ("3", good, "Training"), ("0", good, "PublicTest"), ("6", good, "PrivateTest"), ("9", good, "Training"),
-        ("1", good, "Secret"), ("2", "1 2 3", "Training")])
+    layouts.fer_csv(
+        tmp_path / "fer2013" / "fer2013.csv",
+        [
+            ("3", good, "Training"),
+            ("0", good, "PublicTest"),
+            ("6", good, "PrivateTest"),
+            ("9", good, "Training"),
+            ("1", good, "Secret"),
+            ("2", "1 2 3", "Training"),
+        ],
+    )
     spec = FER2013CsvSpec()
     with open_tree(str(tmp_path / "fer2013")) as tree:
         source = SOURCES[spec.format](spec, tree)
@@ -152,6 +173,7 @@ def test_csv_manifest_names_codes_and_ranges(tmp_path):
 
 # ---------------------------------------------------------------- trees and archives
 
+
 def test_zip_and_tar_give_the_folder_paths(tmp_path):
     folder = layouts.utkface(tmp_path / "src")
     expected = sorted(p.name for p in folder.iterdir())
@@ -176,9 +198,8 @@ def test_missing_folder_falls_back_to_archive_beside_it(tmp_path):
     with open_tree(str(tmp_path / "nothing")) as tree:
         assert tree is None
     (tmp_path / "labels.csv").write_text("path\n")
-    with pytest.raises(UserError, match="is a file"):
-        with open_tree(str(tmp_path / "labels.csv")):
-            pass
+    with pytest.raises(UserError, match="is a file"), open_tree(str(tmp_path / "labels.csv")):
+        pass
 
 
 def _tar_with(path: Path, member: tarfile.TarInfo, data: bytes = b"") -> None:
@@ -193,26 +214,23 @@ def test_tar_refuses_members_escaping(tmp_path, kind):
     if kind == "symlink":
         member.type, member.linkname = tarfile.SYMTYPE, "../../outside"
     _tar_with(tmp_path / "bad.tar", member, b"" if kind == "symlink" else b"x")
-    with pytest.raises(ArchiveError, match="unsafe member"):
-        with open_tree(str(tmp_path / "bad.tar")):
-            pass
+    with pytest.raises(ArchiveError, match="unsafe member"), open_tree(str(tmp_path / "bad.tar")):
+        pass
     assert not (tmp_path / "evil").exists() and not (tmp_path.parent / "evil").exists()
 
 
 def test_zip_refuses_dotdot_members(tmp_path):
     with zipfile.ZipFile(tmp_path / "bad.zip", "w") as archive:
         archive.writestr("../evil.jpg", b"x")
-    with pytest.raises(ArchiveError, match="unsafe member '../evil.jpg'"):
-        with open_tree(str(tmp_path / "bad.zip")):
-            pass
+    with pytest.raises(ArchiveError, match="unsafe member '../evil.jpg'"), open_tree(str(tmp_path / "bad.zip")):
+        pass
 
 
 @pytest.mark.parametrize("name", ["broken.zip", "broken.tar.gz"])
 def test_unreadable_archive_is_one_clear_error(tmp_path, name):
     (tmp_path / name).write_bytes(b"this is not an archive")
-    with pytest.raises(ArchiveError, match="cannot (open|read) archive"):
-        with open_tree(str(tmp_path / name)):
-            pass
+    with pytest.raises(ArchiveError, match="cannot (open|read) archive"), open_tree(str(tmp_path / name)):
+        pass
 
 
 def test_s3_prefix_tree(s3_env, tmp_path):

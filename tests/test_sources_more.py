@@ -6,20 +6,21 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-import pytest
-
 import ingest_layouts as layouts
+import pytest
+from test_ingest import config, read_output
+
 from d2mtl.config.ingest import AAFSpec, APPARealSpec, CsvManifestSpec, IngestConfig, RAFDBSpec
 from d2mtl.errors import UserError
 from d2mtl.sources import SOURCES, TRAINVAL, open_tree
 from d2mtl.stages import ingest
 from d2mtl.tasks import TASKS
-from test_ingest import config, read_output
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 EXPRESSION = TASKS["expression"].code_of
-APPA_MANIFEST = CsvManifestSpec(name="appa", path="appa", split_column="split", split_map={"val": "test",
-                                                                                           "train": "trainval"})
+APPA_MANIFEST = CsvManifestSpec(
+    name="appa", path="appa", split_column="split", split_map={"val": "test", "train": "trainval"}
+)
 
 
 def listing(spec, uri) -> dict:
@@ -47,7 +48,8 @@ def test_rafdb_codes_map_onto_fer2013_classes_and_official_splits(tmp_path):
     entries = listing(RAFDBSpec(), layouts.rafdb(tmp_path))
     good = kept(entries)
     assert [good[f"{ALIGNED}train_{i:05d}_aligned.jpg"].labels["expression"] for i in range(1, 8)] == [
-        EXPRESSION(name) for name in ("surprise", "fear", "disgust", "happy", "sad", "angry", "neutral")]
+        EXPRESSION(name) for name in ("surprise", "fear", "disgust", "happy", "sad", "angry", "neutral")
+    ]
     assert {e.split for p, e in good.items() if "/train_" in p} == {TRAINVAL}
     assert {e.split for p, e in good.items() if "/test_" in p} == {"test"}
     assert len(good) == 9
@@ -61,7 +63,9 @@ def test_rafdb_bad_lines_are_report_rows(tmp_path):
     assert rejects[f"{ALIGNED}train_00009_aligned.jpg"][0] == "malformed_label"
     assert rejects[f"{ALIGNED}val_00001_aligned.jpg"][0] == "unknown_split"
     assert rejects["basic/EmoLabel/list_patition_label.txt#line=13"] == (
-        "malformed_line", "'train_00010.jpg': expected '<name>.jpg <code 1-7>'")
+        "malformed_line",
+        "'train_00010.jpg': expected '<name>.jpg <code 1-7>'",
+    )
     assert len(rejects) == 5
 
 
@@ -101,8 +105,12 @@ def test_aaf_age_from_name_gender_from_image_sets(tmp_path):
 def test_aaf_bad_input_is_report_rows(tmp_path):
     entries = listing(AAFSpec(), layouts.aaf(tmp_path))
     rejects = {path: e.reject for path, e in entries.items() if e.reject}
-    assert rejects == {FACES + "09999A30.jpg": "missing_file", FACES + "face.jpg": "malformed_name",
-                       FACES + "07001A20.jpg": "label_out_of_range", SETS + "val_.txt#line=3": "malformed_line"}
+    assert rejects == {
+        FACES + "09999A30.jpg": "missing_file",
+        FACES + "face.jpg": "malformed_name",
+        FACES + "07001A20.jpg": "label_out_of_range",
+        SETS + "val_.txt#line=3": "malformed_line",
+    }
 
 
 def test_aaf_image_named_twice_keeps_the_first_line(tmp_path):
@@ -134,12 +142,14 @@ def test_aaf_chooses_the_image_set_pair(tmp_path):
 
 # ---------------------------------------------------------------- APPA-REAL
 
+
 def test_appa_real_official_splits_real_and_apparent_age(tmp_path):
     folder = layouts.appa_real(tmp_path)
     good = kept(listing(APPARealSpec(), folder))
     assert good["train/000000.jpg_face.jpg"].labels == {"age": 5.0}
-    assert [good[p].split for p in ("train/000000.jpg_face.jpg", "valid/004113.jpg_face.jpg",
-                                    "test/005613.jpg_face.jpg")] == ["train", "val", "test"]
+    assert [
+        good[p].split for p in ("train/000000.jpg_face.jpg", "valid/004113.jpg_face.jpg", "test/005613.jpg_face.jpg")
+    ] == ["train", "val", "test"]
     apparent = kept(listing(APPARealSpec(age="apparent"), folder))
     assert apparent["train/000000.jpg_face.jpg"].labels == {"age": 4.2}
     assert apparent["train/000002.jpg_face.jpg"].labels == {"age": 40.0}
@@ -148,8 +158,11 @@ def test_appa_real_official_splits_real_and_apparent_age(tmp_path):
 def test_appa_real_bad_rows_are_report_rows(tmp_path):
     entries = listing(APPARealSpec(), layouts.appa_real(tmp_path))
     rejects = {path: e.reject for path, e in entries.items() if e.reject}
-    assert rejects == {"train/000002.jpg_face.jpg": "label_out_of_range", "valid/004114.jpg_face.jpg": "malformed_label",
-                       "test/009999.jpg_face.jpg": "missing_file"}
+    assert rejects == {
+        "train/000002.jpg_face.jpg": "label_out_of_range",
+        "valid/004114.jpg_face.jpg": "malformed_label",
+        "test/009999.jpg_face.jpg": "missing_file",
+    }
 
 
 def test_appa_real_without_test_csv_valid_is_test(tmp_path):
@@ -165,13 +178,20 @@ def test_appa_manifest_val_becomes_test(tmp_path):
 
 
 def test_new_formats_parse_from_yaml_like_dicts():
-    cfg = IngestConfig(datasets=[{"format": "rafdb"}, {"format": "aaf"}, {"format": "appa_real", "age": "apparent"},
-                                 APPA_MANIFEST.model_dump() | {"name": "appa_csv"}])
+    cfg = IngestConfig(
+        datasets=[
+            {"format": "rafdb"},
+            {"format": "aaf"},
+            {"format": "appa_real", "age": "apparent"},
+            APPA_MANIFEST.model_dump() | {"name": "appa_csv"},
+        ]
+    )
     assert [d.name for d in cfg.datasets] == ["rafdb", "aaf", "appa", "appa_csv"]
     assert [d.alignment for d in cfg.datasets[:3]] == ["detect_or_trust_crop", "detect_or_trust_crop", "detect"]
 
 
 # ---------------------------------------------------------------- through the ingest stage
+
 
 def test_bad_input_stays_report_rows_through_the_stage(tmp_path):
     layouts.rafdb(tmp_path)
@@ -183,11 +203,17 @@ def test_bad_input_stays_report_rows_through_the_stage(tmp_path):
     faces, labels, report = read_output(str(tmp_path / "out"))
     by_reason = {name: ds["rejected_by_reason"] for name, ds in report["datasets"].items()}
     assert by_reason == {
-        "rafdb": {"label_out_of_range": 1, "malformed_label": 1, "malformed_line": 1, "missing_file": 1,
-                  "unknown_split": 1},
+        "rafdb": {
+            "label_out_of_range": 1,
+            "malformed_label": 1,
+            "malformed_line": 1,
+            "missing_file": 1,
+            "unknown_split": 1,
+        },
         "aaf": {"label_out_of_range": 1, "malformed_line": 1, "malformed_name": 1, "missing_file": 1},
         "appa_real": {"label_out_of_range": 1, "malformed_label": 1, "missing_file": 1},
-        "appa": {}}
+        "appa": {},
+    }
     assert report["datasets"]["aaf"]["notes"] == {"gender missing (in no image-set file)": 1}
     assert all(row["reason"] and row["source_uri"] for row in report["rejects"])
     assert summary["written"] == len(faces) == 9 + 4 + 5 + 3
@@ -196,6 +222,7 @@ def test_bad_input_stays_report_rows_through_the_stage(tmp_path):
 
 
 # ---------------------------------------------------------------- the real copies in ../shared/data
+
 
 @pytest.mark.realdata
 def test_real_rafdb_lists_the_train_part():
@@ -212,7 +239,7 @@ def test_real_aaf_lists_ages_and_genders():
     entries = listing(AAFSpec(), shared_dataset("aaf"))
     assert len(entries) == 10137 and not any(e.reject or e.notes for e in entries.values())
     ages = [e.labels["age"] for e in entries.values()]
-    assert 2 <= min(ages) and max(ages) <= 80 and 25 < sum(ages) / len(ages) < 45
+    assert min(ages) >= 2 and max(ages) <= 80 and 25 < sum(ages) / len(ages) < 45
     genders = Counter(e.labels["gender"] for e in entries.values())
     assert set(genders) == {0, 1} and min(genders.values()) > 0.35 * len(entries)
 
@@ -223,4 +250,4 @@ def test_real_appa_through_csv_manifest():
     assert len(entries) == 5613 and not any(e.reject for e in entries.values())
     assert Counter(e.split for e in entries.values()) == {TRAINVAL: 4113, "test": 1500}
     ages = [e.labels["age"] for e in entries.values()]
-    assert 1 <= min(ages) and max(ages) <= 100 and 20 < sum(ages) / len(ages) < 45
+    assert min(ages) >= 1 and max(ages) <= 100 and 20 < sum(ages) / len(ages) < 45

@@ -41,9 +41,21 @@ def test_face_table_round_trip(root, tmp_path):
 
 def test_face_table_without_manifest_is_not_read(tmp_path):
     writer = contracts.FaceTableWriter(str(tmp_path / "faces"), shard_rows=1)
-    writer.write({"sample_id": "a", "dataset": "d", "domain": "d", "split": "train", "subject": None,
-                  "image": b"x", "source_uri": "u", "det_score": None, "box": None, "landmarks": None,
-                  "alignment": "trusted_crop"})
+    writer.write(
+        {
+            "sample_id": "a",
+            "dataset": "d",
+            "domain": "d",
+            "split": "train",
+            "subject": None,
+            "image": b"x",
+            "source_uri": "u",
+            "det_score": None,
+            "box": None,
+            "landmarks": None,
+            "alignment": "trusted_crop",
+        }
+    )
     with pytest.raises(contracts.ContractError, match="did not finish"):
         contracts.face_shards(str(tmp_path / "faces"))
 

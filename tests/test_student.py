@@ -17,8 +17,17 @@ from d2mtl.tasks import TASKS
 
 
 def student_config(**overrides) -> StudentConfig:
-    settings = dict(weights="none", input_size=32, batch_size=8, epochs=1, num_workers=0, progress=False, threads=1,
-                    lr={"schedule": "fixed"}, checkpoint_every=0)
+    settings = dict(
+        weights="none",
+        input_size=32,
+        batch_size=8,
+        epochs=1,
+        num_workers=0,
+        progress=False,
+        threads=1,
+        lr={"schedule": "fixed"},
+        checkpoint_every=0,
+    )
     settings.update(overrides)
     return StudentConfig(**settings)
 
@@ -35,8 +44,14 @@ def pseudo_table(tables: dict[str, str]) -> pa.Table:
             code = {"gender": 1, "race": 2, "expression": 3}[task]
             probs[code] = {"gender": 0.9, "race": 0.5, "expression": 0.6}[task]
             probs /= probs.sum()
-            row.update({task: code, f"{task}_confidence": float(probs[code]), f"{task}_probs": probs.tolist(),
-                        f"{task}_kept": task != "race"})
+            row.update(
+                {
+                    task: code,
+                    f"{task}_confidence": float(probs[code]),
+                    f"{task}_probs": probs.tolist(),
+                    f"{task}_kept": task != "race",
+                }
+            )
         rows.append(row)
     return pa.Table.from_pylist(rows, schema=contracts.PSEUDO_SCHEMA)
 
@@ -77,8 +92,9 @@ def test_hard_targets_without_confidence_weighting(tiny_tables):
 def test_student_trains_on_ground_truth_and_pseudo_labels(tiny_tables, tmp_path):
     pseudo_uri = str(tmp_path / "pseudo.parquet")
     contracts.write_table(pseudo_table(tiny_tables), pseudo_uri, contracts.PSEUDO)
-    result = student.run(student_config(), tiny_tables["faces"], tiny_tables["labels"], pseudo_uri,
-                         str(tmp_path / "student"))
+    result = student.run(
+        student_config(), tiny_tables["faces"], tiny_tables["labels"], pseudo_uri, str(tmp_path / "student")
+    )
     net, card = load_model(str(tmp_path / "student"))
     assert result["role"] == "student" and card["pseudo_labels"]["expression"]["used"] == 18
     assert card["sources"]["pseudo"] == pseudo_uri
@@ -97,6 +113,11 @@ def test_student_starts_from_the_teacher(tiny_tables, tmp_path):
         student.initial_network(cfg, None)
     with pytest.raises(UserError, match="differ from the configured tasks"):
         student.initial_network(cfg.model_copy(update={"tasks": ["gender"]}), str(tmp_path / "teacher"))
-    result = student.run(cfg.model_copy(update={"tasks": ["expression"], "init": "scratch"}), tiny_tables["faces"],
-                         tiny_tables["labels"], pseudo_uri, str(tmp_path / "single"))
+    result = student.run(
+        cfg.model_copy(update={"tasks": ["expression"], "init": "scratch"}),
+        tiny_tables["faces"],
+        tiny_tables["labels"],
+        pseudo_uri,
+        str(tmp_path / "single"),
+    )
     assert result["role"] == "student_single:expression"

@@ -10,8 +10,12 @@ from d2mtl import store, upload
 from d2mtl.cli import main
 from d2mtl.errors import UserError
 
-FILES = {"utkface/1_0_0_20170109150557335.jpg.chip.jpg": b"\xff\xd8 face", "fer2013/train/happy/Training_1.jpg": b"x",
-         "fer2013/test/sad/PublicTest_2.jpg": b"yy", "README.md": b"# data"}
+FILES = {
+    "utkface/1_0_0_20170109150557335.jpg.chip.jpg": b"\xff\xd8 face",
+    "fer2013/train/happy/Training_1.jpg": b"x",
+    "fer2013/test/sad/PublicTest_2.jpg": b"yy",
+    "README.md": b"# data",
+}
 
 
 @pytest.fixture

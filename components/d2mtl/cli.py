@@ -37,10 +37,16 @@ from d2mtl.errors import UserError
 
 FOLDER_OUTPUTS = ("ingest", "teacher", "pseudolabel", "student", "evaluate", "export")  # their --out is a folder
 READS_DATASETS = ("ingest", "upload-data", "run", "compile", "submit")  # the commands --data-root acts on
-SET_EXAMPLES = {"ingest": "ingest.datasets.0.limit=100", "pseudolabel": "pseudolabel.batch_size=128",
-                "student": "student.epochs=2", "evaluate": "evaluate.splits=[val,test]",
-                "upload-data": "store.endpoint=http://localhost:9000", "predict": "ingest.detector.min_score=0.8",
-                "export": "pipeline.run_root=runs", "serve": "ingest.detector.min_score=0.8"}
+SET_EXAMPLES = {
+    "ingest": "ingest.datasets.0.limit=100",
+    "pseudolabel": "pseudolabel.batch_size=128",
+    "student": "student.epochs=2",
+    "evaluate": "evaluate.splits=[val,test]",
+    "upload-data": "store.endpoint=http://localhost:9000",
+    "predict": "ingest.detector.min_score=0.8",
+    "export": "pipeline.run_root=runs",
+    "serve": "ingest.detector.min_score=0.8",
+}
 PREDICT_EXIT_CODES = """exit codes:
   0  faces were found, and every input was read
   2  a mistake in the command, config, model or storage, told in one line
@@ -52,14 +58,22 @@ PREDICT_EXIT_CODES = """exit codes:
 def _common(parser: argparse.ArgumentParser) -> None:
     """--config, --set and (where it acts) --data-root, for the command ``parser.prog`` ends with."""
     command = parser.prog.split()[-1]
-    parser.add_argument("--config", default=None,
-                        help="experiment YAML, or a packaged profile: cpu (default), gpu")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help=f"override a config field, e.g. --set {SET_EXAMPLES.get(command, 'teacher.epochs=2')} "
-                             "(repeatable; list entries by index)")
+    parser.add_argument("--config", default=None, help="experiment YAML, or a packaged profile: cpu (default), gpu")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a config field, e.g. --set {SET_EXAMPLES.get(command, 'teacher.epochs=2')} "
+        "(repeatable; list entries by index)",
+    )
     if command in READS_DATASETS:
-        parser.add_argument("--data-root", default=None,
-                            help="folder (or s3:// prefix) holding the datasets; default ./data or $D2MTL_DATA_ROOT")
+        parser.add_argument(
+            "--data-root",
+            default=None,
+            help="folder (or s3:// prefix) holding the datasets; default ./data or $D2MTL_DATA_ROOT",
+        )
 
 
 def _examples(command: str) -> str | None:
@@ -94,9 +108,12 @@ def _version() -> str:
 
 
 def _restart_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--restart", action="store_true",
-                        help="discard the checkpoint at --out and train from the start (by default a run resumes "
-                             "from it, and only with the same settings and inputs)")
+    parser.add_argument(
+        "--restart",
+        action="store_true",
+        help="discard the checkpoint at --out and train from the start (by default a run resumes "
+        "from it, and only with the same settings and inputs)",
+    )
 
 
 def _split_list(value: str) -> list[str]:
@@ -149,24 +166,36 @@ def cmd_pseudolabel(args: argparse.Namespace) -> None:
     for name in ("teacher", "faces", "labels"):
         if not getattr(args, name):
             raise UserError(f"pseudolabel needs --{name} (or --merge PART ... to merge shards)")
-    pseudolabel.run(pl_cfg, teachers=args.teacher, faces=args.faces, labels=args.labels,
-                    out=args.out, shard=args.shard)
+    pseudolabel.run(pl_cfg, teachers=args.teacher, faces=args.faces, labels=args.labels, out=args.out, shard=args.shard)
 
 
 def cmd_student(args: argparse.Namespace) -> None:
     from d2mtl.stages import student
 
     cfg = _experiment(args)
-    student.run(cfg.student, faces=args.faces, labels=args.labels, pseudo=args.pseudo, out=args.out,
-                teacher=args.teacher, restart=args.restart)
+    student.run(
+        cfg.student,
+        faces=args.faces,
+        labels=args.labels,
+        pseudo=args.pseudo,
+        out=args.out,
+        teacher=args.teacher,
+        restart=args.restart,
+    )
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from d2mtl.stages import evaluate
 
     cfg = _experiment(args)
-    result = evaluate.run(cfg.evaluate, models=args.models, faces=args.faces, labels=args.labels, out=args.out,
-                          pseudo_reports=args.pseudo_reports)
+    result = evaluate.run(
+        cfg.evaluate,
+        models=args.models,
+        faces=args.faces,
+        labels=args.labels,
+        out=args.out,
+        pseudo_reports=args.pseudo_reports,
+    )
     print(f"report: {result['report']}")
 
 
@@ -175,8 +204,10 @@ def cmd_upload_data(args: argparse.Namespace) -> None:
 
     cfg = _experiment(args)
     summary = upload.upload_tree(cfg.ingest.data_root, args.dest, workers=args.workers, overwrite=args.overwrite)
-    print(f"uploaded {summary.uploaded} files ({summary.bytes_uploaded / 1e6:.1f} MB) to {summary.dest}; "
-          f"{summary.skipped} already there")
+    print(
+        f"uploaded {summary.uploaded} files ({summary.bytes_uploaded / 1e6:.1f} MB) to {summary.dest}; "
+        f"{summary.skipped} already there"
+    )
 
 
 def _model_or_latest(model: str | None, cfg) -> str:
@@ -194,8 +225,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     images = predict.list_images(args.paths)
-    analyzer = predict.Analyzer(_model_or_latest(args.model, cfg), device=args.device, ingest=cfg.ingest,
-                                batch_size=args.batch_size)
+    analyzer = predict.Analyzer(
+        _model_or_latest(args.model, cfg), device=args.device, ingest=cfg.ingest, batch_size=args.batch_size
+    )
     counts = predict.write_results(analyzer.analyze_iter(images), args.format, sys.stdout, analyzer.tasks)
     print(predict.summary_line(counts), file=sys.stderr)
     return predict.exit_code(counts)
@@ -220,33 +252,55 @@ def cmd_serve(args: argparse.Namespace) -> None:
         from d2mtl import serve
     except ImportError as err:
         raise UserError(f"d2mtl serve needs the serve extra (pip install 'distill-2md-mtl[serve]'): {err}") from None
-    serve.serve(_model_or_latest(args.model, cfg), name=args.name, port=args.port, device=args.device,
-                ingest=cfg.ingest, batch_size=args.batch_size, backend=args.backend,
-                max_request_mb=args.max_request_mb)
+    serve.serve(
+        _model_or_latest(args.model, cfg),
+        name=args.name,
+        port=args.port,
+        device=args.device,
+        ingest=cfg.ingest,
+        batch_size=args.batch_size,
+        backend=args.backend,
+        max_request_mb=args.max_request_mb,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="d2mtl", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="d2mtl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"d2mtl {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, func: Callable[[argparse.Namespace], None], help_text: str) -> argparse.ArgumentParser:
-        epilog = "\n\n".join(part for part in (_examples(name), PREDICT_EXIT_CODES if name == "predict" else None)
-                             if part)
-        command = sub.add_parser(name, help=help_text, description=help_text, epilog=epilog or None,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog = "\n\n".join(
+            part for part in (_examples(name), PREDICT_EXIT_CODES if name == "predict" else None) if part
+        )
+        command = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=epilog or None,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         _common(command)
         command.set_defaults(func=func)
         return command
 
     p = add("ingest", cmd_ingest, "read datasets, detect and align faces, write the face and label tables")
     p.add_argument("--out", required=True, help="output prefix (faces/, labels.parquet, report.json/.md)")
-    p.add_argument("--shard", type=_shard, default=(0, 1),
-                   help="ingest part i of n of the planned images (i/n, default 0/1: all), a complete output each")
-    p.add_argument("--merge", nargs="+", metavar="PART",
-                   help="merge the --out folders of every --shard i/n run into --out instead (same tables as one pass)")
+    p.add_argument(
+        "--shard",
+        type=_shard,
+        default=(0, 1),
+        help="ingest part i of n of the planned images (i/n, default 0/1: all), a complete output each",
+    )
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="PART",
+        help="merge the --out folders of every --shard i/n run into --out instead (same tables as one pass)",
+    )
 
     p = add("teacher", cmd_teacher, "train the multi-task teacher (or a single-task baseline with --tasks)")
     p.add_argument("--faces", required=True, help="face table (folder with _manifest.json)")
@@ -256,18 +310,26 @@ def build_parser() -> argparse.ArgumentParser:
     _restart_flag(p)
 
     p = add("pseudolabel", cmd_pseudolabel, "data distillation: pseudo-label missing labels with the teacher")
-    p.add_argument("--teacher", type=_split_list, default=None,
-                   help="teacher model folder(s), comma-separated for an ensemble")
+    p.add_argument(
+        "--teacher", type=_split_list, default=None, help="teacher model folder(s), comma-separated for an ensemble"
+    )
     p.add_argument("--faces", help="face table")
     p.add_argument("--labels", help="label table")
     p.add_argument("--out", required=True, help="output prefix (pseudo.parquet, report.json)")
     p.add_argument("--shard", type=_shard, default=(0, 1), help="process shard i of n (i/n, default 0/1)")
     p.add_argument("--merge", nargs="+", metavar="PART", help="merge shard outputs into --out instead")
-    p.add_argument("--tasks", type=_split_list, default=None,
-                   help="comma-separated tasks (the teacher's), e.g. age for a single-task baseline teacher")
-    p.add_argument("--hide-labels", action="store_true",
-                   help="holdout mode, before the teacher: write --labels minus the hidden labels (and the hidden "
-                        "truth) under --out; needs pseudolabel.holdout.fraction > 0")
+    p.add_argument(
+        "--tasks",
+        type=_split_list,
+        default=None,
+        help="comma-separated tasks (the teacher's), e.g. age for a single-task baseline teacher",
+    )
+    p.add_argument(
+        "--hide-labels",
+        action="store_true",
+        help="holdout mode, before the teacher: write --labels minus the hidden labels (and the hidden "
+        "truth) under --out; needs pseudolabel.holdout.fraction > 0",
+    )
 
     p = add("student", cmd_student, "train the student on ground truth + kept pseudo-labels")
     p.add_argument("--faces", required=True, help="face table (folder with _manifest.json)")
@@ -278,13 +340,22 @@ def build_parser() -> argparse.ArgumentParser:
     _restart_flag(p)
 
     p = add("evaluate", cmd_evaluate, "evaluate models per task x dataset x split, fairness audit, claims")
-    p.add_argument("--models", type=_split_list, required=True,
-                   help="model folders, comma-separated; NAME=URI to name one (teacher=..., baseline_age=..., "
-                        "student=..., student_single_age=...: the name gives the role in the claims)")
+    p.add_argument(
+        "--models",
+        type=_split_list,
+        required=True,
+        help="model folders, comma-separated; NAME=URI to name one (teacher=..., baseline_age=..., "
+        "student=..., student_single_age=...: the name gives the role in the claims)",
+    )
     p.add_argument("--faces", required=True, help="face table of any ingest, also of datasets never trained on")
     p.add_argument("--labels", required=True, help="label table of the same ingest (Parquet)")
-    p.add_argument("--pseudo", dest="pseudo_reports", type=_split_list, default=[],
-                   help="pseudo-label report.json file(s), comma-separated: their threshold curves go in the report")
+    p.add_argument(
+        "--pseudo",
+        dest="pseudo_reports",
+        type=_split_list,
+        default=[],
+        help="pseudo-label report.json file(s), comma-separated: their threshold curves go in the report",
+    )
     p.add_argument("--out", required=True, help="output prefix (report.html, metrics.json, claims.json, confusion/)")
 
     p = add("upload-data", cmd_upload_data, "copy the data root (--data-root) into object storage for cluster runs")
@@ -294,32 +365,52 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("predict", cmd_predict, "detect faces in images and predict age, gender, race and expression in one pass")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders, s3:// prefixes")
-    p.add_argument("--model", default=None,
-                   help="model folder (teacher / student output); default: the final model of the latest d2mtl run "
-                        "(<pipeline.run_root>/latest.json)")
-    p.add_argument("--format", choices=("json", "csv", "table"), default="table",
-                   help="json: one object per image per line; csv: one row per face; table (default): a line per face")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model folder (teacher / student output); default: the final model of the latest d2mtl run "
+        "(<pipeline.run_root>/latest.json)",
+    )
+    p.add_argument(
+        "--format",
+        choices=("json", "csv", "table"),
+        default="table",
+        help="json: one object per image per line; csv: one row per face; table (default): a line per face",
+    )
     p.add_argument("--batch-size", type=int, default=64, help="faces per forward pass (default 64)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the network and the detector")
 
     p = add("export", cmd_export, "export a model as ONNX or TorchScript (dynamic batch axis, model card included)")
     p.add_argument("--model", default=None, help="model folder; default: the final model of the latest d2mtl run")
-    p.add_argument("--format", choices=("onnx", "torchscript"), required=True,
-                   help="onnx: model.onnx (opset 18, onnxruntime); torchscript: model.torchscript.pt (LibTorch)")
+    p.add_argument(
+        "--format",
+        choices=("onnx", "torchscript"),
+        required=True,
+        help="onnx: model.onnx (opset 18, onnxruntime); torchscript: model.torchscript.pt (LibTorch)",
+    )
     p.add_argument("--out", required=True, help="output folder (model.onnx or model.torchscript.pt + model_card.json)")
 
     p = add("serve", cmd_serve, "serve a model with KServe: v1 and v2 inference endpoints and a page to try it (/ui)")
-    p.add_argument("--model", default=None,
-                   help="model folder (local or s3://); default: the final model of the latest d2mtl run")
+    p.add_argument(
+        "--model", default=None, help="model folder (local or s3://); default: the final model of the latest d2mtl run"
+    )
     p.add_argument("--port", type=int, default=8080, help="HTTP port (default 8080)")
     p.add_argument("--name", default="d2mtl", help="model name in the endpoint paths (default d2mtl)")
-    p.add_argument("--max-request-mb", type=float, default=16.0,
-                   help="larger request bodies are refused with 413 before they are read (default 16)")
+    p.add_argument(
+        "--max-request-mb",
+        type=float,
+        default=16.0,
+        help="larger request bodies are refused with 413 before they are read (default 16)",
+    )
     p.add_argument("--batch-size", type=int, default=64, help="faces per forward pass (default 64)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
-    p.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto",
-                   help="forward pass: auto (default: onnxruntime on CPU, where it measures faster; torch on a GPU)")
+    p.add_argument(
+        "--backend",
+        choices=("auto", "torch", "onnx"),
+        default="auto",
+        help="forward pass: auto (default: onnxruntime on CPU, where it measures faster; torch on a GPU)",
+    )
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the network and the detector")
 
     from d2mtl_pipeline import cli as pipeline_cli
@@ -330,8 +421,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     try:
         if args.command in FOLDER_OUTPUTS:
             from d2mtl import store

@@ -41,19 +41,21 @@ class ContractError(UserError):
     """A table that does not follow its contract."""
 
 
-FACE_SCHEMA = pa.schema([
-    pa.field("sample_id", pa.string(), nullable=False),  # sha1(dataset + "/" + source path)[:16], stable
-    pa.field("dataset", pa.string(), nullable=False),
-    pa.field("domain", pa.string(), nullable=False),
-    pa.field("split", pa.string(), nullable=False),  # train | val | test
-    pa.field("subject", pa.string()),  # subject id where the dataset has one
-    pa.field("image", pa.binary(), nullable=False),  # JPEG of the aligned face, RGB, image_size x image_size
-    pa.field("source_uri", pa.string(), nullable=False),
-    pa.field("det_score", pa.float32()),  # null for trusted crops
-    pa.field("box", pa.list_(pa.float32(), 4)),  # x1, y1, x2, y2 in source pixels
-    pa.field("landmarks", pa.list_(pa.float32(), 10)),  # 5 points (eyes, nose, mouth corners) x, y in source pixels
-    pa.field("alignment", pa.string(), nullable=False),  # aligned | trusted_crop
-])
+FACE_SCHEMA = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),  # sha1(dataset + "/" + source path)[:16], stable
+        pa.field("dataset", pa.string(), nullable=False),
+        pa.field("domain", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),  # train | val | test
+        pa.field("subject", pa.string()),  # subject id where the dataset has one
+        pa.field("image", pa.binary(), nullable=False),  # JPEG of the aligned face, RGB, image_size x image_size
+        pa.field("source_uri", pa.string(), nullable=False),
+        pa.field("det_score", pa.float32()),  # null for trusted crops
+        pa.field("box", pa.list_(pa.float32(), 4)),  # x1, y1, x2, y2 in source pixels
+        pa.field("landmarks", pa.list_(pa.float32(), 10)),  # 5 points (eyes, nose, mouth corners) x, y in source pixels
+        pa.field("alignment", pa.string(), nullable=False),  # aligned | trusted_crop
+    ]
+)
 
 
 def label_schema() -> pa.Schema:
@@ -70,12 +72,18 @@ def pseudo_schema() -> pa.Schema:
     fields = [pa.field("sample_id", pa.string(), nullable=False), pa.field("dataset", pa.string(), nullable=False)]
     for task in TASKS.values():
         if task.kind == "classification":
-            fields += [pa.field(f"{task.name}", pa.int8()), pa.field(f"{task.name}_confidence", pa.float32()),
-                       pa.field(f"{task.name}_probs", pa.list_(pa.float32(), task.num_classes)),
-                       pa.field(f"{task.name}_kept", pa.bool_())]
+            fields += [
+                pa.field(f"{task.name}", pa.int8()),
+                pa.field(f"{task.name}_confidence", pa.float32()),
+                pa.field(f"{task.name}_probs", pa.list_(pa.float32(), task.num_classes)),
+                pa.field(f"{task.name}_kept", pa.bool_()),
+            ]
         else:
-            fields += [pa.field(f"{task.name}", pa.float32()), pa.field(f"{task.name}_spread", pa.float32()),
-                       pa.field(f"{task.name}_kept", pa.bool_())]
+            fields += [
+                pa.field(f"{task.name}", pa.float32()),
+                pa.field(f"{task.name}_spread", pa.float32()),
+                pa.field(f"{task.name}_kept", pa.bool_()),
+            ]
     return pa.schema(fields)
 
 
@@ -86,8 +94,10 @@ def pseudo_part_schema() -> pa.Schema:
     fields = [field for field in pseudo_schema() if not field.name.endswith("_kept")]
     for task in TASKS.values():
         value = pa.float32() if task.kind == "regression" else pa.int8()
-        fields += [pa.field(f"{task.name}_known", pa.bool_() if task.kind == "regression" else pa.int8()),
-                   pa.field(f"{task.name}_hidden", value)]
+        fields += [
+            pa.field(f"{task.name}_known", pa.bool_() if task.kind == "regression" else pa.int8()),
+            pa.field(f"{task.name}_hidden", value),
+        ]
     return pa.schema(fields)
 
 
@@ -116,8 +126,10 @@ def check_version(schema: pa.Schema, kind: str, where: str) -> None:
     if found_kind != kind:
         raise ContractError(f"{where}: is a {found_kind} table, expected {kind}")
     if version != str(VERSIONS[kind]):
-        raise ContractError(f"{where}: {kind} schema version {version} is not supported "
-                            f"(this d2mtl reads version {VERSIONS[kind]}); re-run the stage that wrote it")
+        raise ContractError(
+            f"{where}: {kind} schema version {version} is not supported "
+            f"(this d2mtl reads version {VERSIONS[kind]}); re-run the stage that wrote it"
+        )
 
 
 def table_to_bytes(table: pa.Table) -> bytes:
@@ -172,24 +184,31 @@ class FaceTableWriter:
 
     def close(self) -> dict:
         self._flush()
-        manifest = {"schema": f"{FACES}/{VERSIONS[FACES]}", "shards": self._shards,
-                    "rows": sum(s["rows"] for s in self._shards), "metadata": self.metadata}
+        manifest = {
+            "schema": f"{FACES}/{VERSIONS[FACES]}",
+            "shards": self._shards,
+            "rows": sum(s["rows"] for s in self._shards),
+            "metadata": self.metadata,
+        }
         store.write_text(store.join(self.uri, MANIFEST), json.dumps(manifest, indent=1))
         return manifest
 
 
 def read_manifest(uri: str) -> dict:
     if not store.is_remote(uri) and Path(uri).is_file():
-        raise ContractError(f"{uri} is a file; expected a face table folder (holding {MANIFEST}), e.g. the faces/ "
-                            "of an ingest output")
+        raise ContractError(
+            f"{uri} is a file; expected a face table folder (holding {MANIFEST}), e.g. the faces/ of an ingest output"
+        )
     manifest_uri = store.join(uri, MANIFEST)
     try:
         manifest = json.loads(store.read_text(manifest_uri))
     except FileNotFoundError:
         raise ContractError(f"{uri}: no {MANIFEST}; not a face table, or its writer did not finish") from None
     if manifest.get("schema") != f"{FACES}/{VERSIONS[FACES]}":
-        raise ContractError(f"{uri}: face table schema {manifest.get('schema')} is not supported "
-                            f"(this d2mtl reads {FACES}/{VERSIONS[FACES]})")
+        raise ContractError(
+            f"{uri}: face table schema {manifest.get('schema')} is not supported "
+            f"(this d2mtl reads {FACES}/{VERSIONS[FACES]})"
+        )
     return manifest
 
 
@@ -197,8 +216,9 @@ def face_shards(uri: str) -> list[str]:
     return [store.join(uri, shard["path"]) for shard in read_manifest(uri)["shards"]]
 
 
-def iter_face_batches(uri: str, columns: list[str] | None = None, shards: Iterable[str] | None = None,
-                      batch_rows: int = 1024) -> Iterator[pa.RecordBatch]:
+def iter_face_batches(
+    uri: str, columns: list[str] | None = None, shards: Iterable[str] | None = None, batch_rows: int = 1024
+) -> Iterator[pa.RecordBatch]:
     """Stream record batches shard by shard: memory stays bounded by one shard."""
     for shard_uri in shards if shards is not None else face_shards(uri):
         with store.local_path(shard_uri, ".parquet") as path:
@@ -228,8 +248,10 @@ def mismatch(faces: str, table: str, face_rows: int, table_rows: int, matched: i
     the same faces (``matched`` of them in both), with the counts; None when they do."""
     if matched == face_rows == table_rows:
         return None
-    return (f"{table} does not fit the face table {faces}: {face_rows - matched} of {face_rows} faces have no row "
-            f"in it and {table_rows - matched} of its {table_rows} rows name no face (tables of different ingests?)")
+    return (
+        f"{table} does not fit the face table {faces}: {face_rows - matched} of {face_rows} faces have no row "
+        f"in it and {table_rows - matched} of its {table_rows} rows name no face (tables of different ingests?)"
+    )
 
 
 def evaluate_only_datasets(faces: str) -> list[str]:
@@ -253,8 +275,9 @@ def split_label_cells(labels: pa.Table, moved: dict[str, np.ndarray]) -> tuple[p
     return kept, taken.filter(pa.array(any_moved))
 
 
-def training_labels(faces: str, labels: pa.Table, face_columns: pa.Table | None = None
-                    ) -> tuple[pa.Table, pa.Table | None]:
+def training_labels(
+    faces: str, labels: pa.Table, face_columns: pa.Table | None = None
+) -> tuple[pa.Table, pa.Table | None]:
     """(the labels training may use, the evaluation-only labels or None): every label of a face of an
     evaluation-only dataset moves to the second table. ``face_columns``: the face table's sample_id and dataset
     columns when the caller has read them already."""
@@ -264,4 +287,4 @@ def training_labels(faces: str, labels: pa.Table, face_columns: pa.Table | None 
     meta = face_columns if face_columns is not None else read_face_columns(faces, ["sample_id", "dataset"])
     hidden_ids = meta.filter(pc.is_in(meta.column("dataset"), pa.array(datasets, pa.string()))).column("sample_id")
     rows = pc.is_in(labels.column("sample_id"), hidden_ids.combine_chunks()).to_numpy(zero_copy_only=False)
-    return split_label_cells(labels, {column: rows for column in labels.column_names})
+    return split_label_cells(labels, dict.fromkeys(labels.column_names, rows))

@@ -55,19 +55,27 @@ def eval_transform(input_size: int) -> v2.Transform:
 
 def train_transform(input_size: int, augment) -> v2.Transform:
     """uint8 (3, H, W) -> augmented uint8 (3, input_size, input_size); ``augment`` is an AugmentConfig."""
-    return v2.Compose([
-        v2.RandomResizedCrop(input_size, scale=tuple(augment.crop_scale), ratio=tuple(augment.crop_ratio),
-                             antialias=True),
-        v2.RandomHorizontalFlip(augment.hflip),
-        v2.ColorJitter(brightness=augment.brightness, contrast=augment.contrast, saturation=augment.saturation,
-                       hue=augment.hue),
-        v2.RandomGrayscale(augment.grayscale),
-    ])
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(
+                input_size, scale=tuple(augment.crop_scale), ratio=tuple(augment.crop_ratio), antialias=True
+            ),
+            v2.RandomHorizontalFlip(augment.hflip),
+            v2.ColorJitter(
+                brightness=augment.brightness, contrast=augment.contrast, saturation=augment.saturation, hue=augment.hue
+            ),
+            v2.RandomGrayscale(augment.grayscale),
+        ]
+    )
 
 
-def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
-              device: torch.device | str | None = None,
-              memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+def normalize(
+    images: torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device | str | None = None,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> torch.Tensor:
     """uint8 (B, 3, S, S) -> normalised float32 network input on ``device``."""
     images = images.to(device, non_blocking=True)
     mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1) * 255
@@ -174,15 +182,26 @@ class FaceIndex:
         shard = np.repeat(np.arange(len(counts)), counts)
         row = np.concatenate([np.arange(c) for c in counts]) if counts else np.zeros(0, np.int64)
         matched = int((positions >= 0).sum())
-        return cls(faces=faces, shards=[store.join(faces, s["path"]) for s in manifest["shards"]],
-                   sample_id=np.asarray(meta.column("sample_id").to_pylist(), dtype=object),
-                   dataset=np.asarray(meta.column("dataset").to_pylist(), dtype=object),
-                   split=np.asarray(meta.column("split").to_pylist(), dtype=object),
-                   shard=shard, row=row, tasks=tuple(tasks), targets=label_targets(label_table, positions, tasks),
-                   unmatched_labels=label_table.num_rows - matched, face_settings=manifest.get("metadata", {}),
-                   label_mismatch=contracts.mismatch(faces, f"label table {labels}" if isinstance(labels, str)
-                                                     else "the label table", meta.num_rows, label_table.num_rows,
-                                                     matched))
+        return cls(
+            faces=faces,
+            shards=[store.join(faces, s["path"]) for s in manifest["shards"]],
+            sample_id=np.asarray(meta.column("sample_id").to_pylist(), dtype=object),
+            dataset=np.asarray(meta.column("dataset").to_pylist(), dtype=object),
+            split=np.asarray(meta.column("split").to_pylist(), dtype=object),
+            shard=shard,
+            row=row,
+            tasks=tuple(tasks),
+            targets=label_targets(label_table, positions, tasks),
+            unmatched_labels=label_table.num_rows - matched,
+            face_settings=manifest.get("metadata", {}),
+            label_mismatch=contracts.mismatch(
+                faces,
+                f"label table {labels}" if isinstance(labels, str) else "the label table",
+                meta.num_rows,
+                label_table.num_rows,
+                matched,
+            ),
+        )
 
     def __len__(self) -> int:
         return len(self.sample_id)
@@ -203,8 +222,10 @@ class FaceIndex:
         out = {}
         for name in sorted(set(self.dataset[rows])):
             subset = rows[self.dataset[rows] == name]
-            out[name] = {"rows": int(len(subset)),
-                         **{t: int((self.targets[f"{t}_weight"][subset] > 0).sum()) for t in self.tasks}}
+            out[name] = {
+                "rows": len(subset),
+                **{t: int((self.targets[f"{t}_weight"][subset] > 0).sum()) for t in self.tasks},
+            }
         return out
 
 
@@ -301,9 +322,20 @@ class EpochSampler(torch.utils.data.Sampler):
     one process would train on. Positions (``start``, ``len``) count global batches.
     """
 
-    def __init__(self, index: FaceIndex, rows: np.ndarray, batch_size: int, seed: int, mix: str = "proportional",
-                 samples: int | None = None, window: int = 0, shuffle: bool = True, rank: int = 0,
-                 world_size: int = 1, temperature: float = 1.0):
+    def __init__(
+        self,
+        index: FaceIndex,
+        rows: np.ndarray,
+        batch_size: int,
+        seed: int,
+        mix: str = "proportional",
+        samples: int | None = None,
+        window: int = 0,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        temperature: float = 1.0,
+    ):
         self.index, self.rows, self.batch_size = index, np.asarray(rows, np.int64), batch_size
         self.rank, self.world_size = rank, world_size
         self.seed, self.shuffle = seed, shuffle
@@ -315,8 +347,10 @@ class EpochSampler(torch.utils.data.Sampler):
         if not len(self.rows):
             raise UserError("no rows to sample from (the split has no labelled faces for the configured tasks)")
         if batch_size % world_size or min(batch_size, self.samples) < world_size:
-            raise UserError(f"batch_size {batch_size} (the global batch) must be a multiple of the {world_size} "
-                            f"training processes, and at least {world_size} samples are needed per epoch")
+            raise UserError(
+                f"batch_size {batch_size} (the global batch) must be a multiple of the {world_size} "
+                f"training processes, and at least {world_size} samples are needed per epoch"
+            )
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
@@ -379,8 +413,13 @@ def _whole_batch(batch):
     return batch
 
 
-def make_loader(dataset: FaceDataset, sampler: EpochSampler, num_workers: int = 0, pin_memory: bool = False,
-                persistent: bool = False) -> DataLoader:
+def make_loader(
+    dataset: FaceDataset,
+    sampler: EpochSampler,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    persistent: bool = False,
+) -> DataLoader:
     """A DataLoader whose batches are FaceDataset.__getitems__ dicts, in the sampler's order.
 
     ``persistent`` keeps the workers, and so their shard caches, from one epoch to the next (position
@@ -388,6 +427,13 @@ def make_loader(dataset: FaceDataset, sampler: EpochSampler, num_workers: int = 
     one would draw from the global RNG each time an epoch starts, and a run resumed mid-epoch would
     then see other dropout masks than the uninterrupted run.
     """
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=_whole_batch,
-                      pin_memory=pin_memory, prefetch_factor=4 if num_workers else None,
-                      persistent_workers=persistent and num_workers > 0, generator=torch.Generator())
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=_whole_batch,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if num_workers else None,
+        persistent_workers=persistent and num_workers > 0,
+        generator=torch.Generator(),
+    )

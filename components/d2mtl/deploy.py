@@ -29,13 +29,25 @@ def inference_service(settings: ServingConfig, image: str, storage_uri: str) -> 
     container = {
         "name": "kserve-container",
         "image": image,
-        "args": ["serve", "--model", MODEL_MOUNT, "--port", str(PORT), "--name", settings.name,
-                 "--max-request-mb", f"{settings.max_request_mb:g}"],
+        "args": [
+            "serve",
+            "--model",
+            MODEL_MOUNT,
+            "--port",
+            str(PORT),
+            "--name",
+            settings.name,
+            "--max-request-mb",
+            f"{settings.max_request_mb:g}",
+        ],
         "env": [{"name": "STORAGE_URI", "value": storage_uri}],  # a custom predictor's storageUri
         "ports": [{"containerPort": PORT, "protocol": "TCP"}],
         "resources": {"requests": dict(resources), "limits": dict(resources)},
-        "readinessProbe": {"httpGet": {"path": f"/v2/models/{settings.name}/ready", "port": PORT},
-                           "periodSeconds": 10, "failureThreshold": 3},
+        "readinessProbe": {
+            "httpGet": {"path": f"/v2/models/{settings.name}/ready", "port": PORT},
+            "periodSeconds": 10,
+            "failureThreshold": 3,
+        },
         "securityContext": {"runAsNonRoot": True, "allowPrivilegeEscalation": False},
     }
     metadata: dict = {"name": settings.name, "labels": dict(PART_OF)}
@@ -45,12 +57,14 @@ def inference_service(settings: ServingConfig, image: str, storage_uri: str) -> 
         "apiVersion": "serving.kserve.io/v1beta1",
         "kind": "InferenceService",
         "metadata": metadata,
-        "spec": {"predictor": {
-            "serviceAccountName": settings.service_account,
-            "minReplicas": settings.min_replicas,
-            "batcher": {"maxBatchSize": settings.max_batch_size, "maxLatency": settings.max_latency_ms},
-            "containers": [container],
-        }},
+        "spec": {
+            "predictor": {
+                "serviceAccountName": settings.service_account,
+                "minReplicas": settings.min_replicas,
+                "batcher": {"maxBatchSize": settings.max_batch_size, "maxLatency": settings.max_latency_ms},
+                "containers": [container],
+            }
+        },
     }
 
 
@@ -70,8 +84,12 @@ def apply(service: dict) -> str:
     name = service["metadata"]["name"]
     namespace = service["metadata"].get("namespace") or get_default_target_namespace()
     where = f"InferenceService {namespace}/{name}"
-    collection = (constants.KSERVE_GROUP, constants.KSERVE_V1BETA1_VERSION, namespace,
-                  constants.KSERVE_PLURAL_INFERENCESERVICE)
+    collection = (
+        constants.KSERVE_GROUP,
+        constants.KSERVE_V1BETA1_VERSION,
+        namespace,
+        constants.KSERVE_PLURAL_INFERENCESERVICE,
+    )
     try:  # the client's create() / patch() want its model objects and turn API errors into RuntimeError text
         client.api_instance.create_namespaced_custom_object(*collection, service)
         done = "created"
@@ -81,8 +99,7 @@ def apply(service: dict) -> str:
         try:
             client.api_instance.patch_namespaced_custom_object(*collection, name, service)  # a merge patch
         except ApiException as patch_error:
-            raise UserError(f"{where}: update refused ({patch_error.status}: {one_line(patch_error.body)})") \
-                from None
+            raise UserError(f"{where}: update refused ({patch_error.status}: {one_line(patch_error.body)})") from None
         done = "updated"
     log.info("%s %s (model %s)", done, where, service["spec"]["predictor"]["containers"][0]["env"][0]["value"])
     return done

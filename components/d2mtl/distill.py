@@ -56,8 +56,9 @@ def aggregate_regression(values: np.ndarray) -> TaskPrediction:
 def concatenate(parts: list[TaskPrediction]) -> TaskPrediction:
     """Row-wise concatenation of one task's predictions (e.g. of successive batches)."""
     probs = np.concatenate([p.probs for p in parts]) if parts[0].probs is not None else None
-    return TaskPrediction(value=np.concatenate([p.value for p in parts]),
-                          score=np.concatenate([p.score for p in parts]), probs=probs)
+    return TaskPrediction(
+        value=np.concatenate([p.value for p in parts]), score=np.concatenate([p.score for p in parts]), probs=probs
+    )
 
 
 def class_prior(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -88,8 +89,13 @@ def class_quotas(total: int, prior: np.ndarray) -> np.ndarray:
     return quota
 
 
-def select_prior(pred: TaskPrediction, candidate: np.ndarray, prior: np.ndarray, retention: float,
-                 classes: list[str] | tuple[str, ...]) -> Selection:
+def select_prior(
+    pred: TaskPrediction,
+    candidate: np.ndarray,
+    prior: np.ndarray,
+    retention: float,
+    classes: list[str] | tuple[str, ...],
+) -> Selection:
     """Per-class thresholds so that the kept labels follow ``prior`` and keep ``retention`` of the candidates.
 
     The quota of class c is its prior share of round(retention x candidates); the most confident candidates
@@ -104,12 +110,14 @@ def select_prior(pred: TaskPrediction, candidate: np.ndarray, prior: np.ndarray,
         chosen = rows[np.argsort(-pred.score[rows], kind="stable")[: quota[code]]]
         kept[chosen] = True
         per_class[name] = float(pred.score[chosen].min()) if chosen.size else None
-    return Selection(kept, {"retention_target": retention, "per_class": per_class,
-                            "quota": dict(zip(classes, quota.tolist()))})
+    return Selection(
+        kept, {"retention_target": retention, "per_class": per_class, "quota": dict(zip(classes, quota.tolist()))}
+    )
 
 
-def select(task_name: str, rule: TaskRule, pred: TaskPrediction, candidate: np.ndarray,
-           known: np.ndarray | None = None) -> Selection:
+def select(
+    task_name: str, rule: TaskRule, pred: TaskPrediction, candidate: np.ndarray, known: np.ndarray | None = None
+) -> Selection:
     """Apply a task's rule; ``known`` (the codes of the task's known labels) feeds the prior rule."""
     task = get_task(task_name)
     if rule.rule == "spread":
@@ -119,8 +127,10 @@ def select(task_name: str, rule: TaskRule, pred: TaskPrediction, candidate: np.n
     try:
         prior = class_prior(known if known is not None else np.empty(0), task.num_classes)
     except ValueError:
-        raise ValueError(f"{task_name}: the prior rule needs known {task_name} labels to take the class prior "
-                         "from and there are none; use rule: fixed") from None
+        raise ValueError(
+            f"{task_name}: the prior rule needs known {task_name} labels to take the class prior "
+            "from and there are none; use rule: fixed"
+        ) from None
     return select_prior(pred, candidate, prior, rule.retention, task.classes)
 
 
@@ -128,8 +138,9 @@ def _hash_key(seed: int, sample_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}/{sample_id}".encode(), digest_size=8).digest(), "big")
 
 
-def hide_labels(labels: pa.Table, fraction: float, tasks: list[str] | tuple[str, ...],
-                seed: int = 0) -> tuple[pa.Table, pa.Table]:
+def hide_labels(
+    labels: pa.Table, fraction: float, tasks: list[str] | tuple[str, ...], seed: int = 0
+) -> tuple[pa.Table, pa.Table]:
     """Hide ``fraction`` of each task's known labels: (labels to train on, the hidden truth).
 
     For each task, of the rows that have the label, the round(fraction x n) rows with the smallest
@@ -141,8 +152,9 @@ def hide_labels(labels: pa.Table, fraction: float, tasks: list[str] | tuple[str,
         raise ValueError(f"holdout fraction must be in [0, 1), got {fraction}")
     for name in tasks:
         get_task(name)
-    keys = np.array([_hash_key(seed, sample_id) for sample_id in labels.column("sample_id").to_pylist()],
-                    dtype=np.uint64)
+    keys = np.array(
+        [_hash_key(seed, sample_id) for sample_id in labels.column("sample_id").to_pylist()], dtype=np.uint64
+    )
     moved = {}
     for name in tasks:
         known = np.flatnonzero(labels.column(name).is_valid().to_numpy(zero_copy_only=False))
@@ -161,8 +173,11 @@ def holdout_point(task_name: str, kept: np.ndarray, pred: TaskPrediction, truth:
     """How good the kept pseudo-labels are on the rows whose label was hidden (``truth`` is NaN elsewhere)."""
     hidden = ~np.isnan(truth)
     chosen = kept & hidden
-    point = {"hidden": int(hidden.sum()), "kept": int(chosen.sum()),
-             "retention": float(chosen.sum() / hidden.sum()) if hidden.any() else None}
+    point = {
+        "hidden": int(hidden.sum()),
+        "kept": int(chosen.sum()),
+        "retention": float(chosen.sum() / hidden.sum()) if hidden.any() else None,
+    }
     if get_task(task_name).kind == "classification":
         point["accuracy"] = float(np.mean(pred.value[chosen] == truth[chosen])) if chosen.any() else None
     else:
@@ -170,8 +185,15 @@ def holdout_point(task_name: str, kept: np.ndarray, pred: TaskPrediction, truth:
     return point
 
 
-def holdout_curve(task_name: str, rule: TaskRule, pred: TaskPrediction, candidate: np.ndarray,
-                  known: np.ndarray | None, truth: np.ndarray, values: list[float]) -> list[dict]:
+def holdout_curve(
+    task_name: str,
+    rule: TaskRule,
+    pred: TaskPrediction,
+    candidate: np.ndarray,
+    known: np.ndarray | None,
+    truth: np.ndarray,
+    values: list[float],
+) -> list[dict]:
     """Pseudo-label quality on the hidden rows as the rule's parameter sweeps ``values``."""
     parameter = SWEPT[rule.rule]
     curve = []

@@ -139,8 +139,9 @@ def launched(device: str = "auto") -> Iterator[Distributed]:
     level = package_log.level
     if not place.is_main:
         package_log.setLevel(logging.WARNING)  # one log of the run, from rank 0
-    log.info("rank %d of %d (local rank %d), backend %s", place.rank, place.world_size, place.local_rank,
-             dist.get_backend())
+    log.info(
+        "rank %d of %d (local rank %d), backend %s", place.rank, place.world_size, place.local_rank, dist.get_backend()
+    )
     try:
         yield place
     finally:

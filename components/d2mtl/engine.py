@@ -49,8 +49,9 @@ EXECUTION_FIELDS = {"progress", "num_workers", "threads", "device", "eval_batch_
 
 OPTIMIZERS = {
     "adamw": lambda groups, cfg: torch.optim.AdamW(groups, lr=cfg.lr.lr, weight_decay=cfg.weight_decay),
-    "sgd": lambda groups, cfg: torch.optim.SGD(groups, lr=cfg.lr.lr, momentum=cfg.momentum, nesterov=True,
-                                               weight_decay=cfg.weight_decay),
+    "sgd": lambda groups, cfg: torch.optim.SGD(
+        groups, lr=cfg.lr.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay
+    ),
 }
 
 
@@ -105,8 +106,17 @@ class Trainer:
     """One training run of a MultiTaskNet on a FaceIndex, writing to the model folder ``out``; one of
     ``dist.world_size`` data-parallel processes."""
 
-    def __init__(self, cfg, index: FaceIndex, out: str, net: MultiTaskNet, role: str = "teacher",
-                 card_extra: dict | None = None, dist: Distributed | None = None, inputs: dict[str, str] | None = None):
+    def __init__(
+        self,
+        cfg,
+        index: FaceIndex,
+        out: str,
+        net: MultiTaskNet,
+        role: str = "teacher",
+        card_extra: dict | None = None,
+        dist: Distributed | None = None,
+        inputs: dict[str, str] | None = None,
+    ):
         self.cfg, self.index, self.out, self.role = cfg, index, out, role
         self.inputs = inputs or {}  # input name -> content hash (contracts.content_hash): a resume needs the same
         self.card_extra = card_extra or {}
@@ -120,31 +130,53 @@ class Trainer:
         self.model: torch.nn.Module = self.net  # what training steps call: the DDP wrapper under torchrun
         if self.dist.enabled:
             # A task with no label in a global batch leaves its head without a gradient on every rank.
-            self.model = DistributedDataParallel(self.net, device_ids=[self.device] if self.cuda else None,
-                                                 find_unused_parameters=True)
+            self.model = DistributedDataParallel(
+                self.net, device_ids=[self.device] if self.cuda else None, find_unused_parameters=True
+            )
             torch.manual_seed(self.dist.seed(cfg.seed))  # the same weights everywhere, dropout of each rank's own
         self.tasks = net.tasks
         self.loss_fn = MaskedTaskLoss(self.tasks, cfg.age_head, cfg.age_sigma, cfg.age_l1_weight).to(self.device)
         self.train_rows, self.val_rows, self.test_rows = (index.rows(s) for s in ("train", "val", "test"))
-        self.weighting = TaskWeighting(self.tasks, *task_weighting(cfg, index.summary(self.train_rows), self.tasks),
-                                       cfg.dwa_temperature, cfg.age_head).to(self.device)
+        self.weighting = TaskWeighting(
+            self.tasks,
+            *task_weighting(cfg, index.summary(self.train_rows), self.tasks),
+            cfg.dwa_temperature,
+            cfg.age_head,
+        ).to(self.device)
         if not len(self.train_rows):
             raise UserError(f"no train faces labelled for {', '.join(self.tasks)}: check the label table and tasks")
         if 0 < cfg.shard_window < len(index.shards):
-            log.warning("shard_window %d < %d shards: each batch mixes only a window of shards; unbiased only when "
-                        "the face table's rows are in random order", cfg.shard_window, len(index.shards))
+            log.warning(
+                "shard_window %d < %d shards: each batch mixes only a window of shards; unbiased only when "
+                "the face table's rows are in random order",
+                cfg.shard_window,
+                len(index.shards),
+            )
         if index.label_mismatch:
             log.warning("%s", index.label_mismatch)
         self.train_data = FaceDataset(index, cfg.input_size, cfg.augment, cfg.shard_window)
         self.eval_data = FaceDataset(index, cfg.input_size, None, cfg.shard_window)
-        self.sampler = EpochSampler(index, self.train_rows, cfg.batch_size, cfg.seed, cfg.mix, cfg.epoch_samples,
-                                    cfg.shard_window, rank=self.dist.rank, world_size=self.dist.world_size,
-                                    temperature=cfg.mix_temperature)
+        self.sampler = EpochSampler(
+            index,
+            self.train_rows,
+            cfg.batch_size,
+            cfg.seed,
+            cfg.mix,
+            cfg.epoch_samples,
+            cfg.shard_window,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            temperature=cfg.mix_temperature,
+        )
         if self.sampler.dropped:
-            log.info("%d of %d samples per epoch left out: the last batch would have fewer than 2 per process",
-                     self.sampler.dropped, self.sampler.samples)
-        self.train_loader = make_loader(self.train_data, self.sampler, cfg.num_workers, pin_memory=self.cuda,
-                                        persistent=True)
+            log.info(
+                "%d of %d samples per epoch left out: the last batch would have fewer than 2 per process",
+                self.sampler.dropped,
+                self.sampler.samples,
+            )
+        self.train_loader = make_loader(
+            self.train_data, self.sampler, cfg.num_workers, pin_memory=self.cuda, persistent=True
+        )
         self.optimizer = OPTIMIZERS[cfg.optimizer](param_groups(self.net, self.weighting), cfg)
         self.scheduler: DynamicLR | None = None
         self.progress = Progress()
@@ -191,8 +223,14 @@ class Trainer:
         self.sampler.set_epoch(epoch, progress.step_in_epoch)
         sums = {t: torch.tensor(v, device=self.device) for t, v in progress.loss_sums.items()}
         counts = dict(progress.loss_counts)
-        with tqdm(total=len(self.sampler), initial=progress.step_in_epoch, desc=f"{self.role} epoch {epoch + 1}",
-                  disable=not (self.cfg.progress and self.dist.is_main), mininterval=2, leave=False) as bar:
+        with tqdm(
+            total=len(self.sampler),
+            initial=progress.step_in_epoch,
+            desc=f"{self.role} epoch {epoch + 1}",
+            disable=not (self.cfg.progress and self.dist.is_main),
+            mininterval=2,
+            leave=False,
+        ) as bar:
             started = time.perf_counter()
             for batch in self.train_loader:
                 progress.lr_trace.append(self.optimizer.param_groups[0]["lr"])
@@ -224,9 +262,16 @@ class Trainer:
         self.dist.broadcast_buffers(self.net)
         sums: dict[str, float] = {}
         share = self.dist.split(rows)  # ascending rows: each rank reads its own run of shards
-        batches = make_loader(self.eval_data, EpochSampler(self.index, share, self.cfg.eval_batch_size, self.cfg.seed,
-                                                           shuffle=False),
-                              self.cfg.num_workers, pin_memory=self.cuda) if len(share) else []
+        batches = (
+            make_loader(
+                self.eval_data,
+                EpochSampler(self.index, share, self.cfg.eval_batch_size, self.cfg.seed, shuffle=False),
+                self.cfg.num_workers,
+                pin_memory=self.cuda,
+            )
+            if len(share)
+            else []
+        )
         for batch in batches:
             images, targets = self._inputs(batch)
             outputs = self._forward(self.net, images)
@@ -287,8 +332,12 @@ class Trainer:
         self.optimizer.load_state_dict(saved[1])
         self.weighting.load_state_dict(saved[2])
         self.progress.range_test = result.to_dict()
-        log.info("LR range test: loss lowest at %.2e -> peak rate %.2e%s", result.best_lr, result.peak,
-                 " (fallback)" if result.fallback else "")
+        log.info(
+            "LR range test: loss lowest at %.2e -> peak rate %.2e%s",
+            result.best_lr,
+            result.peak,
+            " (fallback)" if result.fallback else "",
+        )
         return result.peak
 
     def _cycle_batches(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -334,11 +383,15 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """Every rank calls this; rank 0 writes, the others wait until the checkpoint is complete."""
         state = {
-            "format": CHECKPOINT_FORMAT, "config": json.dumps(config_fingerprint(self.cfg), sort_keys=True),
+            "format": CHECKPOINT_FORMAT,
+            "config": json.dumps(config_fingerprint(self.cfg), sort_keys=True),
             "inputs": json.dumps(self.inputs, sort_keys=True),
-            "model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "weighting": self.weighting.state_dict(),
-            "progress": asdict(self.progress), "rng": self._rng_states(),
+            "model": self.net.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "weighting": self.weighting.state_dict(),
+            "progress": asdict(self.progress),
+            "rng": self._rng_states(),
         }
         if self.dist.is_main:
             buffer = io.BytesIO()
@@ -351,22 +404,25 @@ class Trainer:
         if not store.exists(self.checkpoint_uri):
             return False
         try:
-            state = torch.load(io.BytesIO(store.read_bytes(self.checkpoint_uri)), map_location="cpu",
-                               weights_only=True)
+            state = torch.load(io.BytesIO(store.read_bytes(self.checkpoint_uri)), map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
             # torch's message suggests weights_only=False, i.e. running whatever the file holds: never pass that on
-            raise UserError(f"{self.checkpoint_uri}: not a d2mtl checkpoint (it holds more than tensors and plain "
-                            f"values, or is damaged: {type(err).__name__}); it was not loaded. {START_OVER}") from None
+            raise UserError(
+                f"{self.checkpoint_uri}: not a d2mtl checkpoint (it holds more than tensors and plain "
+                f"values, or is damaged: {type(err).__name__}); it was not loaded. {START_OVER}"
+            ) from None
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise UserError(f"{self.checkpoint_uri}: not a {CHECKPOINT_FORMAT} checkpoint. {START_OVER}")
         changed = _differing(json.loads(state["config"]), config_fingerprint(self.cfg))
         if changed:
-            raise UserError(f"{self.out} holds a checkpoint of a run with other settings ({', '.join(changed)}). "
-                            f"{START_OVER}")
+            raise UserError(
+                f"{self.out} holds a checkpoint of a run with other settings ({', '.join(changed)}). {START_OVER}"
+            )
         changed = _differing(json.loads(state.get("inputs", "{}")), self.inputs)
         if changed:
-            raise UserError(f"{self.out} holds a checkpoint of a run on other inputs ({', '.join(changed)} differ). "
-                            f"{START_OVER}")
+            raise UserError(
+                f"{self.out} holds a checkpoint of a run on other inputs ({', '.join(changed)} differ). {START_OVER}"
+            )
         self.net.load_state_dict(state["model"])
         self.weighting.load_state_dict(state["weighting"])
         self.progress = Progress(**state["progress"])
@@ -374,8 +430,14 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.optimizer.load_state_dict(state["optimizer"])
         self._restore_rng_states(state["rng"])
-        log.info("checkpoint at %s: %d of %d epochs done, then %d of %d steps", self.out, self.progress.epoch,
-                 self.cfg.epochs, self.progress.step_in_epoch, len(self.sampler))
+        log.info(
+            "checkpoint at %s: %d of %d epochs done, then %d of %d steps",
+            self.out,
+            self.progress.epoch,
+            self.cfg.epochs,
+            self.progress.step_in_epoch,
+            len(self.sampler),
+        )
         return True
 
     # ---- the run --------------------------------------------------------------------------------------
@@ -387,29 +449,55 @@ class Trainer:
             store.delete(self.checkpoint_uri)
         self.dist.barrier()
         resumed = self.load_checkpoint()
-        if resumed and self.progress.epoch >= self.cfg.epochs and store.exists(store.join(self.out, layout.TRAIN_METRICS)):
+        if (
+            resumed
+            and self.progress.epoch >= self.cfg.epochs
+            and store.exists(store.join(self.out, layout.TRAIN_METRICS))
+        ):
             log.info("%s: training already finished; keeping its outputs", self.out)
             return json.loads(store.read_text(store.join(self.out, layout.TRAIN_METRICS)))["result"]
         if not resumed:
             self.progress.peak_lr = self.find_peak_lr()
             self.scheduler = self._make_scheduler()
-        log.info("%s: %d train faces %s, %d batches/epoch, %d val, %d test, peak rate %.2e, device %s x %d", self.role,
-                 len(self.train_rows), self.index.summary(self.train_rows), len(self.sampler), len(self.val_rows),
-                 len(self.test_rows), self.progress.peak_lr, self.device, self.dist.world_size)
+        log.info(
+            "%s: %d train faces %s, %d batches/epoch, %d val, %d test, peak rate %.2e, device %s x %d",
+            self.role,
+            len(self.train_rows),
+            self.index.summary(self.train_rows),
+            len(self.sampler),
+            len(self.val_rows),
+            len(self.test_rows),
+            self.progress.peak_lr,
+            self.device,
+            self.dist.world_size,
+        )
         for epoch in range(self.progress.epoch, self.cfg.epochs):
             train_losses = self.train_one_epoch(epoch)
             started = time.perf_counter()
             val = self.evaluate(self.val_rows)
             lowered = self.scheduler.plateau_step(val.get("loss_mean", math.nan), epoch)
             self.weighting.end_epoch(train_losses)
-            self.progress.history.append({"epoch": epoch + 1, "train": train_losses, "val": val,
-                                          "lr": self.progress.lr_trace[-1], "plateau": lowered,
-                                          "task_weights": self.weighting.weights()})
+            self.progress.history.append(
+                {
+                    "epoch": epoch + 1,
+                    "train": train_losses,
+                    "val": val,
+                    "lr": self.progress.lr_trace[-1],
+                    "plateau": lowered,
+                    "task_weights": self.weighting.weights(),
+                }
+            )
             self.progress.epoch, self.progress.step_in_epoch = epoch + 1, 0
             self.progress.loss_sums, self.progress.loss_counts = {}, {}
             self.progress.train_seconds += time.perf_counter() - started
-            log.info("%s epoch %d/%d: train %s | val %s", self.role, epoch + 1, self.cfg.epochs,
-                     _fmt(train_losses), _fmt(val))
+            log.info(
+                "%s epoch %d/%d: train %s | val %s",
+                self.role,
+                epoch + 1,
+                self.cfg.epochs,
+                _fmt(train_losses),
+                _fmt(val),
+            )
             self.save_checkpoint()
         return self.finish()
 
@@ -418,15 +506,30 @@ class Trainer:
         test = self.evaluate(self.test_rows)
         progress = self.progress
         val = progress.history[-1]["val"] if progress.history else {}
-        result = {"role": self.role, "out": self.out, "tasks": list(self.tasks), "epochs": progress.epoch,
-                  "peak_lr": progress.peak_lr, "train_seconds": round(progress.train_seconds, 1),
-                  "val": val, "test": test}
-        training = {"config": self.cfg.model_dump(mode="json"), "data": {
-            "train": self.index.summary(self.train_rows), "val": self.index.summary(self.val_rows),
-            "test": self.index.summary(self.test_rows), "unmatched_labels": self.index.unmatched_labels},
-            "faces": self.index.face_settings, "inputs": self.inputs,
-            "epochs": progress.epoch, "peak_lr": progress.peak_lr,
-            "train_seconds": result["train_seconds"]}
+        result = {
+            "role": self.role,
+            "out": self.out,
+            "tasks": list(self.tasks),
+            "epochs": progress.epoch,
+            "peak_lr": progress.peak_lr,
+            "train_seconds": round(progress.train_seconds, 1),
+            "val": val,
+            "test": test,
+        }
+        training = {
+            "config": self.cfg.model_dump(mode="json"),
+            "data": {
+                "train": self.index.summary(self.train_rows),
+                "val": self.index.summary(self.val_rows),
+                "test": self.index.summary(self.test_rows),
+                "unmatched_labels": self.index.unmatched_labels,
+            },
+            "faces": self.index.face_settings,
+            "inputs": self.inputs,
+            "epochs": progress.epoch,
+            "peak_lr": progress.peak_lr,
+            "train_seconds": result["train_seconds"],
+        }
         if self.dist.enabled:
             training["processes"] = self.dist.world_size
         if self.dist.is_main:
@@ -437,12 +540,25 @@ class Trainer:
 
     def _write_model_folder(self, result: dict, training: dict) -> None:
         progress = self.progress
-        save_model(self.net, self.out, role=self.role, training=training,
-                   metrics={"val": result["val"], "test": result["test"]}, **self.card_extra)
-        lr_info = {"schedule": self.cfg.lr.schedule, "peak": progress.peak_lr, "range_test": progress.range_test,
-                   "plateaus": self.scheduler.lowered_at, "trace": progress.lr_trace}
-        store.write_text(store.join(self.out, layout.TRAIN_METRICS),
-                         json.dumps({"result": result, "history": progress.history, "lr": lr_info}, indent=1))
+        save_model(
+            self.net,
+            self.out,
+            role=self.role,
+            training=training,
+            metrics={"val": result["val"], "test": result["test"]},
+            **self.card_extra,
+        )
+        lr_info = {
+            "schedule": self.cfg.lr.schedule,
+            "peak": progress.peak_lr,
+            "range_test": progress.range_test,
+            "plateaus": self.scheduler.lowered_at,
+            "trace": progress.lr_trace,
+        }
+        store.write_text(
+            store.join(self.out, layout.TRAIN_METRICS),
+            json.dumps({"result": result, "history": progress.history, "lr": lr_info}, indent=1),
+        )
         store.write_bytes(store.join(self.out, layout.TRAIN_CURVES), plot_curves(progress.history, progress.lr_trace))
         if progress.range_test:
             store.write_bytes(store.join(self.out, layout.LR_RANGE_PLOT), plot_range_test(progress.range_test))
@@ -462,6 +578,7 @@ def _fmt(values: dict) -> str:
 
 # ---- plots -------------------------------------------------------------------------------------------
 
+
 def _png(figure: Figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
@@ -476,16 +593,35 @@ def plot_curves(history: list[dict], lr_trace: list[float]) -> bytes:
     epochs = [h["epoch"] for h in history]
     tasks = [t for t in TASKS if any(t in h["train"] for h in history)]
     for task in tasks:
-        line, = loss_ax.plot(epochs, [h["train"].get(task, math.nan) for h in history], marker="o", label=f"{task} train")
-        loss_ax.plot(epochs, [h["val"].get(f"{task}_loss", math.nan) for h in history], marker="x", linestyle="--",
-                     color=line.get_color(), label=f"{task} val")
+        (line,) = loss_ax.plot(
+            epochs, [h["train"].get(task, math.nan) for h in history], marker="o", label=f"{task} train"
+        )
+        loss_ax.plot(
+            epochs,
+            [h["val"].get(f"{task}_loss", math.nan) for h in history],
+            marker="x",
+            linestyle="--",
+            color=line.get_color(),
+            label=f"{task} val",
+        )
         if TASKS[task].kind == "classification":
-            acc_ax.plot(epochs, [h["val"].get(f"{task}_acc", math.nan) for h in history], marker="o",
-                        color=line.get_color(), label=f"{task} accuracy")
+            acc_ax.plot(
+                epochs,
+                [h["val"].get(f"{task}_acc", math.nan) for h in history],
+                marker="o",
+                color=line.get_color(),
+                label=f"{task} accuracy",
+            )
         else:
             mae_ax = mae_ax or acc_ax.twinx()
-            mae_ax.plot(epochs, [h["val"].get(f"{task}_mae", math.nan) for h in history], marker="s", linestyle=":",
-                        color=line.get_color(), label=f"{task} MAE (years, right)")
+            mae_ax.plot(
+                epochs,
+                [h["val"].get(f"{task}_mae", math.nan) for h in history],
+                marker="s",
+                linestyle=":",
+                color=line.get_color(),
+                label=f"{task} MAE (years, right)",
+            )
             mae_ax.legend(fontsize=7, loc="center right")
     loss_ax.set(title="loss per task", xlabel="epoch")
     _legend(loss_ax, fontsize=7)

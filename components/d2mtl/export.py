@@ -43,13 +43,25 @@ def output_shapes(graph: InferenceModel) -> dict[str, list[str | int]]:
 def export_card(card: dict, graph: InferenceModel, fmt: str, source: str) -> dict:
     """The model card plus what a consumer of the exported file needs to feed it and read it."""
     size = int(card["input_size"])
-    return {**card, "export": {
-        "format": fmt, "file": FORMATS[fmt], "source": source, "torch": torch.__version__,
-        "opset": ONNX_OPSET if fmt == "onnx" else None,
-        "input": {"name": INPUT_NAME, "dtype": "float32", "shape": ["batch", 3, size, size],
-                  "preprocessing": "aligned face (d2mtl.faces template), resized to input_size, RGB, "
-                                   "(pixel / 255 - mean) / std"},
-        "outputs": output_shapes(graph), "age_interval": graph.age_interval}}
+    return {
+        **card,
+        "export": {
+            "format": fmt,
+            "file": FORMATS[fmt],
+            "source": source,
+            "torch": torch.__version__,
+            "opset": ONNX_OPSET if fmt == "onnx" else None,
+            "input": {
+                "name": INPUT_NAME,
+                "dtype": "float32",
+                "shape": ["batch", 3, size, size],
+                "preprocessing": "aligned face (d2mtl.faces template), resized to input_size, RGB, "
+                "(pixel / 255 - mean) / std",
+            },
+            "outputs": output_shapes(graph),
+            "age_interval": graph.age_interval,
+        },
+    }
 
 
 @contextlib.contextmanager
@@ -69,9 +81,16 @@ def quiet_loggers(*names: str, level: int = logging.WARNING) -> Iterator[None]:
 def onnx_bytes(graph: InferenceModel, example: torch.Tensor, card: dict) -> bytes:
     batch = torch.export.Dim("batch", min=1)
     with quiet_loggers("onnx_ir", "onnxscript"):
-        program = torch.onnx.export(graph, (example,), dynamo=True, input_names=[INPUT_NAME],
-                                    output_names=list(graph.output_names), dynamic_shapes=({0: batch},),
-                                    opset_version=ONNX_OPSET, verbose=False)
+        program = torch.onnx.export(
+            graph,
+            (example,),
+            dynamo=True,
+            input_names=[INPUT_NAME],
+            output_names=list(graph.output_names),
+            dynamic_shapes=({0: batch},),
+            opset_version=ONNX_OPSET,
+            verbose=False,
+        )
     proto = program.model_proto
     entry = proto.metadata_props.add()
     entry.key, entry.value = layout.MODEL_CARD, json.dumps(card)

@@ -58,8 +58,9 @@ class Detection:
 
 def _looks_complete(data: bytes) -> bool:
     """A JPEG ending with its end-of-image marker, or a PNG ending with its IEND chunk."""
-    return (data[:2] == b"\xff\xd8" and data.rstrip(b"\0")[-2:] == b"\xff\xd9") or \
-        (data[:8] == b"\x89PNG\r\n\x1a\n" and data[-12:-4] == b"\0\0\0\0IEND")
+    return (data[:2] == b"\xff\xd8" and data.rstrip(b"\0")[-2:] == b"\xff\xd9") or (
+        data[:8] == b"\x89PNG\r\n\x1a\n" and data[-12:-4] == b"\0\0\0\0IEND"
+    )
 
 
 def check_jpeg_data(data: bytes) -> None:
@@ -68,8 +69,14 @@ def check_jpeg_data(data: bytes) -> None:
     1/8-scale decode reads every coefficient all the same, in a fifth of OpenCV's time for the full image."""
     try:
         colorspace = simplejpeg.decode_jpeg_header(data)[2]
-        simplejpeg.decode_jpeg(data, colorspace={"CMYK": "CMYK", "Gray": "GRAY"}.get(colorspace, "RGB"),
-                               strict=True, min_height=1, min_width=1, min_factor=8)
+        simplejpeg.decode_jpeg(
+            data,
+            colorspace={"CMYK": "CMYK", "Gray": "GRAY"}.get(colorspace, "RGB"),
+            strict=True,
+            min_height=1,
+            min_width=1,
+            min_factor=8,
+        )
     except ValueError as err:
         raise UnreadableImage(str(err)) from None
 
@@ -137,8 +144,9 @@ def similarity_matrix(landmarks: np.ndarray, size: int) -> np.ndarray:
 def align(rgb: np.ndarray, landmarks: np.ndarray, size: int) -> np.ndarray:
     """Warp the face so its landmarks land on the template; the border replicates edge pixels
     so pre-cropped sources do not get black wedges (a dataset cue the network could learn)."""
-    return cv2.warpAffine(rgb, similarity_matrix(landmarks, size), (size, size), flags=cv2.INTER_LINEAR,
-                          borderMode=cv2.BORDER_REPLICATE)
+    return cv2.warpAffine(
+        rgb, similarity_matrix(landmarks, size), (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+    )
 
 
 def center_crop_resize(rgb: np.ndarray, size: int) -> np.ndarray:
@@ -146,7 +154,7 @@ def center_crop_resize(rgb: np.ndarray, size: int) -> np.ndarray:
     height, width = rgb.shape[:2]
     side = min(height, width)
     top, left = (height - side) // 2, (width - side) // 2
-    square = rgb[top:top + side, left:left + side]
+    square = rgb[top : top + side, left : left + side]
     interpolation = cv2.INTER_AREA if side > size else cv2.INTER_CUBIC
     return cv2.resize(square, (size, size), interpolation=interpolation)
 
@@ -154,8 +162,14 @@ def center_crop_resize(rgb: np.ndarray, size: int) -> np.ndarray:
 class FaceDetector:
     """RetinaFace on CPU (or CUDA when onnxruntime has it), one session per process."""
 
-    def __init__(self, min_score: float = 0.9, min_side: int = 144, max_side: int = 640, threads: int = 1,
-                 nms_threshold: float = 0.4):
+    def __init__(
+        self,
+        min_score: float = 0.9,
+        min_side: int = 144,
+        max_side: int = 640,
+        threads: int = 1,
+        nms_threshold: float = 0.4,
+    ):
         import onnxruntime as ort
         from retinaface.weights import WEIGHTS
 
@@ -177,13 +191,24 @@ class FaceDetector:
 
     def detect(self, rgb: np.ndarray) -> list[Detection]:
         """All faces above ``min_score``, in source-pixel coordinates, most confident first."""
-        from retinaface.postprocess import (ANCHOR_SIZES, ANCHOR_STRIDES, filter_results, generate_anchors,
-                                            rebuild_boxes, rebuild_pts)
+        from retinaface.postprocess import (
+            ANCHOR_SIZES,
+            ANCHOR_STRIDES,
+            filter_results,
+            generate_anchors,
+            rebuild_boxes,
+            rebuild_pts,
+        )
         from retinaface.preprocess import preprocess
 
         scale = self.scale_for(*rgb.shape[:2])
-        image = rgb if scale == 1.0 else cv2.resize(rgb, None, fx=scale, fy=scale,
-                                                    interpolation=cv2.INTER_CUBIC if scale > 1 else cv2.INTER_AREA)
+        image = (
+            rgb
+            if scale == 1.0
+            else cv2.resize(
+                rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC if scale > 1 else cv2.INTER_AREA
+            )
+        )
         height, width = image.shape[:2]
         boxes, scores, points = self.session.run(None, {"input": preprocess(image)})
         start = 0
@@ -195,11 +220,14 @@ class FaceDetector:
             start = end
         boxes = boxes[0] * np.array([width, height] * 2, dtype=np.float32)  # (N, 4) x, y, w, h
         points = points[0] * np.array([width, height] * 5, dtype=np.float32)  # (N, 10)
-        boxes, scores, points = filter_results(boxes, scores[0], points, score_threshold=self.min_score,
-                                               nms_threshold=self.nms_threshold)
+        boxes, scores, points = filter_results(
+            boxes, scores[0], points, score_threshold=self.min_score, nms_threshold=self.nms_threshold
+        )
         corners = np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], axis=1) / scale
-        return [Detection(float(score), box, pts.reshape(5, 2) / scale)
-                for score, box, pts in zip(np.atleast_1d(scores), corners.reshape(-1, 4), points.reshape(-1, 10))]
+        return [
+            Detection(float(score), box, pts.reshape(5, 2) / scale)
+            for score, box, pts in zip(np.atleast_1d(scores), corners.reshape(-1, 4), points.reshape(-1, 10))
+        ]
 
     def main_face(self, rgb: np.ndarray) -> Detection | None:
         """The largest face above the score threshold (ties: the most confident), or None."""

@@ -8,8 +8,16 @@ from __future__ import annotations
 
 from d2mtl.store import join
 
-STAGES = ("ingest", "teacher", "baselines", "pseudolabel", "pseudolabel_single", "student", "student_single",
-          "evaluate")  # the published stage folders; the *_single ones: the single-task distillation variant
+STAGES = (
+    "ingest",
+    "teacher",
+    "baselines",
+    "pseudolabel",
+    "pseudolabel_single",
+    "student",
+    "student_single",
+    "evaluate",
+)  # the published stage folders; the *_single ones: the single-task distillation variant
 
 # ingest/
 FACES_DIR = "faces"  # sharded face table + _manifest.json (contracts.FaceTableWriter)

@@ -46,8 +46,9 @@ def age_target_distribution(low: torch.Tensor, high: torch.Tensor, sigma: float)
 class MaskedTaskLoss(nn.Module):
     """Raw head outputs + targets -> {task: scalar loss} for the tasks present in the batch."""
 
-    def __init__(self, tasks: tuple[str, ...], age_head: str = "dex", age_sigma: float = 2.0,
-                 age_l1_weight: float = 0.1):
+    def __init__(
+        self, tasks: tuple[str, ...], age_head: str = "dex", age_sigma: float = 2.0, age_l1_weight: float = 0.1
+    ):
         super().__init__()
         self.tasks, self.age_head = tuple(tasks), age_head
         self.age_sigma, self.age_l1_weight = age_sigma, age_l1_weight
@@ -68,8 +69,9 @@ class MaskedTaskLoss(nn.Module):
         divergence = soft_cross_entropy(log_probs, age_target_distribution(low, high, self.age_sigma))
         return divergence + self.age_l1_weight * interval_distance(expected, low, high)
 
-    def forward(self, outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor],
-                counts: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self, outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], counts: dict[str, int] | None = None
+    ) -> dict[str, torch.Tensor]:
         """``counts``: divide each task's sum by this count instead of the batch's own (under DDP, the global
         batch's), and keep a task with a count even where this batch has none of its labels (a 0 term)."""
         losses = {}
@@ -107,8 +109,14 @@ class TaskWeighting(nn.Module):
     epochs are seen every weight is 1.
     """
 
-    def __init__(self, tasks: tuple[str, ...], mode: str = "fixed", fixed: dict[str, float] | None = None,
-                 temperature: float = 2.0, age_head: str = "dex"):
+    def __init__(
+        self,
+        tasks: tuple[str, ...],
+        mode: str = "fixed",
+        fixed: dict[str, float] | None = None,
+        temperature: float = 2.0,
+        age_head: str = "dex",
+    ):
         super().__init__()
         if mode not in ("fixed", "uncertainty", "dwa"):
             raise ValueError(f"unknown weighting {mode!r}; known: fixed, uncertainty, dwa")
@@ -117,8 +125,10 @@ class TaskWeighting(nn.Module):
         self.register_buffer("fixed", torch.tensor([float(fixed.get(t, 1.0)) for t in self.tasks]))
         # Kendall et al.: 1/sigma^2 L + log sigma for a softmax likelihood, 1/(2 sigma^2) L + log sigma for
         # a Gaussian/Laplace regression; with s = log sigma^2 these are exp(-s) L + s/2 and exp(-s) L / 2 + s/2.
-        self.register_buffer("likelihood_scale", torch.tensor(
-            [0.5 if TASKS[t].kind == "regression" and age_head == "l1" else 1.0 for t in self.tasks]))
+        self.register_buffer(
+            "likelihood_scale",
+            torch.tensor([0.5 if TASKS[t].kind == "regression" and age_head == "l1" else 1.0 for t in self.tasks]),
+        )
         self.log_vars = nn.Parameter(torch.zeros(len(self.tasks)), requires_grad=mode == "uncertainty")
         self.register_buffer("epoch_losses", torch.zeros(2, len(self.tasks)))  # [previous, last] epoch means
         self.register_buffer("epochs_seen", torch.zeros((), dtype=torch.long))

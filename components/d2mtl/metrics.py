@@ -48,8 +48,10 @@ def interval_accuracy(pred: np.ndarray, low: np.ndarray, high: np.ndarray) -> fl
 def class_scores(true: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     """Accuracy and macro-F1 (averaged over the classes present in truth or prediction)."""
     true, pred = np.asarray(true, dtype=np.int64), np.asarray(pred, dtype=np.int64)
-    return {"accuracy": float(accuracy_score(true, pred)),
-            "macro_f1": float(f1_score(true, pred, average="macro", zero_division=0))}
+    return {
+        "accuracy": float(accuracy_score(true, pred)),
+        "macro_f1": float(f1_score(true, pred, average="macro", zero_division=0)),
+    }
 
 
 def confusion(task: Task, true: np.ndarray, pred: np.ndarray) -> dict:
@@ -57,8 +59,9 @@ def confusion(task: Task, true: np.ndarray, pred: np.ndarray) -> dict:
 
     The shape KFP's ``ClassificationMetrics.log_confusion_matrix(categories, matrix)`` takes.
     """
-    matrix = confusion_matrix(np.asarray(true, dtype=np.int64), np.asarray(pred, dtype=np.int64),
-                              labels=list(range(task.num_classes)))
+    matrix = confusion_matrix(
+        np.asarray(true, dtype=np.int64), np.asarray(pred, dtype=np.int64), labels=list(range(task.num_classes))
+    )
     return {"categories": list(task.classes), "matrix": matrix.tolist()}
 
 
@@ -68,8 +71,9 @@ def _labelled(column: np.ndarray | None, mask: np.ndarray) -> np.ndarray:
     return mask & ~np.isnan(column)
 
 
-def task_metrics(task: Task, truth: Mapping[str, np.ndarray], pred: np.ndarray,
-                 mask: np.ndarray) -> Iterator[tuple[str, float, int]]:
+def task_metrics(
+    task: Task, truth: Mapping[str, np.ndarray], pred: np.ndarray, mask: np.ndarray
+) -> Iterator[tuple[str, float, int]]:
     """(metric, value, n) for every metric of ``task`` that the rows selected by ``mask`` have labels for."""
     have = _labelled(truth.get(task.name), mask)
     if task.kind == "classification":
@@ -86,8 +90,11 @@ def task_metrics(task: Task, truth: Mapping[str, np.ndarray], pred: np.ndarray,
         yield "group_accuracy", interval_accuracy(pred[in_group], low[in_group], high[in_group]), int(in_group.sum())
 
 
-def score(truth: Mapping[str, np.ndarray], predictions: Mapping[str, np.ndarray],
-          fairness_by: tuple[str, ...] = FAIRNESS_ATTRIBUTES) -> tuple[list[dict], list[dict]]:
+def score(
+    truth: Mapping[str, np.ndarray],
+    predictions: Mapping[str, np.ndarray],
+    fairness_by: tuple[str, ...] = FAIRNESS_ATTRIBUTES,
+) -> tuple[list[dict], list[dict]]:
     """Score one model on every dataset x split present in ``truth``.
 
     Returns ``(rows, confusions)``: the overall rows (``group_by`` None), then per fairness attribute and group
@@ -105,17 +112,34 @@ def score(truth: Mapping[str, np.ndarray], predictions: Mapping[str, np.ndarray]
                 continue
             pred = np.asarray(predictions[task.name])
             for metric, value, n in task_metrics(task, truth, pred, in_slice):
-                rows.append({"task": task.name, **where, "metric": metric, "value": value, "n": n,
-                             "group_by": None, "group": None})
+                rows.append(
+                    {
+                        "task": task.name,
+                        **where,
+                        "metric": metric,
+                        "value": value,
+                        "n": n,
+                        "group_by": None,
+                        "group": None,
+                    }
+                )
             for attribute in fairness_by:
                 for code, group_mask in _groups(TASKS[attribute], truth.get(attribute), in_slice):
                     for metric, value, n in task_metrics(task, truth, pred, group_mask):
-                        rows.append({"task": task.name, **where, "metric": metric, "value": value, "n": n,
-                                     "group_by": attribute, "group": TASKS[attribute].classes[code]})
+                        rows.append(
+                            {
+                                "task": task.name,
+                                **where,
+                                "metric": metric,
+                                "value": value,
+                                "n": n,
+                                "group_by": attribute,
+                                "group": TASKS[attribute].classes[code],
+                            }
+                        )
             have = _labelled(truth.get(task.name), in_slice)
             if task.kind == "classification" and have.any():
-                confusions.append({"task": task.name, **where,
-                                   **confusion(task, truth[task.name][have], pred[have])})
+                confusions.append({"task": task.name, **where, **confusion(task, truth[task.name][have], pred[have])})
     return rows, confusions
 
 
@@ -143,10 +167,19 @@ def fairness_gaps(rows: list[dict], min_group_size: int = 1) -> list[dict]:
             continue
         ranked = sorted(group_rows, key=lambda r: r["value"], reverse=HIGHER_IS_BETTER[metric])
         best, worst = ranked[0], ranked[-1]
-        gap = {"task": task, "dataset": dataset, "split": split, "metric": metric, "group_by": group_by,
-               "gap": abs(best["value"] - worst["value"]), "best_group": best["group"], "best": best["value"],
-               "worst_group": worst["group"], "worst": worst["value"],
-               "groups_compared": [r["group"] for r in ranked]}
+        gap = {
+            "task": task,
+            "dataset": dataset,
+            "split": split,
+            "metric": metric,
+            "group_by": group_by,
+            "gap": abs(best["value"] - worst["value"]),
+            "best_group": best["group"],
+            "best": best["value"],
+            "worst_group": worst["group"],
+            "worst": worst["value"],
+            "groups_compared": [r["group"] for r in ranked],
+        }
         gaps.append(gap if model is None else {"model": model, **gap})
     return gaps
 

@@ -42,6 +42,7 @@ class ModelError(UserError):
 
 # ---- backbone registry -------------------------------------------------------------------------
 
+
 def _features_stages(model: nn.Module) -> list[nn.Module]:
     return list(model.features)
 
@@ -106,7 +107,8 @@ def build_backbone(name: str, weights: str | None) -> tuple[nn.Module, int]:
         raise ModelError(
             f"cannot load {name} weights {weights}: not in the torch cache ({_weights_cache_path(spec)}) and the "
             f"download failed ({err}). Set TORCH_HOME (now {os.environ.get('TORCH_HOME', 'unset')}) to a folder "
-            f"holding hub/checkpoints/{_weights_cache_path(spec).name}, or use weights: none") from None
+            f"holding hub/checkpoints/{_weights_cache_path(spec).name}, or use weights: none"
+        ) from None
     head = model.get_submodule(backbone.classifier)
     linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
     feature_dim = linears[-1].in_features
@@ -115,6 +117,7 @@ def build_backbone(name: str, weights: str | None) -> tuple[nn.Module, int]:
 
 
 # ---- the network -------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -131,14 +134,27 @@ class ModelSpec:
     @classmethod
     def from_config(cls, cfg) -> ModelSpec:
         """From a TrainConfig."""
-        return cls(backbone=cfg.backbone, tasks=cfg.task_names, age_head=cfg.age_head, input_size=cfg.input_size,
-                   mean=tuple(cfg.mean), std=tuple(cfg.std), dropout=cfg.dropout)
+        return cls(
+            backbone=cfg.backbone,
+            tasks=cfg.task_names,
+            age_head=cfg.age_head,
+            input_size=cfg.input_size,
+            mean=tuple(cfg.mean),
+            std=tuple(cfg.std),
+            dropout=cfg.dropout,
+        )
 
     @classmethod
     def from_card(cls, card: dict) -> ModelSpec:
-        return cls(backbone=card["backbone"], tasks=tuple(card["tasks"]), age_head=card["age_head"],
-                   input_size=int(card["input_size"]), mean=tuple(card["mean"]), std=tuple(card["std"]),
-                   dropout=float(card.get("dropout", 0.0)))
+        return cls(
+            backbone=card["backbone"],
+            tasks=tuple(card["tasks"]),
+            age_head=card["age_head"],
+            input_size=int(card["input_size"]),
+            mean=tuple(card["mean"]),
+            std=tuple(card["std"]),
+            dropout=float(card.get("dropout", 0.0)),
+        )
 
     def head_size(self, task: str) -> int:
         if TASKS[task].kind == "classification":
@@ -228,6 +244,7 @@ def build_model(cfg, weights: str | None = None) -> MultiTaskNet:
 
 # ---- model folder: safetensors + model card -----------------------------------------------------
 
+
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -242,8 +259,7 @@ def class_names(tasks: tuple[str, ...] | list[str]) -> dict[str, list[str]]:
 
 def make_card(spec: ModelSpec, **extra) -> dict:
     """The model card: the spec (flat: backbone, tasks, input_size, mean, std, ...), class names, extras."""
-    card = {"format": CARD_FORMAT, **asdict(spec), "classes": class_names(spec.tasks),
-            "age_range": [AGE_MIN, AGE_MAX]}
+    card = {"format": CARD_FORMAT, **asdict(spec), "classes": class_names(spec.tasks), "age_range": [AGE_MIN, AGE_MAX]}
     card["tasks"], card["mean"], card["std"] = list(spec.tasks), list(spec.mean), list(spec.std)
     card.update(extra)
     return card
@@ -269,33 +285,43 @@ def check_card(card: dict, where: str, tasks: tuple[str, ...] | list[str] | None
         raise ModelError(f"{where}: model card format {card.get('format')!r} is not {CARD_FORMAT!r}")
     unknown = [t for t in card["tasks"] if t not in TASKS]
     if unknown:
-        raise ModelError(f"{where}: trained for task(s) {', '.join(unknown)} that the task registry does not know "
-                         f"(known: {', '.join(TASKS)})")
+        raise ModelError(
+            f"{where}: trained for task(s) {', '.join(unknown)} that the task registry does not know "
+            f"(known: {', '.join(TASKS)})"
+        )
     expected = class_names(card["tasks"])
     for task, names in card.get("classes", {}).items():
         if names != expected.get(task):
-            raise ModelError(f"{where}: {task} classes {names} differ from the registry's {expected.get(task)}; "
-                             "retrain, or use the d2mtl version that wrote this model")
+            raise ModelError(
+                f"{where}: {task} classes {names} differ from the registry's {expected.get(task)}; "
+                "retrain, or use the d2mtl version that wrote this model"
+            )
     if tuple(card.get("age_range", (AGE_MIN, AGE_MAX))) != (AGE_MIN, AGE_MAX):
         raise ModelError(f"{where}: age range {card['age_range']} differs from the registry's {[AGE_MIN, AGE_MAX]}")
     if tasks is not None and set(tasks) != set(card["tasks"]):
-        raise ModelError(f"{where}: model tasks {', '.join(card['tasks'])} differ from the configured tasks "
-                         f"{', '.join(tasks)}")
+        raise ModelError(
+            f"{where}: model tasks {', '.join(card['tasks'])} differ from the configured tasks {', '.join(tasks)}"
+        )
 
 
 def read_card(uri: str) -> dict:
     if not store.is_remote(uri) and Path(uri).is_file():
         inside = Path(uri).name in (layout.MODEL_CARD, layout.WEIGHTS_FILE)
-        raise ModelError(f"{uri} is a file; expected a model folder (holding {layout.MODEL_CARD} and "
-                         f"{layout.WEIGHTS_FILE})" + (f": {Path(uri).parent}" if inside else ""))
+        raise ModelError(
+            f"{uri} is a file; expected a model folder (holding {layout.MODEL_CARD} and "
+            f"{layout.WEIGHTS_FILE})" + (f": {Path(uri).parent}" if inside else "")
+        )
     try:
         return json.loads(store.read_text(store.join(uri, layout.MODEL_CARD)))
     except FileNotFoundError:
-        raise ModelError(f"{uri}: no {layout.MODEL_CARD}; not a model folder (teacher/student/baseline output)") from None
+        raise ModelError(
+            f"{uri}: no {layout.MODEL_CARD}; not a model folder (teacher/student/baseline output)"
+        ) from None
 
 
-def load_model(uri: str, device: str | torch.device = "cpu",
-               tasks: tuple[str, ...] | list[str] | None = None) -> tuple[MultiTaskNet, dict]:
+def load_model(
+    uri: str, device: str | torch.device = "cpu", tasks: tuple[str, ...] | list[str] | None = None
+) -> tuple[MultiTaskNet, dict]:
     """The network (eval mode, on ``device``) and its card from a model folder; ``tasks`` must match if given."""
     card = read_card(uri)
     check_card(card, uri, tasks)
@@ -309,6 +335,8 @@ def load_model(uri: str, device: str | torch.device = "cpu",
     try:
         net.load_state_dict(state)
     except RuntimeError as err:
-        raise ModelError(f"{uri}: weights do not fit the architecture in its card: {str(err).splitlines()[0]}") from None
+        raise ModelError(
+            f"{uri}: weights do not fit the architecture in its card: {str(err).splitlines()[0]}"
+        ) from None
     device = resolve_device(device) if isinstance(device, str) else device
     return net.to(device).eval(), card

@@ -48,6 +48,7 @@ Status = Literal["ok", "no_face", "unreadable", "not_found"]
 
 # ---- the deployable graph ----------------------------------------------------------------------
 
+
 def output_names(net: MultiTaskNet) -> tuple[str, ...]:
     """Names of ``InferenceModel``'s outputs, in order: per classification task its probabilities;
     for age the expected years, the interval bounds and the spread."""
@@ -98,6 +99,7 @@ class InferenceModel(nn.Module):
 
 # ---- results -----------------------------------------------------------------------------------
 
+
 class AgeEstimate(BaseModel):
     years: float  # expected age
     low: float  # interval: the lower quantile of the age distribution (see Analyzer.age_interval)
@@ -139,6 +141,7 @@ class Located:
 
 # ---- inputs ------------------------------------------------------------------------------------
 
+
 def list_images(paths: Sequence[str]) -> list[str]:
     """Image files, folders (recursively: files with an image suffix) and ``s3://`` prefixes -> image URIs.
 
@@ -178,13 +181,15 @@ def load_rgb(image: ImageInput) -> np.ndarray:
     Raises FileNotFoundError or UnreadableImage."""
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
-            raise UnreadableImage(f"expected a uint8 RGB (H, W, 3) or gray (H, W) array, got {image.dtype} "
-                                  f"{image.shape}")
+            raise UnreadableImage(
+                f"expected a uint8 RGB (H, W, 3) or gray (H, W) array, got {image.dtype} {image.shape}"
+            )
         return np.stack([image] * 3, axis=-1) if image.ndim == 2 else image
     return decode_rgb(image if isinstance(image, bytes) else store.read_bytes(os.fspath(image)))
 
 
 # ---- the analyzer ------------------------------------------------------------------------------
+
 
 class Analyzer:
     """Detect, align and analyse faces with one multi-task model.
@@ -193,8 +198,14 @@ class Analyzer:
     model's training faces were made with (default: IngestConfig()). ``batch_size``: faces per forward pass.
     """
 
-    def __init__(self, model: str, device: str = "auto", ingest: IngestConfig | None = None, batch_size: int = 64,
-                 age_interval: float = AGE_INTERVAL):
+    def __init__(
+        self,
+        model: str,
+        device: str = "auto",
+        ingest: IngestConfig | None = None,
+        batch_size: int = 64,
+        age_interval: float = AGE_INTERVAL,
+    ):
         if batch_size < 1:
             raise UserError(f"batch size {batch_size} must be at least 1")
         self.net, self.card = load_model(model, device)
@@ -202,13 +213,22 @@ class Analyzer:
         # channels-last convolutions: ~1.5x faster batched on CPU here (MobileNetV2, 64 px), and what CUDA prefers
         self.graph = InferenceModel(self.net, age_interval).to(self.device, memory_format=torch.channels_last).eval()
         settings = ingest or IngestConfig()
-        self.detector = FaceDetector(min_score=settings.detector.min_score, min_side=settings.detector.min_side,
-                                     max_side=settings.detector.max_side, threads=torch.get_num_threads())
+        self.detector = FaceDetector(
+            min_score=settings.detector.min_score,
+            min_side=settings.detector.min_side,
+            max_side=settings.detector.max_side,
+            threads=torch.get_num_threads(),
+        )
         trained = self.card.get("training", {}).get("faces", {}).get("image_size")
         self.face_size = int(trained) if trained else settings.image_size  # the face size the model trained on
         if ingest is not None and ingest.image_size != self.face_size:
-            log.warning("%s was trained on %d px faces: aligning to %d px, not the given %d", model,
-                        self.face_size, self.face_size, ingest.image_size)
+            log.warning(
+                "%s was trained on %d px faces: aligning to %d px, not the given %d",
+                model,
+                self.face_size,
+                self.face_size,
+                ingest.image_size,
+            )
         self.jpeg_quality = settings.jpeg_quality
         self.batch_size = batch_size
 
@@ -255,8 +275,9 @@ class Analyzer:
                 reason = str(err)
                 log.warning("%s: face at %s skipped: %s", source, np.round(detection.box).tolist(), err)
         status: Status = "ok" if detections else "no_face"
-        result = ImageResult(source=source, status=status, reason=None if detections else reason,
-                             width=width, height=height)
+        result = ImageResult(
+            source=source, status=status, reason=None if detections else reason, width=width, height=height
+        )
         return Located(result, detections, jpegs)
 
     def predict_faces(self, jpegs: Sequence[bytes]) -> dict[str, np.ndarray]:
@@ -267,7 +288,7 @@ class Analyzer:
         parts: list[tuple[torch.Tensor, ...]] = []
         with torch.inference_mode():
             for start in range(0, len(jpegs), self.batch_size):
-                x = data.preprocess(jpegs[start:start + self.batch_size], self.card, self.device)
+                x = data.preprocess(jpegs[start : start + self.batch_size], self.card, self.device)
                 x = x.contiguous(memory_format=torch.channels_last)
                 parts.append(tuple(t.cpu() for t in self.graph(x)))
         return {name: torch.cat([part[i] for part in parts]).numpy() for i, name in enumerate(names)}
@@ -291,18 +312,34 @@ class Analyzer:
                 probs = outputs[task].round(6)
                 best = int(probs.argmax())
                 names = TASKS[task].classes
-                classes[task] = ClassEstimate(label=names[best], probability=float(probs[best]),
-                                              probabilities={n: float(p) for n, p in zip(names, probs)})
+                classes[task] = ClassEstimate(
+                    label=names[best],
+                    probability=float(probs[best]),
+                    probabilities={n: float(p) for n, p in zip(names, probs)},
+                )
             else:
-                age = AgeEstimate(**{field: round(float(outputs[name]), 2) for field, name in
-                                     (("years", task), ("low", f"{task}_low"), ("high", f"{task}_high"),
-                                      ("std", f"{task}_std"))})
-        return FaceResult(box=tuple(round(float(v), 2) for v in detection.box),
-                          landmarks=[(round(float(x), 2), round(float(y), 2)) for x, y in detection.landmarks],
-                          detection_score=round(detection.score, 4), age=age, classes=classes)
+                age = AgeEstimate(
+                    **{
+                        field: round(float(outputs[name]), 2)
+                        for field, name in (
+                            ("years", task),
+                            ("low", f"{task}_low"),
+                            ("high", f"{task}_high"),
+                            ("std", f"{task}_std"),
+                        )
+                    }
+                )
+        return FaceResult(
+            box=tuple(round(float(v), 2) for v in detection.box),
+            landmarks=[(round(float(x), 2), round(float(y), 2)) for x, y in detection.landmarks],
+            detection_score=round(detection.score, 4),
+            age=age,
+            classes=classes,
+        )
 
 
 # ---- the latest model of `d2mtl run` -----------------------------------------------------------
+
 
 def latest_model(run_root: str) -> str:
     """The final model of the latest ``d2mtl run`` under ``run_root`` (recorded in ``layout.LATEST_RUN``)."""
@@ -310,14 +347,17 @@ def latest_model(run_root: str) -> str:
     try:
         model = json.loads(record.read_text())["model"]
     except FileNotFoundError:
-        raise UserError(f"no model given and no finished `d2mtl run` under {run_root} ({record} is missing); "
-                        "pass --model URI (a model folder: teacher / student output)") from None
+        raise UserError(
+            f"no model given and no finished `d2mtl run` under {run_root} ({record} is missing); "
+            "pass --model URI (a model folder: teacher / student output)"
+        ) from None
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise UserError(f"{record} is not a run record ({type(err).__name__}: {err}); pass --model URI") from None
     return model
 
 
 # ---- output formats ----------------------------------------------------------------------------
+
 
 def csv_columns(tasks: Sequence[str]) -> list[str]:
     """One row per face (or per image without one): the columns for a model with ``tasks``."""
@@ -332,13 +372,22 @@ def csv_columns(tasks: Sequence[str]) -> list[str]:
 
 
 def csv_rows(result: ImageResult) -> Iterator[dict]:
-    image = {"source": result.source, "status": result.status, "reason": result.reason or "",
-             "width": result.width, "height": result.height}
+    image = {
+        "source": result.source,
+        "status": result.status,
+        "reason": result.reason or "",
+        "width": result.width,
+        "height": result.height,
+    }
     if not result.faces:
         yield image
     for number, face in enumerate(result.faces):
-        row = {**image, "face": number, "detection_score": face.detection_score,
-               **dict(zip(("x1", "y1", "x2", "y2"), face.box))}
+        row = {
+            **image,
+            "face": number,
+            "detection_score": face.detection_score,
+            **dict(zip(("x1", "y1", "x2", "y2"), face.box)),
+        }
         for name, (x, y) in zip(LANDMARK_NAMES, face.landmarks):
             row[f"{name}_x"], row[f"{name}_y"] = x, y
         if face.age is not None:
@@ -401,7 +450,7 @@ def exit_code(counts: dict[str, int]) -> int:
 
 
 def summary_line(counts: dict[str, int]) -> str:
-    others = ", ".join(f"{counts[s]} {s.replace('_', ' ')}" for s in ("no_face", "unreadable", "not_found")
-                       if counts.get(s))
+    others = ", ".join(
+        f"{counts[s]} {s.replace('_', ' ')}" for s in ("no_face", "unreadable", "not_found") if counts.get(s)
+    )
     return f"{counts['images']} image(s), {counts['faces']} face(s)" + (f"; {others}" if others else "")
-

@@ -58,8 +58,9 @@ def confusion_png(categories: list[str], matrix: list[list[int]], title: str) ->
     axes.set_ylabel("true")
     axes.set_title(title, fontsize=9)
     for (i, j), count in np.ndenumerate(counts):
-        axes.text(j, i, str(count), ha="center", va="center", fontsize=7,
-                  color="white" if shares[i, j] > 0.5 else "black")
+        axes.text(
+            j, i, str(count), ha="center", va="center", fontsize=7, color="white" if shares[i, j] > 0.5 else "black"
+        )
     return _png(figure)
 
 
@@ -199,39 +200,84 @@ def table(header: list[str], rows: Iterable[list], row_classes: Iterable[str] | 
 
 
 def _figures(plots: list[Plot]) -> str:
-    return "".join(f'<figure><img alt="{html.escape(p.caption)}" src="{_data_uri(p.png)}">'
-                   f"<figcaption>{html.escape(p.caption)}</figcaption></figure>" for p in plots)
+    return "".join(
+        f'<figure><img alt="{html.escape(p.caption)}" src="{_data_uri(p.png)}">'
+        f"<figcaption>{html.escape(p.caption)}</figcaption></figure>"
+        for p in plots
+    )
 
 
 def _claims_section(claims: list[dict]) -> str:
-    parts = [table(["#", "claim", "status", "why"],
-                   [[c["claim"], c["text"], c["status"], c["reason"]] for c in claims],
-                   [_STATUS_CLASS.get(c["status"], "unmeasured") for c in claims])]
+    parts = [
+        table(
+            ["#", "claim", "status", "why"],
+            [[c["claim"], c["text"], c["status"], c["reason"]] for c in claims],
+            [_STATUS_CLASS.get(c["status"], "unmeasured") for c in claims],
+        )
+    ]
     for claim in claims:
         if not claim["comparisons"]:
             continue
         parts.append(f"<h3>Claim {claim['claim']}: the numbers</h3>")
-        parts.append(table(
-            ["task", "dataset", "domain", "metric", "model", "value", "reference", "reference value", "better",
-             "relative error reduction"],
-            [[c["task"], c["dataset"], c["domain"],
-              c["metric"] + ("" if c["higher_is_better"] else " (lower is better)"), c["model"], c["value"], c["reference"], c["reference_value"], "yes" if c["better"] else "no",
-              format_percent(c["relative_error_reduction"])] for c in claim["comparisons"]],
-            ["held" if c["better"] else "not-held" for c in claim["comparisons"]]))
+        parts.append(
+            table(
+                [
+                    "task",
+                    "dataset",
+                    "domain",
+                    "metric",
+                    "model",
+                    "value",
+                    "reference",
+                    "reference value",
+                    "better",
+                    "relative error reduction",
+                ],
+                [
+                    [
+                        c["task"],
+                        c["dataset"],
+                        c["domain"],
+                        c["metric"] + ("" if c["higher_is_better"] else " (lower is better)"),
+                        c["model"],
+                        c["value"],
+                        c["reference"],
+                        c["reference_value"],
+                        "yes" if c["better"] else "no",
+                        format_percent(c["relative_error_reduction"]),
+                    ]
+                    for c in claim["comparisons"]
+                ],
+                ["held" if c["better"] else "not-held" for c in claim["comparisons"]],
+            )
+        )
     return "".join(parts)
 
 
 def _why_no_gaps(grouped: list[dict], min_group: int) -> str:
     if not grouped:
         return "No dataset with gender or race labels among the evaluated ones."
-    return (f"No gap computed: no attribute has two groups with at least {min_group} labelled faces "
-            f"(evaluate.fairness_min_group); the largest group here has {max(r['n'] for r in grouped)}. "
-            "The per-group metrics are in the next section.")
+    return (
+        f"No gap computed: no attribute has two groups with at least {min_group} labelled faces "
+        f"(evaluate.fairness_min_group); the largest group here has {max(r['n'] for r in grouped)}. "
+        "The per-group metrics are in the next section."
+    )
 
 
-def render(*, title: str, models: list[dict], claims: list[dict], comparison: tuple[list[str], list[list]],
-           rows: list[dict], gaps: list[dict], confusion_plots: list[Plot], curve_plots: list[Plot],
-           threshold_plots: list[Plot], notes: list[str] = (), fairness_min_group: int = 1) -> str:
+def render(
+    *,
+    title: str,
+    models: list[dict],
+    claims: list[dict],
+    comparison: tuple[list[str], list[list]],
+    rows: list[dict],
+    gaps: list[dict],
+    confusion_plots: list[Plot],
+    curve_plots: list[Plot],
+    threshold_plots: list[Plot],
+    notes: list[str] = (),
+    fairness_min_group: int = 1,
+) -> str:
     """The whole report as one HTML string; ``fairness_min_group``: the group size the gaps were computed with."""
     overall = [r for r in rows if r["group_by"] is None]
     grouped = [r for r in rows if r["group_by"] is not None]
@@ -239,29 +285,91 @@ def render(*, title: str, models: list[dict], claims: list[dict], comparison: tu
     sections = [
         ("Models", table(model_columns, [[m.get(k.replace(" ", "_")) for k in model_columns] for m in models])),
         ("The paper's claims", _claims_section(claims)),
-        ("Comparison across models (primary metric per task)",
-         "<p>MAE in years (lower is better); accuracies as fractions.</p>" + table(*comparison)),
-        ("All metrics", table(["model", "task", "dataset", "split", "metric", "value", "n"],
-                              [[r["model"], r["task"], r["dataset"], r["split"], r["metric"], r["value"], r["n"]]
-                               for r in overall])),
-        ("Fairness audit: largest gap per metric",
-         "<p>Gap = best group minus worst group, in the metric's units, over groups with enough faces.</p>"
-         + (table(["model", "task", "dataset", "split", "metric", "by", "gap", "best group", "best", "worst group",
-                   "worst", "groups"],
-                  [[g["model"], g["task"], g["dataset"], g["split"], g["metric"], g["group_by"], g["gap"],
-                    g["best_group"], g["best"], g["worst_group"], g["worst"], g["groups_compared"]] for g in gaps])
-            if gaps else f"<p>{html.escape(_why_no_gaps(grouped, fairness_min_group))}</p>")),
-        ("Fairness audit: every metric per group",
-         "<details><summary>show</summary>"
-         + table(["model", "task", "dataset", "split", "by", "group", "metric", "value", "n"],
-                 [[r["model"], r["task"], r["dataset"], r["split"], r["group_by"], r["group"], r["metric"],
-                   r["value"], r["n"]] for r in grouped]) + "</details>"),
+        (
+            "Comparison across models (primary metric per task)",
+            "<p>MAE in years (lower is better); accuracies as fractions.</p>" + table(*comparison),
+        ),
+        (
+            "All metrics",
+            table(
+                ["model", "task", "dataset", "split", "metric", "value", "n"],
+                [[r["model"], r["task"], r["dataset"], r["split"], r["metric"], r["value"], r["n"]] for r in overall],
+            ),
+        ),
+        (
+            "Fairness audit: largest gap per metric",
+            "<p>Gap = best group minus worst group, in the metric's units, over groups with enough faces.</p>"
+            + (
+                table(
+                    [
+                        "model",
+                        "task",
+                        "dataset",
+                        "split",
+                        "metric",
+                        "by",
+                        "gap",
+                        "best group",
+                        "best",
+                        "worst group",
+                        "worst",
+                        "groups",
+                    ],
+                    [
+                        [
+                            g["model"],
+                            g["task"],
+                            g["dataset"],
+                            g["split"],
+                            g["metric"],
+                            g["group_by"],
+                            g["gap"],
+                            g["best_group"],
+                            g["best"],
+                            g["worst_group"],
+                            g["worst"],
+                            g["groups_compared"],
+                        ]
+                        for g in gaps
+                    ],
+                )
+                if gaps
+                else f"<p>{html.escape(_why_no_gaps(grouped, fairness_min_group))}</p>"
+            ),
+        ),
+        (
+            "Fairness audit: every metric per group",
+            "<details><summary>show</summary>"
+            + table(
+                ["model", "task", "dataset", "split", "by", "group", "metric", "value", "n"],
+                [
+                    [
+                        r["model"],
+                        r["task"],
+                        r["dataset"],
+                        r["split"],
+                        r["group_by"],
+                        r["group"],
+                        r["metric"],
+                        r["value"],
+                        r["n"],
+                    ]
+                    for r in grouped
+                ],
+            )
+            + "</details>",
+        ),
         ("Confusion matrices", _figures(confusion_plots) or "<p>None.</p>"),
         ("Training curves", _figures(curve_plots) or "<p>No training metrics found in the model folders.</p>"),
-        ("Pseudo-label threshold curves", _figures(threshold_plots) or "<p>None: they need the pseudo-label report of "
-         "a holdout run (pseudolabel.holdout.fraction > 0).</p>"),
+        (
+            "Pseudo-label threshold curves",
+            _figures(threshold_plots)
+            or "<p>None: they need the pseudo-label report of a holdout run (pseudolabel.holdout.fraction > 0).</p>",
+        ),
     ]
     body = "".join(f"<h2>{html.escape(name)}</h2>{content}" for name, content in sections)
     note_html = "".join(f"<p>{html.escape(n)}</p>" for n in notes)
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>{note_html}{body}</body></html>")
+    return (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>{note_html}{body}</body></html>"
+    )

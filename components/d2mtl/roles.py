@@ -45,7 +45,9 @@ def index_roles(roles: Mapping[str, Role | None]) -> dict[str, str]:
         if role is None:
             continue
         if str(role) in by_role:
-            raise UserError(f"models {by_role[str(role)]!r} and {model!r} both have role {role}; "
-                            "give each role to one model (evaluate.roles in the config, or NAME=URI)")
+            raise UserError(
+                f"models {by_role[str(role)]!r} and {model!r} both have role {role}; "
+                "give each role to one model (evaluate.roles in the config, or NAME=URI)"
+            )
         by_role[str(role)] = model
     return by_role

@@ -55,6 +55,7 @@ class ImageError(InvalidInput):
 
 # ---- requests ----------------------------------------------------------------------------------
 
+
 def decode_base64(text: Any, where: str) -> bytes:
     if not isinstance(text, str):
         raise InvalidInput(f"{where}: expected a base64 string, got {type(text).__name__}")
@@ -78,8 +79,9 @@ def v1_images(payload: Any) -> list[bytes]:
             raise InvalidInput(f"the body is not JSON ({err})") from None
     instances = payload.get("instances") if isinstance(payload, dict) else None
     if not isinstance(instances, list) or not instances:
-        raise InvalidInput('expected {"instances": [{"image_bytes": {"b64": "<base64 image>"}}, ...]} '
-                           "with at least one instance")
+        raise InvalidInput(
+            'expected {"instances": [{"image_bytes": {"b64": "<base64 image>"}}, ...]} with at least one instance'
+        )
     images = []
     for number, instance in enumerate(instances):
         where = f"instances[{number}]"
@@ -103,6 +105,7 @@ def v2_images(request: kserve.InferRequest) -> list[bytes]:
 
 # ---- the model ---------------------------------------------------------------------------------
 
+
 class OnnxGraph:
     """``InferenceModel`` exported to ONNX (as ``d2mtl export`` does) and run by onnxruntime, called like it: a
     batch of normalised faces in, its named outputs out. On CPU ~10x faster than torch at batch 1 and ~2x at
@@ -125,8 +128,13 @@ class OnnxGraph:
         return tuple(torch.from_numpy(output) for output in outputs)
 
 
-def load_analyzer(model_uri: str, device: str = "auto", ingest: IngestConfig | None = None, batch_size: int = 64,
-                  backend: str = "auto") -> Analyzer:
+def load_analyzer(
+    model_uri: str,
+    device: str = "auto",
+    ingest: IngestConfig | None = None,
+    batch_size: int = 64,
+    backend: str = "auto",
+) -> Analyzer:
     """``Analyzer`` whose forward pass runs on ``backend`` (see ``BACKENDS``)."""
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
@@ -145,11 +153,23 @@ class FaceAnalysisModel(kserve.Model):
     One analysis runs at a time, in a worker thread (the event loop stays free for health checks and uploads;
     the network and the detector already use every core given to them)."""
 
-    def __init__(self, name: str, model_uri: str, device: str = "auto", ingest: IngestConfig | None = None,
-                 batch_size: int = 64, backend: str = "auto"):
+    def __init__(
+        self,
+        name: str,
+        model_uri: str,
+        device: str = "auto",
+        ingest: IngestConfig | None = None,
+        batch_size: int = 64,
+        backend: str = "auto",
+    ):
         super().__init__(name)
-        self.settings = {"model_uri": model_uri, "device": device, "ingest": ingest, "batch_size": batch_size,
-                         "backend": backend}
+        self.settings = {
+            "model_uri": model_uri,
+            "device": device,
+            "ingest": ingest,
+            "batch_size": batch_size,
+            "backend": backend,
+        }
         self.analyzer: Analyzer | None = None
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="d2mtl-analyze")
 
@@ -172,8 +192,12 @@ class FaceAnalysisModel(kserve.Model):
         results = await asyncio.get_running_loop().run_in_executor(self.worker, self.analyze, images)
         if not is_v2:
             return {"predictions": [result.model_dump(mode="json") for result in results]}
-        output = kserve.InferOutput(name=V2_OUTPUT, shape=[len(results)], datatype="BYTES",
-                                    data=[result.model_dump_json() for result in results])
+        output = kserve.InferOutput(
+            name=V2_OUTPUT,
+            shape=[len(results)],
+            datatype="BYTES",
+            data=[result.model_dump_json() for result in results],
+        )
         return kserve.InferResponse(response_id=payload.id, model_name=self.name, infer_outputs=[output])
 
     def get_input_types(self) -> list[dict]:
@@ -188,6 +212,7 @@ class FaceAnalysisModel(kserve.Model):
 
 
 # ---- the HTTP layer around KServe's -------------------------------------------------------------
+
 
 def error_response(status: int, reason: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": reason}, headers=headers)
@@ -259,8 +284,9 @@ async def http_error(_, err: HTTPException) -> JSONResponse:
 
 async def one_line_validation_error(_, err: RequestValidationError) -> JSONResponse:
     """FastAPI's answer to a body that is not a v2 request is a list of dicts; this is one line."""
-    problems = [f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
-                for e in err.errors()]
+    problems = [
+        f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}" for e in err.errors()
+    ]
     return error_response(400, "invalid request: " + "; ".join(problems[:3]))
 
 
@@ -274,9 +300,16 @@ def configure_app(max_request_bytes: int) -> None:
     app.add_api_route(PAGE_PATH, lambda: HTMLResponse(html), methods=["GET"], include_in_schema=False)
 
 
-def serve(model_uri: str, name: str = DEFAULT_NAME, port: int = DEFAULT_PORT, device: str = "auto",
-          ingest: IngestConfig | None = None, batch_size: int = 64, backend: str = "auto",
-          max_request_mb: float = DEFAULT_MAX_REQUEST_MB) -> None:
+def serve(
+    model_uri: str,
+    name: str = DEFAULT_NAME,
+    port: int = DEFAULT_PORT,
+    device: str = "auto",
+    ingest: IngestConfig | None = None,
+    batch_size: int = 64,
+    backend: str = "auto",
+    max_request_mb: float = DEFAULT_MAX_REQUEST_MB,
+) -> None:
     """Load the model (a UserError if it is not a model folder), then serve it until SIGTERM / SIGINT."""
     if not 0 < port < 65536:
         raise UserError(f"port {port} must be between 1 and 65535")
@@ -285,8 +318,15 @@ def serve(model_uri: str, name: str = DEFAULT_NAME, port: int = DEFAULT_PORT, de
     model = FaceAnalysisModel(name, model_uri, device=device, ingest=ingest, batch_size=batch_size, backend=backend)
     model.load()
     configure_app(int(max_request_mb * 1e6))
-    log.info("serving %s as %r on port %d (forward pass: %s): POST /v1/models/%s:predict, "
-             "POST /v2/models/%s/infer, page at %s", model_uri, name, port, type(model.analyzer.graph).__name__,
-             name, name, PAGE_PATH)
+    log.info(
+        "serving %s as %r on port %d (forward pass: %s): POST /v1/models/%s:predict, "
+        "POST /v2/models/%s/infer, page at %s",
+        model_uri,
+        name,
+        port,
+        type(model.analyzer.graph).__name__,
+        name,
+        name,
+        PAGE_PATH,
+    )
     kserve.ModelServer(http_port=port, enable_grpc=False, workers=1).start([model])
-

@@ -98,9 +98,13 @@ class _S3:
 
         return urllib3.PoolManager(
             timeout=urllib3.Timeout(connect=self.settings.connect_timeout_s, read=self.settings.read_timeout_s),
-            maxsize=10, cert_reqs="CERT_REQUIRED", ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
-            retries=urllib3.Retry(total=3, connect=0, read=0, backoff_factor=0.2,
-                                  status_forcelist=[500, 502, 503, 504]))
+            maxsize=10,
+            cert_reqs="CERT_REQUIRED",
+            ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+            retries=urllib3.Retry(
+                total=3, connect=0, read=0, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]
+            ),
+        )
 
     def call(self, what: str, uri: str, fn, *args, **kwargs):
         """Run a minio call with bounded retries on connection errors and one-line errors."""
@@ -115,13 +119,17 @@ class _S3:
                 if err.code in ("NoSuchKey", "NoSuchBucket", "NoSuchObject"):
                     raise FileNotFoundError(uri) from None
                 if err.code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-                    raise StoreError(f"{what} {uri}: access denied by {self.endpoint} ({err.code}); "
-                                     "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY") from None
+                    raise StoreError(
+                        f"{what} {uri}: access denied by {self.endpoint} ({err.code}); "
+                        "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+                    ) from None
                 raise StoreError(f"{what} {uri}: {err.code}: {err.message}") from None
             except (Urllib3Error, ConnectionError, OSError) as err:
                 if attempt == self.settings.retries:
-                    raise StoreError(f"{what} {uri}: object store {self.endpoint} unreachable after "
-                                     f"{attempt + 1} attempts ({type(err).__name__})") from None
+                    raise StoreError(
+                        f"{what} {uri}: object store {self.endpoint} unreachable after "
+                        f"{attempt + 1} attempts ({type(err).__name__})"
+                    ) from None
                 time.sleep(delay)
                 delay *= 2
         raise AssertionError("unreachable")
@@ -206,8 +214,9 @@ def write_bytes(uri: str, data: bytes, content_type: str = "application/octet-st
     bucket, key = split_s3(uri)
     s3.call("write", uri, _ensure_bucket, s3.client, bucket)
     # a fresh stream per attempt: a retry after a failed upload must send the bytes from the start
-    s3.call("write", uri, lambda: s3.client.put_object(bucket, key, io.BytesIO(data), len(data),
-                                                       content_type=content_type))
+    s3.call(
+        "write", uri, lambda: s3.client.put_object(bucket, key, io.BytesIO(data), len(data), content_type=content_type)
+    )
 
 
 def _make_parent(path: Path) -> None:
@@ -273,8 +282,11 @@ def list_files(uri: str) -> list[str]:
     def listing() -> list[str]:
         if not s3.client.bucket_exists(bucket):
             return []
-        return sorted(f"s3://{bucket}/{o.object_name}" for o in s3.client.list_objects(bucket, prefix, recursive=True)
-                      if not o.is_dir)
+        return sorted(
+            f"s3://{bucket}/{o.object_name}"
+            for o in s3.client.list_objects(bucket, prefix, recursive=True)
+            if not o.is_dir
+        )
 
     return s3.call("list", uri, listing)
 

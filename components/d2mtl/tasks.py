@@ -51,15 +51,33 @@ TASKS: dict[str, Task] = {
     task.name: task
     for task in (
         Task("age", "regression", value_range=(0.0, 120.0), description="apparent/real age in years"),
-        Task("gender", "classification", ("male", "female"), description="binary gender as labelled",
-             aliases={"m": "male", "f": "female", "man": "male", "woman": "female"}),
-        Task("race", "classification", ("white", "black", "asian", "indian", "others"),
-             description="UTKFace's five race groups"),
-        Task("expression", "classification",
-             ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"),
-             description="FER2013's seven basic expressions",
-             aliases={"anger": "angry", "disgusted": "disgust", "fearful": "fear", "happiness": "happy",
-                      "sadness": "sad", "surprised": "surprise"}),
+        Task(
+            "gender",
+            "classification",
+            ("male", "female"),
+            description="binary gender as labelled",
+            aliases={"m": "male", "f": "female", "man": "male", "woman": "female"},
+        ),
+        Task(
+            "race",
+            "classification",
+            ("white", "black", "asian", "indian", "others"),
+            description="UTKFace's five race groups",
+        ),
+        Task(
+            "expression",
+            "classification",
+            ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"),
+            description="FER2013's seven basic expressions",
+            aliases={
+                "anger": "angry",
+                "disgusted": "disgust",
+                "fearful": "fear",
+                "happiness": "happy",
+                "sadness": "sad",
+                "surprised": "surprise",
+            },
+        ),
     )
 }
 

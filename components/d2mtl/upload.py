@@ -37,8 +37,11 @@ def _local_names(root: Path) -> list[str]:
     for folder, subfolders, files in os.walk(root):
         subfolders[:] = [name for name in subfolders if not name.startswith(".")]
         prefix = Path(folder).relative_to(root).as_posix()
-        names += [name if prefix == "." else f"{prefix}/{name}" for name in files
-                  if not name.startswith(".") and os.path.isfile(os.path.join(folder, name))]
+        names += [
+            name if prefix == "." else f"{prefix}/{name}"
+            for name in files
+            if not name.startswith(".") and os.path.isfile(os.path.join(folder, name))
+        ]
     return sorted(names)
 
 
@@ -63,8 +66,14 @@ def upload_tree(source: str | Path, dest: str, workers: int = 8, overwrite: bool
         raise UserError(f"{source} holds no files to upload")
     present = set() if overwrite else _present_names(dest)
     todo = [name for name in names if name not in present]
-    log.info("%d files under %s: %d to upload to %s, %d already there", len(names), root, len(todo), dest,
-             len(names) - len(todo))
+    log.info(
+        "%d files under %s: %d to upload to %s, %d already there",
+        len(names),
+        root,
+        len(todo),
+        dest,
+        len(names) - len(todo),
+    )
     with tqdm(total=len(todo), unit="file", desc="upload") as progress, ThreadPoolExecutor(workers) as pool:
         if todo:  # the first file alone: it creates the bucket, and a wrong endpoint or key fails once, here
             store.upload_file(root / todo[0], store.join(dest, todo[0]))
@@ -77,5 +86,9 @@ def upload_tree(source: str | Path, dest: str, workers: int = 8, overwrite: bool
         except BaseException:
             pool.shutdown(cancel_futures=True)  # one clear error, not thousands of further failed uploads
             raise
-    return UploadSummary(dest=dest, uploaded=len(todo), skipped=len(names) - len(todo),
-                         bytes_uploaded=sum((root / name).stat().st_size for name in todo))
+    return UploadSummary(
+        dest=dest,
+        uploaded=len(todo),
+        skipped=len(names) - len(todo),
+        bytes_uploaded=sum((root / name).stat().st_size for name in todo),
+    )

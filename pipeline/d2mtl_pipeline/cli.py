@@ -46,44 +46,78 @@ def cmd_compile(args: argparse.Namespace) -> None:
 def cmd_submit(args: argparse.Namespace) -> None:
     from d2mtl_pipeline import submit
 
-    run_id = submit.submit(_experiment(args), host=args.host, experiment=args.experiment, run_name=args.run_name,
-                           params=args.params, rerun=args.rerun, from_run=args.from_run, namespace=args.namespace)
+    run_id = submit.submit(
+        _experiment(args),
+        host=args.host,
+        experiment=args.experiment,
+        run_name=args.run_name,
+        params=args.params,
+        rerun=args.rerun,
+        from_run=args.from_run,
+        namespace=args.namespace,
+    )
     print(f"submitted run {run_id}: {args.host.rstrip('/')}/#/runs/details/{run_id}")
 
 
 def _rerun_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--rerun", metavar="STAGE", choices=layout.STAGES,
-                        help=f"recompute STAGE and everything downstream of it, nothing upstream; stages: "
-                             f"{', '.join(layout.STAGES)}")
-    parser.add_argument("--from-run", metavar="RUN_ID",
-                        help="with --rerun: import the other stages' outputs from what run RUN_ID published under "
-                             "pipeline.publish_prefix (<prefix>/<RUN_ID>/<stage>/...)")
+    parser.add_argument(
+        "--rerun",
+        metavar="STAGE",
+        choices=layout.STAGES,
+        help=f"recompute STAGE and everything downstream of it, nothing upstream; stages: {', '.join(layout.STAGES)}",
+    )
+    parser.add_argument(
+        "--from-run",
+        metavar="RUN_ID",
+        help="with --rerun: import the other stages' outputs from what run RUN_ID published under "
+        "pipeline.publish_prefix (<prefix>/<RUN_ID>/<stage>/...)",
+    )
 
 
 def register(sub, add_common: Callable[[argparse.ArgumentParser], None]) -> None:
     def add(name: str, func, help_text: str, examples: str | None = None) -> argparse.ArgumentParser:
-        parser = sub.add_parser(name, help=help_text, description=help_text, epilog=examples,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+        parser = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=examples,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         add_common(parser)
         parser.set_defaults(func=func)
         return parser
 
-    p = add("run", cmd_run, "run the whole pipeline on this machine (kfp.local; cached, resumable stage by stage)",
-            RUN_EXAMPLES)
+    p = add(
+        "run",
+        cmd_run,
+        "run the whole pipeline on this machine (kfp.local; cached, resumable stage by stage)",
+        RUN_EXAMPLES,
+    )
     _rerun_flags(p)
 
-    p = add("compile", cmd_compile, "compile the pipeline to KFP IR YAML (upload it in the KFP UI, or use submit)",
-            COMPILE_EXAMPLES)
+    p = add(
+        "compile",
+        cmd_compile,
+        "compile the pipeline to KFP IR YAML (upload it in the KFP UI, or use submit)",
+        COMPILE_EXAMPLES,
+    )
     p.add_argument("--out", default="pipeline.yaml", help="output file, *.yaml, local or s3:// (default pipeline.yaml)")
     _rerun_flags(p)
 
-    p = add("submit", cmd_submit, "compile the pipeline and start a run on a Kubeflow Pipelines endpoint",
-            SUBMIT_EXAMPLES)
+    p = add(
+        "submit", cmd_submit, "compile the pipeline and start a run on a Kubeflow Pipelines endpoint", SUBMIT_EXAMPLES
+    )
     p.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
     p.add_argument("--experiment", help="KFP experiment (default: the experiment name of the config)")
     p.add_argument("--run-name", help="run name (default: the experiment name)")
     p.add_argument("--namespace", help="Kubernetes namespace of a multi-user KFP (default kubeflow)")
-    p.add_argument("--param", dest="params", action="append", default=[], metavar="NAME=VALUE",
-                   help="a pipeline parameter for this run, e.g. shards=8 or publish_prefix=s3://b/results "
-                        "(repeatable); stage settings: --set section.field=value")
+    p.add_argument(
+        "--param",
+        dest="params",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a pipeline parameter for this run, e.g. shards=8 or publish_prefix=s3://b/results "
+        "(repeatable); stage settings: --set section.field=value",
+    )
     _rerun_flags(p)

@@ -43,8 +43,9 @@ def compile_pipeline(cfg: ExperimentConfig, out: str, reuse: pipeline.Reuse | No
     return out
 
 
-def plan_rerun(cfg: ExperimentConfig, stage: str | None, from_run: str | None,
-               prefix: str | None = None) -> pipeline.Reuse | None:
+def plan_rerun(
+    cfg: ExperimentConfig, stage: str | None, from_run: str | None, prefix: str | None = None
+) -> pipeline.Reuse | None:
     """The ``Reuse`` of ``--rerun STAGE --from-run RUN_ID`` (None without them); ``prefix`` defaults to the
     config's publish prefix."""
     if stage is None and from_run is None:
@@ -54,8 +55,10 @@ def plan_rerun(cfg: ExperimentConfig, stage: str | None, from_run: str | None,
     pipeline.check_stage(stage, cfg.pipeline)
     prefix = prefix or cfg.pipeline.publish_prefix
     if not prefix:
-        raise UserError("--from-run imports what that run published: set the prefix it published to "
-                        "(--set pipeline.publish_prefix=s3://... or --param publish_prefix=s3://...)")
+        raise UserError(
+            "--from-run imports what that run published: set the prefix it published to "
+            "(--set pipeline.publish_prefix=s3://... or --param publish_prefix=s3://...)"
+        )
     return pipeline.Reuse(prefix=prefix, run_id=from_run, stage=stage)
 
 
@@ -67,8 +70,11 @@ def imported_objects(cfg: ExperimentConfig, reuse: pipeline.Reuse, tasks: list[s
     for stage in stages:
         if stage in computed or stage not in PUBLISHED_MARKERS:
             continue
-        folders = ([published_uri(reuse.prefix, reuse.run_id, stage, task) for task in tasks] if stage in PER_TASK
-                   else [published_uri(reuse.prefix, reuse.run_id, stage, "")])
+        folders = (
+            [published_uri(reuse.prefix, reuse.run_id, stage, task) for task in tasks]
+            if stage in PER_TASK
+            else [published_uri(reuse.prefix, reuse.run_id, stage, "")]
+        )
         uris += [store.join(folder, marker) for folder in folders for marker in PUBLISHED_MARKERS[stage]]
     return uris
 
@@ -81,5 +87,7 @@ def check_published(cfg: ExperimentConfig, reuse: pipeline.Reuse, tasks: list[st
         log.warning("could not check run %s's published outputs from here: %s", reuse.run_id, err)
         return
     if missing:
-        raise UserError(f"run {reuse.run_id} has not published what a rerun of {reuse.stage} imports "
-                        f"(under {reuse.prefix}): missing {', '.join(missing)}")
+        raise UserError(
+            f"run {reuse.run_id} has not published what a rerun of {reuse.stage} imports "
+            f"(under {reuse.prefix}): missing {', '.join(missing)}"
+        )

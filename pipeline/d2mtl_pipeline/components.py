@@ -9,7 +9,6 @@ No ``from __future__ import annotations`` here: KFP reads the artifact annotatio
 """
 
 from dataclasses import dataclass
-from typing import List
 
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
@@ -30,11 +29,17 @@ def ingest_shard(config: str, store: str, shard: int, shards: int, part: Output[
         summary: this shard's counts and time.
     """
     from d2mtl_pipeline import steps
+
     steps.main(steps.ingest_shard, config, store, shard, shards, part, summary)
 
 
-def ingest_merge(parts: Input[List[Dataset]], faces: Output[Dataset], labels: Output[Dataset],
-                 report: Output[Markdown], summary: Output[Metrics]):
+def ingest_merge(
+    parts: Input[list[Dataset]],
+    faces: Output[Dataset],
+    labels: Output[Dataset],
+    report: Output[Markdown],
+    summary: Output[Metrics],
+):
     """Merge the ingest shards into the face and label tables of one pass (same rows, same order, same files).
 
     Args:
@@ -45,11 +50,13 @@ def ingest_merge(parts: Input[List[Dataset]], faces: Output[Dataset], labels: Ou
         summary: the same counts as scalars.
     """
     from d2mtl_pipeline import steps
+
     steps.main(steps.ingest_merge, parts, faces, labels, report, summary)
 
 
-def holdout(config: str, faces: Input[Dataset], labels: Input[Dataset], train_labels: Output[Dataset],
-            hidden: Output[Dataset]):
+def holdout(
+    config: str, faces: Input[Dataset], labels: Input[Dataset], train_labels: Output[Dataset], hidden: Output[Dataset]
+):
     """Holdout mode: hide a fraction of the known labels from the teachers, to measure pseudo-labels against them.
 
     Args:
@@ -60,11 +67,11 @@ def holdout(config: str, faces: Input[Dataset], labels: Input[Dataset], train_la
         hidden: the hidden labels (the truth the pseudo-label report measures against).
     """
     from d2mtl_pipeline import steps
+
     steps.main(steps.holdout, config, faces, labels, train_labels, hidden)
 
 
-def teacher(config: str, faces: Input[Dataset], labels: Input[Dataset], model: Output[Model],
-            metrics: Output[Metrics]):
+def teacher(config: str, faces: Input[Dataset], labels: Input[Dataset], model: Output[Model], metrics: Output[Metrics]):
     """Train the multi-task teacher on every dataset together, each task's loss masked where its label is missing.
 
     Args:
@@ -75,11 +82,18 @@ def teacher(config: str, faces: Input[Dataset], labels: Input[Dataset], model: O
         metrics: final train/val metrics.
     """
     from d2mtl_pipeline import steps
+
     steps.main(steps.train, config, faces, labels, model, metrics, task="")
 
 
-def baseline(config: str, task: str, faces: Input[Dataset], labels: Input[Dataset], model: Output[Model],
-             metrics: Output[Metrics]):
+def baseline(
+    config: str,
+    task: str,
+    faces: Input[Dataset],
+    labels: Input[Dataset],
+    model: Output[Model],
+    metrics: Output[Metrics],
+):
     """Train a single-task baseline: the teacher's recipe on one task's labels.
 
     Args:
@@ -91,10 +105,11 @@ def baseline(config: str, task: str, faces: Input[Dataset], labels: Input[Datase
         metrics: final train/val metrics.
     """
     from d2mtl_pipeline import steps
+
     steps.main(steps.train, config, faces, labels, model, metrics, task=task)
 
 
-def shard_plan(shards: int) -> List[int]:
+def shard_plan(shards: int) -> list[int]:
     """The shard indices 0..shards-1 that a fan-out (ingest, pseudo-label) iterates over.
 
     Args:
@@ -103,8 +118,16 @@ def shard_plan(shards: int) -> List[int]:
     return list(range(shards))
 
 
-def pseudolabel_shard(config: str, teacher: Input[Model], faces: Input[Dataset], labels: Input[Dataset],
-                      shard: int, shards: int, part: Output[Dataset], metrics: Output[Metrics]):
+def pseudolabel_shard(
+    config: str,
+    teacher: Input[Model],
+    faces: Input[Dataset],
+    labels: Input[Dataset],
+    shard: int,
+    shards: int,
+    part: Output[Dataset],
+    metrics: Output[Metrics],
+):
     """Pseudo-label one shard of the faces with the teacher (multi-transform inference).
 
     Args:
@@ -118,11 +141,11 @@ def pseudolabel_shard(config: str, teacher: Input[Model], faces: Input[Dataset],
         metrics: this shard's counts and time.
     """
     from d2mtl_pipeline import steps
+
     steps.main(steps.pseudolabel_shard, config, teacher, faces, labels, shard, shards, part, metrics)
 
 
-def pseudolabel_merge(config: str, parts: Input[List[Dataset]], pseudo: Output[Dataset],
-                      metrics: Output[Metrics]):
+def pseudolabel_merge(config: str, parts: Input[list[Dataset]], pseudo: Output[Dataset], metrics: Output[Metrics]):
     """Merge the shards into one pseudo-label table in canonical order.
 
     Args:
@@ -132,11 +155,19 @@ def pseudolabel_merge(config: str, parts: Input[List[Dataset]], pseudo: Output[D
         metrics: retention per task.
     """
     from d2mtl_pipeline import steps
+
     steps.main(steps.pseudolabel_merge, config, parts, pseudo, metrics)
 
 
-def pseudolabel_single(config: str, baselines: Input[Model], task: str, faces: Input[Dataset],
-                       labels: Input[Dataset], pseudo: Output[Dataset], metrics: Output[Metrics]):
+def pseudolabel_single(
+    config: str,
+    baselines: Input[Model],
+    task: str,
+    faces: Input[Dataset],
+    labels: Input[Dataset],
+    pseudo: Output[Dataset],
+    metrics: Output[Metrics],
+):
     """Pseudo-label one task with its single-task baseline (the single-task distillation variant).
 
     Args:
@@ -149,11 +180,19 @@ def pseudolabel_single(config: str, baselines: Input[Model], task: str, faces: I
         metrics: retention and time.
     """
     from d2mtl_pipeline import steps
+
     steps.main(steps.pseudolabel_single, config, baselines, task, faces, labels, pseudo, metrics)
 
 
-def student(config: str, faces: Input[Dataset], labels: Input[Dataset], pseudo: Input[Dataset],
-            teacher: Input[Model], model: Output[Model], metrics: Output[Metrics]):
+def student(
+    config: str,
+    faces: Input[Dataset],
+    labels: Input[Dataset],
+    pseudo: Input[Dataset],
+    teacher: Input[Model],
+    model: Output[Model],
+    metrics: Output[Metrics],
+):
     """Train the student on ground truth + the kept pseudo-labels.
 
     Args:
@@ -166,11 +205,20 @@ def student(config: str, faces: Input[Dataset], labels: Input[Dataset], pseudo: 
         metrics: final train/val metrics.
     """
     from d2mtl_pipeline import steps
+
     steps.main(steps.student, config, faces, labels, pseudo.path, teacher.path, model, metrics)
 
 
-def student_single(config: str, task: str, faces: Input[Dataset], labels: Input[Dataset],
-                   pseudo: Input[Dataset], baselines: Input[Model], model: Output[Model], metrics: Output[Metrics]):
+def student_single(
+    config: str,
+    task: str,
+    faces: Input[Dataset],
+    labels: Input[Dataset],
+    pseudo: Input[Dataset],
+    baselines: Input[Model],
+    model: Output[Model],
+    metrics: Output[Metrics],
+):
     """Train a single-task student on ground truth + its baseline's pseudo-labels.
 
     Args:
@@ -184,10 +232,11 @@ def student_single(config: str, task: str, faces: Input[Dataset], labels: Input[
         metrics: final train/val metrics.
     """
     from d2mtl_pipeline import steps
+
     steps.main(steps.student_single, config, task, faces, labels, pseudo, baselines, model, metrics)
 
 
-def gather_models(items: Input[List[Model]], folder: Output[Model]):
+def gather_models(items: Input[list[Model]], folder: Output[Model]):
     """The models of a per-task loop in one folder, <task>/ each.
 
     Args:
@@ -195,10 +244,11 @@ def gather_models(items: Input[List[Model]], folder: Output[Model]):
         folder: <task>/ model folders.
     """
     from d2mtl_pipeline import steps
+
     steps.main(steps.gather, items, folder)
 
 
-def gather_pseudo(items: Input[List[Dataset]], folder: Output[Dataset]):
+def gather_pseudo(items: Input[list[Dataset]], folder: Output[Dataset]):
     """The pseudo-label folders of a per-task loop in one folder, <task>/ each.
 
     Args:
@@ -206,13 +256,26 @@ def gather_pseudo(items: Input[List[Dataset]], folder: Output[Dataset]):
         folder: <task>/ pseudo-label folders.
     """
     from d2mtl_pipeline import steps
+
     steps.main(steps.gather, items, folder)
 
 
-def evaluate(config: str, confusion_task: str, faces: Input[Dataset], labels: Input[Dataset],
-             teacher: Input[Model], student: Input[Model], evaluation: Output[Artifact], report: Output[HTML],
-             metrics: Output[Metrics], confusion: Output[ClassificationMetrics], claims: Output[Markdown],
-             baselines: Input[Model] = None, single_students: Input[Model] = None, pseudo: Input[Dataset] = None):
+def evaluate(
+    config: str,
+    confusion_task: str,
+    faces: Input[Dataset],
+    labels: Input[Dataset],
+    teacher: Input[Model],
+    student: Input[Model],
+    evaluation: Output[Artifact],
+    report: Output[HTML],
+    metrics: Output[Metrics],
+    confusion: Output[ClassificationMetrics],
+    claims: Output[Markdown],
+    baselines: Input[Model] = None,
+    single_students: Input[Model] = None,
+    pseudo: Input[Dataset] = None,
+):
     """Score every model per task x dataset x split, audit fairness, judge the paper's claims, write the report.
 
     Args:
@@ -232,8 +295,24 @@ def evaluate(config: str, confusion_task: str, faces: Input[Dataset], labels: In
         pseudo: the teacher's pseudo-label folder, for its threshold curves (holdout runs).
     """
     from d2mtl_pipeline import steps
-    steps.main(steps.evaluate, config, confusion_task, faces, labels, teacher, student, baselines,
-               single_students, pseudo, evaluation, report, metrics, confusion, claims)
+
+    steps.main(
+        steps.evaluate,
+        config,
+        confusion_task,
+        faces,
+        labels,
+        teacher,
+        student,
+        baselines,
+        single_students,
+        pseudo,
+        evaluation,
+        report,
+        metrics,
+        confusion,
+        claims,
+    )
 
 
 def publish(store: str, source: Input[Artifact], prefix: str, run: str, job: str, stage: str, name: str) -> str:
@@ -249,6 +328,7 @@ def publish(store: str, source: Input[Artifact], prefix: str, run: str, job: str
         name: the artifact's name inside it (empty: the stage folder itself).
     """
     from d2mtl_pipeline import steps
+
     return steps.main(steps.publish, store, source, prefix, run or job, stage, name)
 
 
@@ -261,6 +341,7 @@ def deploy(serving: str, image: str, model: str) -> str:
         model: where the student was published (s3:// or minio://): the InferenceService's storageUri.
     """
     from d2mtl_pipeline import steps
+
     return steps.main(steps.deploy, serving, image, model)
 
 
@@ -286,6 +367,7 @@ class Components:
 
 def build(images: StageImages) -> Components:
     """The components with each stage's image."""
+
     def on(stage: str, func) -> PythonComponent:
         return dsl.component(func, base_image=images.reference(stage), install_kfp_package=False)
 

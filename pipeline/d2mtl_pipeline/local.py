@@ -164,8 +164,10 @@ def with_absolute_data_root(cfg: ExperimentConfig) -> ExperimentConfig:
 @contextlib.contextmanager
 def store_keys_in_environment(cfg: ExperimentConfig) -> Iterator[None]:
     """Keys set in the config reach the task processes as AWS_* variables (never as pipeline parameters)."""
-    keys = {"AWS_ACCESS_KEY_ID": cfg.store.access_key,
-            "AWS_SECRET_ACCESS_KEY": cfg.store.secret_key.get_secret_value() if cfg.store.secret_key else None}
+    keys = {
+        "AWS_ACCESS_KEY_ID": cfg.store.access_key,
+        "AWS_SECRET_ACCESS_KEY": cfg.store.secret_key.get_secret_value() if cfg.store.secret_key else None,
+    }
     saved = {name: os.environ.get(name) for name in keys}
     os.environ.update({name: value for name, value in keys.items() if value})
     try:
@@ -184,8 +186,11 @@ def executed_tasks(run_dir: Path) -> dict[str, float | None]:
     for output in sorted(run_dir.rglob(EXECUTOR_OUTPUT)):
         name = output.parent.relative_to(run_dir).as_posix()
         artifacts = json.loads(output.read_text()).get("artifacts", {})
-        seconds = [a.get("metadata", {}).get(STAGE_SECONDS) for listed in artifacts.values()
-                   for a in listed.get("artifacts", [])]
+        seconds = [
+            a.get("metadata", {}).get(STAGE_SECONDS)
+            for listed in artifacts.values()
+            for a in listed.get("artifacts", [])
+        ]
         tasks[name] = next((s for s in seconds if s is not None), None)
     return tasks
 
@@ -201,8 +206,10 @@ def run(cfg: ExperimentConfig, rerun: str | None = None, from_run: str | None = 
     tokens = load_tokens(run_root)
     reuse = compile_module.plan_rerun(cfg, rerun, from_run) if from_run else None
     if reuse is not None and store.is_remote(reuse.prefix):
-        raise UserError(f"--from-run on this machine imports from a folder, not {reuse.prefix} (kfp.local does not "
-                        "download artifacts); use d2mtl submit for a cluster")
+        raise UserError(
+            f"--from-run on this machine imports from a folder, not {reuse.prefix} (kfp.local does not "
+            "download artifacts); use d2mtl submit for a cluster"
+        )
     if rerun is not None and reuse is None:
         pipeline.check_stage(rerun, cfg.pipeline)
         tokens[rerun] = uuid.uuid4().hex[:12]
@@ -213,16 +220,25 @@ def run(cfg: ExperimentConfig, rerun: str | None = None, from_run: str | None = 
     run_id = f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:4]}"
     pipeline_func = pipeline.build(cfg, reuse=reuse, local=True, rerun_tokens=tokens)
 
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(run_root),
-               enable_caching=cfg.pipeline.caching, raise_on_error=True)
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(run_root),
+        enable_caching=cfg.pipeline.caching,
+        raise_on_error=True,
+    )
     run_dir = run_root / run_id
     start = time.perf_counter()
     plain_print = builtins.print  # kfp.local indents print() per task, racily across loop threads: restore it
     print(f"run {run_id}: kfp.local's whole output goes to {run_dir / RUN_LOG}", flush=True)
     # kfp.local names the run folder <pipeline name>-<timestamp>; name it by the run id instead: one id per run
-    with (warnings.catch_warnings(), store_keys_in_environment(cfg), RunLog(run_dir / RUN_LOG, sys.stdout) as log_file,
-          contextlib.redirect_stdout(log_file), kfp_records_to(log_file),
-          mock.patch.object(executor_input_utils, "get_local_pipeline_resource_name", lambda name: run_id)):
+    with (
+        warnings.catch_warnings(),
+        store_keys_in_environment(cfg),
+        RunLog(run_dir / RUN_LOG, sys.stdout) as log_file,
+        contextlib.redirect_stdout(log_file),
+        kfp_records_to(log_file),
+        mock.patch.object(executor_input_utils, "get_local_pipeline_resource_name", lambda name: run_id),
+    ):
         for pattern in _LOCAL_NOISE:
             warnings.filterwarnings("ignore", message=pattern)
         try:
@@ -235,22 +251,33 @@ def run(cfg: ExperimentConfig, rerun: str | None = None, from_run: str | None = 
     executed = executed_tasks(run_dir)
     prefix = cfg.pipeline.publish_prefix
     result = LocalRun(
-        run_id=run_id, run_dir=run_dir, model=task.outputs["model"].path,
-        report=store.join(task.outputs["evaluation"].path, layout.EVAL_REPORT_HTML), wall_seconds=wall,
-        executed=list(executed), stage_seconds={k: v for k, v in executed.items() if v is not None},
-        published=store.join(prefix, run_id) if prefix else None)
+        run_id=run_id,
+        run_dir=run_dir,
+        model=task.outputs["model"].path,
+        report=store.join(task.outputs["evaluation"].path, layout.EVAL_REPORT_HTML),
+        wall_seconds=wall,
+        executed=list(executed),
+        stage_seconds={k: v for k, v in executed.items() if v is not None},
+        published=store.join(prefix, run_id) if prefix else None,
+    )
     # `d2mtl predict` and `d2mtl export` default to this run's final model
-    store.write_text(str(run_root / layout.LATEST_RUN), json.dumps(
-        {"run_id": run_id, "model": result.model, "report": result.report, "published": result.published}, indent=1))
+    store.write_text(
+        str(run_root / layout.LATEST_RUN),
+        json.dumps(
+            {"run_id": run_id, "model": result.model, "report": result.report, "published": result.published}, indent=1
+        ),
+    )
     return result
 
 
 def summary(result: LocalRun) -> str:
     ran = f"{len(result.executed)} task(s) ran" if result.executed else "every task came from the cache"
-    lines = [f"pipeline finished in {result.wall_seconds:.1f} s; {ran}",
-             f"  log:         {result.run_dir / RUN_LOG}",
-             f"  report:      {result.report}",
-             f"  final model: {result.model}"]
+    lines = [
+        f"pipeline finished in {result.wall_seconds:.1f} s; {ran}",
+        f"  log:         {result.run_dir / RUN_LOG}",
+        f"  report:      {result.report}",
+        f"  final model: {result.model}",
+    ]
     if result.published:
         lines.append(f"  published:   {result.published}/<stage>/...")
     return "\n".join(lines)

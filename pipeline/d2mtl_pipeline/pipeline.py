@@ -95,15 +95,20 @@ def store_parameter(settings: StoreSettings) -> str:
     return settings.model_dump_json(exclude={"access_key", "secret_key"})
 
 
-def build(cfg: ExperimentConfig, reuse: Reuse | None = None, local: bool = False,
-          rerun_tokens: Mapping[str, str] | None = None):
+def build(
+    cfg: ExperimentConfig,
+    reuse: Reuse | None = None,
+    local: bool = False,
+    rerun_tokens: Mapping[str, str] | None = None,
+):
     """The pipeline for ``cfg``; ``local``: for kfp.local (no retries); ``rerun_tokens``: see local.py."""
     p = cfg.pipeline
     c = components.build(p.images)
     stages = enabled_stages(p)
     computed = frozenset(stages) if reuse is None else reuse.computed(stages)
-    place = Placement(p, local=local, rerun_tokens=dict(rerun_tokens or {}),
-                      fresh=frozenset({reuse.stage}) if reuse else frozenset())
+    place = Placement(
+        p, local=local, rerun_tokens=dict(rerun_tokens or {}), fresh=frozenset({reuse.stage}) if reuse else frozenset()
+    )
     res = p.resources
     pseudolabel_cpu = res.pseudolabel.model_copy(update={"gpus": 0})  # label-table work in the pseudolabel image
     holdout = cfg.pseudolabel.holdout.fraction > 0
@@ -111,12 +116,15 @@ def build(cfg: ExperimentConfig, reuse: Reuse | None = None, local: bool = False
 
     def imported(stage: str, name: str, kind: type):
         """What an earlier run published for ``stage`` (``name``: a file or folder inside it)."""
-        return dsl.importer(artifact_uri=published_uri(reuse.prefix, reuse.run_id, stage, name), artifact_class=kind,
-                            reimport=False).output
+        return dsl.importer(
+            artifact_uri=published_uri(reuse.prefix, reuse.run_id, stage, name), artifact_class=kind, reimport=False
+        ).output
 
-    @dsl.pipeline(name=PIPELINE_NAME,
-                  description="Distill-2MD-MTL: one network for age, gender, race and expression from disjointly "
-                              "labelled face datasets, by data distillation (arXiv 1907.03402).")
+    @dsl.pipeline(
+        name=PIPELINE_NAME,
+        description="Distill-2MD-MTL: one network for age, gender, race and expression from disjointly "
+        "labelled face datasets, by data distillation (arXiv 1907.03402).",
+    )
     def distill_2md_mtl(
         ingest_config: str = cfg.ingest.model_dump_json(),
         teacher_config: str = cfg.teacher.model_dump_json(),
@@ -151,9 +159,20 @@ def build(cfg: ExperimentConfig, reuse: Reuse | None = None, local: bool = False
         def publish(artifact, stage: str, name="", then=None):
             """Copy ``artifact`` to the published layout; ``then(uri)`` adds tasks that use where it went."""
             with dsl.If(publish_prefix != "", name=f"publish-{stage}"):
-                task = place(c.publish(store=store, source=artifact, prefix=publish_prefix, run=run_id,
-                                       job=dsl.PIPELINE_JOB_ID_PLACEHOLDER, stage=stage, name=name),
-                             "publish", res.utility, cache=False)
+                task = place(
+                    c.publish(
+                        store=store,
+                        source=artifact,
+                        prefix=publish_prefix,
+                        run=run_id,
+                        job=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                        stage=stage,
+                        name=name,
+                    ),
+                    "publish",
+                    res.utility,
+                    cache=False,
+                )
                 if then is not None:
                     then(task.output)
 
@@ -173,8 +192,11 @@ def build(cfg: ExperimentConfig, reuse: Reuse | None = None, local: bool = False
         if "ingest" in computed:
             ingest_plan = place(c.shard_plan(shards=ingest_shards), "ingest", res.utility)
             with dsl.ParallelFor(ingest_plan.output, name="ingest-shards", parallelism=loop_limit) as shard:
-                part = place(c.ingest_shard(config=ingest_config, store=store, shard=shard, shards=ingest_shards),
-                             "ingest", res.ingest)
+                part = place(
+                    c.ingest_shard(config=ingest_config, store=store, shard=shard, shards=ingest_shards),
+                    "ingest",
+                    res.ingest,
+                )
             ingest = place(c.ingest_merge(parts=dsl.Collected(part.outputs["part"])), "ingest", res.ingest)
             faces, labels = ingest.outputs["faces"], ingest.outputs["labels"]
             publish(ingest.outputs["report"], "ingest", layout.INGEST_REPORT_MD)
@@ -192,8 +214,9 @@ def build(cfg: ExperimentConfig, reuse: Reuse | None = None, local: bool = False
 
         # ---- teacher: one multi-task network on every dataset, losses masked where labels are missing --
         if "teacher" in computed:
-            teacher = place(c.teacher(config=teacher_config, faces=faces, labels=teacher_labels), "teacher",
-                            res.teacher)
+            teacher = place(
+                c.teacher(config=teacher_config, faces=faces, labels=teacher_labels), "teacher", res.teacher
+            )
             teacher_model = teacher.outputs["model"]
         else:
             teacher_model = imported("teacher", "", Model)
@@ -203,12 +226,23 @@ def build(cfg: ExperimentConfig, reuse: Reuse | None = None, local: bool = False
         if "pseudolabel" in computed:
             plan = place(c.shard_plan(shards=shards), "pseudolabel", res.utility)
             with dsl.ParallelFor(plan.output, name="pseudolabel-shards", parallelism=loop_limit) as shard:
-                predicted = place(c.pseudolabel_shard(config=pseudolabel_config, teacher=teacher_model, faces=faces,
-                                                      labels=labels, shard=shard, shards=shards),
-                                  "pseudolabel", res.pseudolabel)
-            merge = place(c.pseudolabel_merge(config=pseudolabel_config,
-                                              parts=dsl.Collected(predicted.outputs["part"])),
-                          "pseudolabel", pseudolabel_cpu)
+                predicted = place(
+                    c.pseudolabel_shard(
+                        config=pseudolabel_config,
+                        teacher=teacher_model,
+                        faces=faces,
+                        labels=labels,
+                        shard=shard,
+                        shards=shards,
+                    ),
+                    "pseudolabel",
+                    res.pseudolabel,
+                )
+            merge = place(
+                c.pseudolabel_merge(config=pseudolabel_config, parts=dsl.Collected(predicted.outputs["part"])),
+                "pseudolabel",
+                pseudolabel_cpu,
+            )
             pseudo = merge.outputs["pseudo"]
         else:
             pseudo = imported("pseudolabel", "", Dataset)
@@ -216,8 +250,11 @@ def build(cfg: ExperimentConfig, reuse: Reuse | None = None, local: bool = False
 
         # ---- student: ground truth + kept pseudo-labels -> the final model -------------------------------
         if "student" in computed:
-            student = place(c.student(config=student_config, faces=faces, labels=labels, pseudo=pseudo,
-                                      teacher=teacher_model), "student", res.student)
+            student = place(
+                c.student(config=student_config, faces=faces, labels=labels, pseudo=pseudo, teacher=teacher_model),
+                "student",
+                res.student,
+            )
             student_model = student.outputs["model"]
         else:
             student_model = imported("student", "", Model)
@@ -226,37 +263,72 @@ def build(cfg: ExperimentConfig, reuse: Reuse | None = None, local: bool = False
         optional = {}
         if "baselines" in stages:
             baselines = optional["baselines"] = per_task(
-                "baselines", lambda task: c.baseline(config=teacher_config, task=task, faces=faces,
-                                                     labels=teacher_labels),
-                res.teacher, "model", c.gather_models, Model)
+                "baselines",
+                lambda task: c.baseline(config=teacher_config, task=task, faces=faces, labels=teacher_labels),
+                res.teacher,
+                "model",
+                c.gather_models,
+                Model,
+            )
 
         # ---- single-task distillation: each baseline pseudo-labels its task, a single-task student learns it -
         if "student_single" in stages:
             single_pseudo = per_task(
-                "pseudolabel_single", lambda task: c.pseudolabel_single(
-                    config=pseudolabel_config, baselines=baselines, task=task, faces=faces, labels=labels),
-                res.pseudolabel, "pseudo", c.gather_pseudo, Dataset)
+                "pseudolabel_single",
+                lambda task: c.pseudolabel_single(
+                    config=pseudolabel_config, baselines=baselines, task=task, faces=faces, labels=labels
+                ),
+                res.pseudolabel,
+                "pseudo",
+                c.gather_pseudo,
+                Dataset,
+            )
             optional["single_students"] = per_task(
-                "student_single", lambda task: c.student_single(
-                    config=student_config, task=task, faces=faces, labels=labels, pseudo=single_pseudo,
-                    baselines=baselines),
-                res.student, "model", c.gather_models, Model)
+                "student_single",
+                lambda task: c.student_single(
+                    config=student_config,
+                    task=task,
+                    faces=faces,
+                    labels=labels,
+                    pseudo=single_pseudo,
+                    baselines=baselines,
+                ),
+                res.student,
+                "model",
+                c.gather_models,
+                Model,
+            )
 
         # ---- evaluate: every model per task x dataset x split, fairness audit, the paper's claims --------
         if holdout:
             optional["pseudo"] = pseudo
-        evaluate = place(c.evaluate(config=evaluate_config, confusion_task=confusion_task, faces=faces, labels=labels,
-                                    teacher=teacher_model, student=student_model, **optional),
-                         "evaluate", res.evaluate)
+        evaluate = place(
+            c.evaluate(
+                config=evaluate_config,
+                confusion_task=confusion_task,
+                faces=faces,
+                labels=labels,
+                teacher=teacher_model,
+                student=student_model,
+                **optional,
+            ),
+            "evaluate",
+            res.evaluate,
+        )
         publish(evaluate.outputs["evaluation"], "evaluate")
 
         # ---- deploy (pipeline.deploy): the published student behind a KServe InferenceService ------------
         def deploy(model_uri):
-            place(c.deploy(serving=p.serving.model_dump_json(), image=p.images.reference("serve"), model=model_uri),
-                  "deploy", res.utility, cache=False).after(evaluate)
+            place(
+                c.deploy(serving=p.serving.model_dump_json(), image=p.images.reference("serve"), model=model_uri),
+                "deploy",
+                res.utility,
+                cache=False,
+            ).after(evaluate)
 
         publish(student_model, "student", then=deploy if p.deploy else None)
-        return Outputs(model=student_model, report=evaluate.outputs["report"],
-                       evaluation=evaluate.outputs["evaluation"])
+        return Outputs(
+            model=student_model, report=evaluate.outputs["report"], evaluation=evaluate.outputs["evaluation"]
+        )
 
     return distill_2md_mtl

@@ -34,17 +34,27 @@ class Placement:
             for key, value in cfg.gpu_node_selector.items():
                 kubernetes.add_node_selector(task, key, value)
             for toleration in cfg.gpu_tolerations:
-                kubernetes.add_toleration(task, key=toleration.key, operator=toleration.operator,
-                                          value=toleration.value, effect=toleration.effect)
-            kubernetes.empty_dir_mount(task, volume_name=SHM_VOLUME, mount_path="/dev/shm", medium="Memory",
-                                       size_limit=cfg.shm_size)
+                kubernetes.add_toleration(
+                    task,
+                    key=toleration.key,
+                    operator=toleration.operator,
+                    value=toleration.value,
+                    effect=toleration.effect,
+                )
+            kubernetes.empty_dir_mount(
+                task, volume_name=SHM_VOLUME, mount_path="/dev/shm", medium="Memory", size_limit=cfg.shm_size
+            )
         if resources.timeout_s:
             kubernetes.set_timeout(task, resources.timeout_s)
         kubernetes.set_image_pull_policy(task, cfg.image_pull_policy)
         kubernetes.use_secret_as_env(task, secret_name=cfg.secret_name, secret_key_to_env=cfg.secret_env)
         if cfg.retries and not self.local:
-            task.set_retry(num_retries=cfg.retries, backoff_duration=cfg.retry_backoff,
-                           backoff_factor=cfg.retry_backoff_factor, backoff_max_duration=cfg.retry_backoff_max)
+            task.set_retry(
+                num_retries=cfg.retries,
+                backoff_duration=cfg.retry_backoff,
+                backoff_factor=cfg.retry_backoff_factor,
+                backoff_max_duration=cfg.retry_backoff_max,
+            )
         task.set_caching_options(cache and cfg.caching and stage not in self.fresh)
         if stage in self.rerun_tokens:
             task.set_env_variable(RERUN_ENV, self.rerun_tokens[stage])

@@ -37,6 +37,7 @@ STAGE_SECONDS = "stage_seconds"  # metric every step logs: wall time of the stag
 
 # ---- helpers shared by the steps -------------------------------------------------------------------
 
+
 def validate(model: type[ConfigT], config_json: str, what: str) -> ConfigT:
     """A stage config from its JSON parameter, with the config's own one-line-per-field errors."""
     try:
@@ -103,8 +104,9 @@ def timed(stage: Callable[[], dict]) -> tuple[dict, float]:
 
 def main(step: Callable[..., StepResult], *args, **kwargs) -> StepResult:
     """Run a step the way the ``d2mtl`` CLI runs a stage: logging on, a user error as one line and exit code 2."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", force=True)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True
+    )
     try:
         return step(*args, **kwargs)
     except UserError as err:
@@ -113,6 +115,7 @@ def main(step: Callable[..., StepResult], *args, **kwargs) -> StepResult:
 
 
 # ---- the steps ------------------------------------------------------------------------------------
+
 
 def ingest_shard(config: str, store_settings: str, shard: int, shards: int, part, summary) -> None:
     from d2mtl.config import IngestConfig
@@ -153,8 +156,11 @@ def pseudolabel_shard(config: str, teacher, faces, labels, shard: int, shards: i
     from d2mtl.stages import pseudolabel as stage
 
     cfg = validate(PseudoLabelConfig, config, "pseudolabel")
-    result, seconds = timed(lambda: stage.run(cfg, teachers=[teacher.path], faces=faces.path, labels=labels.path,
-                                              out=part.path, shard=(shard, shards)))
+    result, seconds = timed(
+        lambda: stage.run(
+            cfg, teachers=[teacher.path], faces=faces.path, labels=labels.path, out=part.path, shard=(shard, shards)
+        )
+    )
     log_metrics(metrics, {**flat_numbers(result), STAGE_SECONDS: seconds})
 
 
@@ -174,8 +180,9 @@ def pseudolabel_single(config: str, baselines, task: str, faces, labels, pseudo,
 
     cfg = updated(validate(PseudoLabelConfig, config, "pseudolabel"), "task", tasks=[task])
     teacher = member(baselines.path, task)
-    result, seconds = timed(lambda: stage.run(cfg, teachers=[teacher], faces=faces.path, labels=labels.path,
-                                              out=pseudo.path))
+    result, seconds = timed(
+        lambda: stage.run(cfg, teachers=[teacher], faces=faces.path, labels=labels.path, out=pseudo.path)
+    )
     log_metrics(metrics, {**flat_numbers(result), STAGE_SECONDS: seconds})
 
 
@@ -200,9 +207,16 @@ def student(config: str, faces, labels, pseudo: str, teacher: str, model, metric
     cfg = validate(StudentConfig, config, "student")
     if task:
         cfg = updated(cfg, "task", tasks=[task])
-    result, seconds = timed(lambda: stage.run(
-        cfg, faces=faces.path, labels=labels.path, pseudo=store.join(pseudo, layout.PSEUDO_FILE), out=model.path,
-        teacher=teacher))
+    result, seconds = timed(
+        lambda: stage.run(
+            cfg,
+            faces=faces.path,
+            labels=labels.path,
+            pseudo=store.join(pseudo, layout.PSEUDO_FILE),
+            out=model.path,
+            teacher=teacher,
+        )
+    )
     model_metadata(model)
     log_metrics(metrics, {**flat_numbers(result), STAGE_SECONDS: seconds})
 
@@ -251,21 +265,37 @@ def evaluation_models(teacher, student, baselines, single_students) -> list[str]
 def headline_confusion(evaluation_path: str, model: str, task: str, split: str) -> dict | None:
     """The model's confusion matrix for ``task`` on ``split`` over the dataset with the most labelled faces."""
     details = json.loads(store.read_text(store.join(evaluation_path, layout.EVAL_DETAILS)))
-    candidates = [c for c in details["confusion"]
-                  if c["model"] == model and c["task"] == task and c["split"] == split]
+    candidates = [c for c in details["confusion"] if c["model"] == model and c["task"] == task and c["split"] == split]
     return max(candidates, key=lambda c: sum(map(sum, c["matrix"])), default=None)
 
 
-def evaluate(config: str, confusion_task: str, faces, labels, teacher, student, baselines, single_students,
-             pseudo, evaluation, report, metrics, confusion, claims) -> None:
+def evaluate(
+    config: str,
+    confusion_task: str,
+    faces,
+    labels,
+    teacher,
+    student,
+    baselines,
+    single_students,
+    pseudo,
+    evaluation,
+    report,
+    metrics,
+    confusion,
+    claims,
+) -> None:
     from d2mtl.config import EvaluateConfig
     from d2mtl.stages import evaluate as stage
 
     cfg = validate(EvaluateConfig, config, "evaluate")
     models = evaluation_models(teacher, student, baselines, single_students)
     pseudo_reports = [store.join(pseudo.path, layout.PSEUDO_REPORT)] if pseudo is not None else []
-    result, seconds = timed(lambda: stage.run(cfg, models=models, faces=faces.path, labels=labels.path,
-                                              out=evaluation.path, pseudo_reports=pseudo_reports))
+    result, seconds = timed(
+        lambda: stage.run(
+            cfg, models=models, faces=faces.path, labels=labels.path, out=evaluation.path, pseudo_reports=pseudo_reports
+        )
+    )
     shutil.copyfile(store.join(evaluation.path, layout.EVAL_REPORT_HTML), report.path)
     claims_doc = json.loads(store.read_text(store.join(evaluation.path, layout.EVAL_CLAIMS)))
     Path(claims.path).write_text(claims_doc["markdown"])
@@ -285,8 +315,10 @@ def deploy(serving: str, image: str, model: str) -> str:
     settings = validate(ServingConfig, serving, "serving")
     scheme, sep, rest = model.partition("://")
     if not sep or scheme not in ("s3", "minio"):
-        raise UserError(f"deploy serves the published student from object storage; it was published to {model} "
-                        "(set pipeline.publish_prefix=s3://...)")
+        raise UserError(
+            f"deploy serves the published student from object storage; it was published to {model} "
+            "(set pipeline.publish_prefix=s3://...)"
+        )
     storage_uri = f"s3://{rest}"  # KServe's storage initializer reads minio:// objects through its s3 support
     serving_deploy.apply(serving_deploy.inference_service(settings, image, storage_uri))
     return storage_uri
@@ -304,8 +336,13 @@ def publish(store_settings: str, source, prefix: str, run: str, stage: str, name
     destination = published_uri(prefix, run, stage, name)
     root = Path(source.path)
     # a face table's manifest goes last: readers trust only the shards it lists
-    files = [root] if root.is_file() else sorted((p for p in root.rglob("*") if p.is_file()),
-                                                 key=lambda p: (p.name == contracts.MANIFEST, p.as_posix()))
+    files = (
+        [root]
+        if root.is_file()
+        else sorted(
+            (p for p in root.rglob("*") if p.is_file()), key=lambda p: (p.name == contracts.MANIFEST, p.as_posix())
+        )
+    )
     if not files:
         raise UserError(f"nothing to publish at {source.path} (artifact {source.name})")
     for path in files:

@@ -28,8 +28,10 @@ PARAMETER_TYPES = {  # KFP IR parameter type -> (how a --param value is read, wh
 }
 PYTHON_TYPES = {"BOOLEAN": bool, "LIST": list, "STRUCT": dict}
 HEALTHZ = "/apis/v2beta1/healthz"  # what kfp.Client asks first
-ENDPOINT_HINT = ("(is the endpoint right? e.g. kubectl port-forward -n kubeflow svc/ml-pipeline-ui 8080:80, then "
-                 "--host http://localhost:8080)")
+ENDPOINT_HINT = (
+    "(is the endpoint right? e.g. kubectl port-forward -n kubeflow svc/ml-pipeline-ui 8080:80, then "
+    "--host http://localhost:8080)"
+)
 
 
 def pipeline_parameters(package: str) -> dict[str, str]:
@@ -60,8 +62,10 @@ def parse_params(items: list[str], types: dict[str, str]) -> dict[str, Any]:
 
 def unreachable(host: str, err: Exception) -> UserError:
     reason = getattr(err, "reason", None) or err
-    return UserError(f"cannot reach Kubeflow Pipelines at {host}: {type(reason).__name__}: "
-                     f"{str(reason).splitlines()[0][:200]} {ENDPOINT_HINT}")
+    return UserError(
+        f"cannot reach Kubeflow Pipelines at {host}: {type(reason).__name__}: "
+        f"{str(reason).splitlines()[0][:200]} {ENDPOINT_HINT}"
+    )
 
 
 def check_kfp_api(host: str, timeout_s: float = 10.0) -> None:
@@ -73,8 +77,10 @@ def check_kfp_api(host: str, timeout_s: float = 10.0) -> None:
         with urllib.request.urlopen(url, timeout=timeout_s) as response:
             kind, body = response.headers.get_content_type(), response.read(65536)
     except urllib.error.HTTPError as err:
-        raise UserError(f"{url} answered {err.code} {err.reason} ({err.headers.get('Server') or 'no Server header'}): "
-                        f"not a Kubeflow Pipelines API {ENDPOINT_HINT}") from None
+        raise UserError(
+            f"{url} answered {err.code} {err.reason} ({err.headers.get('Server') or 'no Server header'}): "
+            f"not a Kubeflow Pipelines API {ENDPOINT_HINT}"
+        ) from None
     except (urllib.error.URLError, OSError, ValueError) as err:
         raise unreachable(host, err) from None
     try:
@@ -105,9 +111,16 @@ def connect(host: str, namespace: str | None):
             retries_log.setLevel(level)
 
 
-def submit(cfg: ExperimentConfig, host: str, experiment: str | None = None, run_name: str | None = None,
-           params: list[str] | tuple[str, ...] = (), rerun: str | None = None, from_run: str | None = None,
-           namespace: str | None = None) -> str:
+def submit(
+    cfg: ExperimentConfig,
+    host: str,
+    experiment: str | None = None,
+    run_name: str | None = None,
+    params: list[str] | tuple[str, ...] = (),
+    rerun: str | None = None,
+    from_run: str | None = None,
+    namespace: str | None = None,
+) -> str:
     """Compile and submit; returns the run id."""
     with tempfile.TemporaryDirectory(prefix="d2mtl-submit-") as tmp:
         package = compile_module.compile_pipeline(cfg, str(Path(tmp, "pipeline.yaml")))
@@ -122,6 +135,11 @@ def submit(cfg: ExperimentConfig, host: str, experiment: str | None = None, run_
         client = connect(host, namespace)
         name = run_name or (f"{cfg.name} rerun {rerun} from {from_run}" if reuse else cfg.name)
         result = client.create_run_from_pipeline_package(
-            package, arguments=arguments, run_name=name, experiment_name=experiment or cfg.name,
-            namespace=namespace, enable_caching=cfg.pipeline.caching)
+            package,
+            arguments=arguments,
+            run_name=name,
+            experiment_name=experiment or cfg.name,
+            namespace=namespace,
+            enable_caching=cfg.pipeline.caching,
+        )
     return result.run_id

@@ -22,8 +22,18 @@ from d2mtl.config.train import StudentConfig, TrainConfig
 from d2mtl.errors import UserError
 from d2mtl.store import StoreSettings
 
-__all__ = ["ConfigError", "EvaluateConfig", "ExperimentConfig", "IngestConfig", "PipelineConfig",
-           "PseudoLabelConfig", "StudentConfig", "TrainConfig", "load_experiment", "PROFILES"]
+__all__ = [
+    "PROFILES",
+    "ConfigError",
+    "EvaluateConfig",
+    "ExperimentConfig",
+    "IngestConfig",
+    "PipelineConfig",
+    "PseudoLabelConfig",
+    "StudentConfig",
+    "TrainConfig",
+    "load_experiment",
+]
 
 PROFILES = ("cpu", "gpu")  # packaged experiments, d2mtl/configs/<name>.yaml
 DATA_ROOT_ENV = "D2MTL_DATA_ROOT"
@@ -98,8 +108,10 @@ def read_yaml(path: str) -> dict[str, Any]:
         try:
             text = Path(path).read_text()
         except OSError as err:
-            raise ConfigError(f"cannot read config {path}: {err.strerror}; --config takes a YAML file or a "
-                              f"packaged profile: {', '.join(PROFILES)}") from None
+            raise ConfigError(
+                f"cannot read config {path}: {err.strerror}; --config takes a YAML file or a "
+                f"packaged profile: {', '.join(PROFILES)}"
+            ) from None
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
@@ -109,8 +121,9 @@ def read_yaml(path: str) -> dict[str, Any]:
     return data
 
 
-def load_experiment(path: str | None = None, overrides: list[str] | tuple[str, ...] = (),
-                    data_root: str | None = None) -> ExperimentConfig:
+def load_experiment(
+    path: str | None = None, overrides: list[str] | tuple[str, ...] = (), data_root: str | None = None
+) -> ExperimentConfig:
     """Load an experiment (default: the packaged CPU profile) with ``key.sub=value`` overrides.
 
     The data root comes from, in order: ``data_root``, ``$D2MTL_DATA_ROOT``, the YAML, ``./data``.

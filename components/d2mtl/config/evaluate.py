@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from d2mtl.roles import NO_ROLE, parse_role
 from d2mtl.contracts import SPLITS
 from d2mtl.errors import UserError
+from d2mtl.roles import NO_ROLE, parse_role
 from d2mtl.tasks import TaskMap
 
 
@@ -44,7 +44,9 @@ class EvaluateConfig(BaseModel):
     # student_single:<task> | none (scored, left out of the claims); unnamed models get a role from their name
     # (baseline_age, ...) or their card
     claims_split: str = "test"  # the split the claims and the comparison table are judged on
-    fairness_min_group: int = Field(30, ge=1)  # groups with fewer labelled faces are listed but left out of the largest gap
+    fairness_min_group: int = Field(
+        30, ge=1
+    )  # groups with fewer labelled faces are listed but left out of the largest gap
     in_domain: TaskMap[list[str]] | None = None  # task -> datasets that gave training labels for it;
     # None: from the model cards of the teacher and the baselines, else from the label table's train split
     views: list[DomainView] = Field(default_factory=list)  # synthetic cross-domain copies (DomainView)
@@ -67,8 +69,10 @@ class EvaluateConfig(BaseModel):
             except UserError as err:
                 raise ValueError(str(err)) from None
             if not known:
-                raise ValueError(f"model {name!r}: unknown role {role!r}; roles: teacher, student, baseline:<task>, "
-                                 f"student_single:<task>, {NO_ROLE}")
+                raise ValueError(
+                    f"model {name!r}: unknown role {role!r}; roles: teacher, student, baseline:<task>, "
+                    f"student_single:<task>, {NO_ROLE}"
+                )
         return roles
 
     @model_validator(mode="after")

@@ -84,8 +84,13 @@ class AdienceSpec(DatasetSpec):
 
 
 FAIRFACE_RACES = {  # FairFace's 7 groups onto the registry's 5 (UTKFace's); see docs/datasets.md
-    "White": "white", "Black": "black", "East Asian": "asian", "Southeast Asian": "asian", "Indian": "indian",
-    "Latino_Hispanic": "others", "Middle Eastern": "others",
+    "White": "white",
+    "Black": "black",
+    "East Asian": "asian",
+    "Southeast Asian": "asian",
+    "Indian": "indian",
+    "Latino_Hispanic": "others",
+    "Middle Eastern": "others",
 }
 
 
@@ -137,8 +142,18 @@ class CsvManifestSpec(DatasetSpec):
 
 
 DatasetConfig = Annotated[
-    UTKFaceSpec | FER2013FolderSpec | FER2013CsvSpec | CKPlusSpec | JAFFESpec | AdienceSpec | FairFaceSpec
-    | RAFDBSpec | AAFSpec | APPARealSpec | ImageFolderSpec | CsvManifestSpec,
+    UTKFaceSpec
+    | FER2013FolderSpec
+    | FER2013CsvSpec
+    | CKPlusSpec
+    | JAFFESpec
+    | AdienceSpec
+    | FairFaceSpec
+    | RAFDBSpec
+    | AAFSpec
+    | APPARealSpec
+    | ImageFolderSpec
+    | CsvManifestSpec,
     Field(discriminator="format"),
 ]
 

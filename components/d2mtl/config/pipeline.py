@@ -115,8 +115,12 @@ class PipelineConfig(BaseModel):
     gpu_tolerations: list[Toleration] = Field(default_factory=lambda: [Toleration(key="nvidia.com/gpu")])
     shm_size: str = "2Gi"  # memory-backed /dev/shm of GPU pods (DataLoader workers share batches through it)
     secret_name: str = "d2mtl-object-store"  # Kubernetes Secret holding the object-store keys
-    secret_env: dict[str, str] = Field(default_factory=lambda: {  # Secret key -> environment variable
-        "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"})
+    secret_env: dict[str, str] = Field(
+        default_factory=lambda: {  # Secret key -> environment variable
+            "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
+        }
+    )
     retries: int = Field(2, ge=0)  # retries of a failed stage pod on a cluster (local runs never retry)
     retry_backoff: str = "60s"  # first retry delay, then multiplied by retry_backoff_factor
     retry_backoff_factor: float = Field(2.0, ge=1.0)
@@ -138,8 +142,10 @@ class PipelineConfig(BaseModel):
     @classmethod
     def _local_folder(cls, root: str) -> str:
         if "://" in root:
-            raise ValueError(f"run_root {root!r} must be a local folder (kfp.local cannot write to object storage); "
-                             "use publish_prefix for s3://")
+            raise ValueError(
+                f"run_root {root!r} must be a local folder (kfp.local cannot write to object storage); "
+                "use publish_prefix for s3://"
+            )
         return root
 
     @model_validator(mode="after")

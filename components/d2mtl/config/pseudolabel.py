@@ -20,12 +20,15 @@ def parse_transform(spec: str) -> list[tuple[str, float]]:
         if name not in TRANSFORM_OPS:
             raise ValueError(f"transform {spec!r}: unknown op {name!r}; ops: identity, hflip, scale:F, crop:F")
         if (name in ("scale", "crop")) != bool(raw):
-            raise ValueError(f"transform {spec!r}: {name} " + ("needs a factor, e.g. scale:1.25" if not raw
-                                                                else "takes no factor"))
+            raise ValueError(
+                f"transform {spec!r}: {name} " + ("needs a factor, e.g. scale:1.25" if not raw else "takes no factor")
+            )
         factor = float(raw) if raw else 1.0
-        if name == "scale" and not 0.25 <= factor <= 4.0 or name == "crop" and not 0.25 <= factor <= 1.0:
-            raise ValueError(f"transform {spec!r}: {name} factor {factor:g} out of range "
-                             + ("0.25..4" if name == "scale" else "0.25..1"))
+        if (name == "scale" and not 0.25 <= factor <= 4.0) or (name == "crop" and not 0.25 <= factor <= 1.0):
+            raise ValueError(
+                f"transform {spec!r}: {name} factor {factor:g} out of range "
+                + ("0.25..4" if name == "scale" else "0.25..1")
+            )
         ops.append((name, factor))
     return ops
 
@@ -89,13 +92,18 @@ class PseudoLabelConfig(BaseModel):
     @model_validator(mode="after")
     def _rules_fit_tasks(self) -> PseudoLabelConfig:
         placed = [(f"rules.{name}", name, rule) for name, rule in self.rules.items()]
-        placed += [(f"dataset_rules.{dataset}.{name}", name, rule) for dataset, rules in self.dataset_rules.items()
-                   for name, rule in rules.items()]
+        placed += [
+            (f"dataset_rules.{dataset}.{name}", name, rule)
+            for dataset, rules in self.dataset_rules.items()
+            for name, rule in rules.items()
+        ]
         for where, name, rule in placed:
             task = get_task(name)
             if rule.rule not in RULES_BY_KIND[task.kind]:
-                raise ValueError(f"{where}: rule {rule.rule!r} does not fit a {task.kind} task; use "
-                                 + " or ".join(RULES_BY_KIND[task.kind]))
+                raise ValueError(
+                    f"{where}: rule {rule.rule!r} does not fit a {task.kind} task; use "
+                    + " or ".join(RULES_BY_KIND[task.kind])
+                )
         return self
 
     @property

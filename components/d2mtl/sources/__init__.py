@@ -5,7 +5,17 @@ per-format spec models (the ``format`` field picks both).
 """
 
 from d2mtl.sources import (  # noqa: F401  (registers)
-    aaf, adience, appa, ckplus, fairface, fer2013, generic, jaffe, rafdb, utkface)
+    aaf,
+    adience,
+    appa,
+    ckplus,
+    fairface,
+    fer2013,
+    generic,
+    jaffe,
+    rafdb,
+    utkface,
+)
 from d2mtl.sources.base import SOURCES, TRAINVAL, Entry, Payload, Rejected, Source
 from d2mtl.sources.trees import Tree, open_tree
 

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from pathlib import PurePosixPath
 
 from d2mtl.errors import UserError
-from d2mtl.sources.base import (TRAINVAL, Entry, LabelError, Source, class_code, number, register,
-                                rejected_entry)
+from d2mtl.sources.base import TRAINVAL, Entry, LabelError, Source, class_code, number, register, rejected_entry
 
 IMAGE_DIRS = ("aglined faces", "aligned faces")  # the release's spelling, and the corrected one
 SET_DIR = "image sets"
@@ -34,26 +32,32 @@ def parse_name(name: str) -> dict[str, float | int]:
 @register
 class AAF(Source):
     format = "aaf"
-    download = ("download All-Age-Faces (All-Age-Faces Dataset.zip) from https://github.com/JingchunCheng/"
-                "All-Age-Faces-Dataset and unpack it there ('All-Age-Faces Dataset/aglined faces/' and "
-                "'image sets/')")
+    download = (
+        "download All-Age-Faces (All-Age-Faces Dataset.zip) from https://github.com/JingchunCheng/"
+        "All-Age-Faces-Dataset and unpack it there ('All-Age-Faces Dataset/aglined faces/' and "
+        "'image sets/')"
+    )
 
     def _set_files(self) -> tuple[str, dict[str, str]]:
         """The dataset folder (prefix of ``image sets/``) and the chosen pair's present files -> split."""
         parts = zip(self.spec.image_sets.split("/"), (TRAINVAL, "test"), strict=True)
         found = {rel: part for name, part in parts if (rel := self.tree.find(f"{SET_DIR}/{name}.txt"))}
         if not found:
-            raise UserError(f"{self.tree.base_uri}: no image-set files of the pair {self.spec.image_sets!r} "
-                            f"in '{SET_DIR}/'; {self.download}")
+            raise UserError(
+                f"{self.tree.base_uri}: no image-set files of the pair {self.spec.image_sets!r} "
+                f"in '{SET_DIR}/'; {self.download}"
+            )
         first = next(iter(found))
-        return first[:first.rindex(f"{SET_DIR}/")], found
+        return first[: first.rindex(f"{SET_DIR}/")], found
 
     def entries(self) -> Iterator[Entry]:
         base, set_files = self._set_files()
         files = self.tree.files()
-        image_dir = next((f"{base}{d}/" for d in IMAGE_DIRS if any(f.startswith(f"{base}{d}/") for f in files)),
-                         f"{base}{IMAGE_DIRS[0]}/")
-        images = {f[len(image_dir):]: f for f in files if f.startswith(image_dir)}
+        image_dir = next(
+            (f"{base}{d}/" for d in IMAGE_DIRS if any(f.startswith(f"{base}{d}/") for f in files)),
+            f"{base}{IMAGE_DIRS[0]}/",
+        )
+        images = {f[len(image_dir) :]: f for f in files if f.startswith(image_dir)}
         official_test = "test" in set_files.values()
         listed: set[str] = set()
         for set_file, part in set_files.items():
@@ -72,8 +76,12 @@ class AAF(Source):
     def _listed_entry(self, line: str, where: str, image_dir: str, images: dict[str, str], listed: set[str]) -> Entry:
         fields = line.split()
         if len(fields) != 2:
-            return Entry(where, self.tree.uri(where), reject="malformed_line",
-                         detail=f"{line.strip()!r}: expected '<name>.jpg <0|1>'")
+            return Entry(
+                where,
+                self.tree.uri(where),
+                reject="malformed_line",
+                detail=f"{line.strip()!r}: expected '<name>.jpg <0|1>'",
+            )
         name, code = fields
         image = image_dir + name
         uri = self.tree.uri(image)

@@ -36,8 +36,10 @@ def parse_age(text: str) -> dict[str, float]:
 @register
 class Adience(Source):
     format = "adience"
-    download = ("download the Adience 'aligned' faces and fold_*_data.txt files from "
-                "https://talhassner.github.io/home/projects/Adience/Adience-data.html and put them there")
+    download = (
+        "download the Adience 'aligned' faces and fold_*_data.txt files from "
+        "https://talhassner.github.io/home/projects/Adience/Adience-data.html and put them there"
+    )
 
     def _split(self, fold: int) -> str:
         if fold in self.spec.test_folds:
@@ -60,8 +62,7 @@ class Adience(Source):
                 yield self._entry(row, fold)
 
     def _entry(self, row: dict[str, str], fold: int) -> Entry:
-        image = (f"{self.spec.image_dir}/{row['user_id']}/"
-                 f"landmark_aligned_face.{row['face_id']}.{row['original_image']}")
+        image = f"{self.spec.image_dir}/{row['user_id']}/landmark_aligned_face.{row['face_id']}.{row['original_image']}"
         uri = self.tree.uri(image)
         try:
             labels: dict[str, float | int] = parse_age(row["age"] or "")

@@ -23,23 +23,30 @@ FACE_SUFFIX = "_face.jpg"
 @register
 class APPAReal(Source):
     format = "appa_real"
-    download = ("download appa-real-release.zip from https://chalearnlap.cvc.uab.cat/dataset/26/description/ and "
-                "unpack it there (gt_avg_train.csv, gt_avg_valid.csv, gt_avg_test.csv, train/, valid/, test/)")
+    download = (
+        "download appa-real-release.zip from https://chalearnlap.cvc.uab.cat/dataset/26/description/ and "
+        "unpack it there (gt_avg_train.csv, gt_avg_valid.csv, gt_avg_test.csv, train/, valid/, test/)"
+    )
 
     def entries(self) -> Iterator[Entry]:
         found = {part: rel for part in PARTS if (rel := self.tree.find(f"gt_avg_{part}.csv"))}
         if "train" not in found and "valid" not in found:
             raise UserError(f"{self.tree.base_uri}: no gt_avg_train.csv or gt_avg_valid.csv; {self.download}")
-        splits = {"train": "train", "valid": "val", "test": "test"} if "test" in found else \
-            {"train": TRAINVAL, "valid": "test"}
+        splits = (
+            {"train": "train", "valid": "val", "test": "test"}
+            if "test" in found
+            else {"train": TRAINVAL, "valid": "test"}
+        )
         files = set(self.tree.files())
         column = AGE_COLUMNS[self.spec.age]
         for part, rel in found.items():
             reader = csv.DictReader(io.StringIO(self.tree.read(rel).decode("utf-8-sig")))
             if "file_name" not in (reader.fieldnames or []) or column not in (reader.fieldnames or []):
-                raise UserError(f"{self.tree.uri(rel)}: missing column file_name or {column}; "
-                                f"has {', '.join(reader.fieldnames or [])}")
-            base = rel[:-len(f"gt_avg_{part}.csv")]
+                raise UserError(
+                    f"{self.tree.uri(rel)}: missing column file_name or {column}; "
+                    f"has {', '.join(reader.fieldnames or [])}"
+                )
+            base = rel[: -len(f"gt_avg_{part}.csv")]
             for row_number, row in enumerate(reader, 2):
                 image = f"{base}{part}/{(row['file_name'] or '').strip()}{FACE_SUFFIX}"
                 uri = self.tree.uri(image)

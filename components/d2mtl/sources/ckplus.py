@@ -19,8 +19,10 @@ SUBJECT = re.compile(r"^(S\d+)_")
 @register
 class CKPlus(Source):
     format = "ckplus"
-    download = ("request CK+ from https://www.jeffcohn.net/Resources/ (or use the CK+48 emotion-folder copy) and "
-                "put the <emotion>/S###_*.png folders there")
+    download = (
+        "request CK+ from https://www.jeffcohn.net/Resources/ (or use the CK+48 emotion-folder copy) and "
+        "put the <emotion>/S###_*.png folders there"
+    )
 
     def entries(self) -> Iterator[Entry]:
         for rel in self.tree.files():

@@ -34,8 +34,10 @@ def parse_age_group(text: str) -> dict[str, float]:
 @register
 class FairFace(Source):
     format = "fairface"
-    download = ("download FairFace (padding 0.25 images + fairface_label_train.csv / fairface_label_val.csv) from "
-                "https://github.com/joojs/fairface and put them there")
+    download = (
+        "download FairFace (padding 0.25 images + fairface_label_train.csv / fairface_label_val.csv) from "
+        "https://github.com/joojs/fairface and put them there"
+    )
 
     def entries(self) -> Iterator[Entry]:
         found = {name: self.tree.find(name) for name in LABEL_FILES}
@@ -48,7 +50,7 @@ class FairFace(Source):
             missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
             if missing:
                 raise UserError(f"{self.tree.uri(rel)}: missing column(s) {', '.join(missing)}")
-            base = rel[:-len(name)]
+            base = rel[: -len(name)]
             for row in reader:
                 yield self._entry(base + row["file"], row, LABEL_FILES[name])
 

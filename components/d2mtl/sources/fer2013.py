@@ -14,16 +14,34 @@ from pathlib import PurePosixPath
 import numpy as np
 
 from d2mtl.errors import UserError
-from d2mtl.sources.base import (TRAINVAL, Entry, LabelError, Payload, Rejected, Source, class_code, register,
-                                rejected_entry)
+from d2mtl.sources.base import (
+    TRAINVAL,
+    Entry,
+    LabelError,
+    Payload,
+    Rejected,
+    Source,
+    class_code,
+    register,
+    rejected_entry,
+)
 
-FOLDER_SPLITS = {"train": TRAINVAL, "training": TRAINVAL, "test": "test", "publictest": "test",
-                 "privatetest": "test", "val": "val", "validation": "val"}
+FOLDER_SPLITS = {
+    "train": TRAINVAL,
+    "training": TRAINVAL,
+    "test": "test",
+    "publictest": "test",
+    "privatetest": "test",
+    "val": "val",
+    "validation": "val",
+}
 CSV_USAGE = {"Training": TRAINVAL, "PublicTest": "test", "PrivateTest": "test"}
 CSV_COLUMNS = ("emotion", "pixels", "Usage")
-DOWNLOAD = ("download FER2013 from https://www.kaggle.com/c/challenges-in-representation-learning-facial-"
-            "expression-recognition-challenge/data (fer2013.csv) or https://www.kaggle.com/datasets/msambare/fer2013 "
-            "(train/ and test/ emotion folders) and put it there")
+DOWNLOAD = (
+    "download FER2013 from https://www.kaggle.com/c/challenges-in-representation-learning-facial-"
+    "expression-recognition-challenge/data (fer2013.csv) or https://www.kaggle.com/datasets/msambare/fer2013 "
+    "(train/ and test/ emotion folders) and put it there"
+)
 
 
 @register
@@ -74,8 +92,9 @@ class FER2013Csv(Source):
             reader = csv.DictReader(io.TextIOWrapper(handle, encoding="utf-8", newline=""))
             missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
             if missing:
-                raise UserError(f"{self.tree.uri(found)}: missing column(s) {', '.join(missing)}; "
-                                f"expected {','.join(CSV_COLUMNS)}")
+                raise UserError(
+                    f"{self.tree.uri(found)}: missing column(s) {', '.join(missing)}; expected {','.join(CSV_COLUMNS)}"
+                )
             yield from enumerate(reader)
 
     def entries(self) -> Iterator[Entry]:

@@ -25,9 +25,11 @@ class ImageFolder(Source):
     def entries(self) -> Iterator[Entry]:
         task = TASKS.get(self.spec.task)
         if task is None or task.kind != "classification":
-            raise UserError(f"dataset {self.spec.name}: image_folder needs a classification task, got "
-                            f"{self.spec.task!r} (classification tasks: "
-                            f"{', '.join(t.name for t in TASKS.values() if t.kind == 'classification')})")
+            raise UserError(
+                f"dataset {self.spec.name}: image_folder needs a classification task, got "
+                f"{self.spec.task!r} (classification tasks: "
+                f"{', '.join(t.name for t in TASKS.values() if t.kind == 'classification')})"
+            )
         for rel in self.tree.files():
             uri = self.tree.uri(rel)
             parts = PurePosixPath(rel).parts
@@ -53,8 +55,10 @@ class CsvManifest(Source):
         columns = dict(self.spec.columns) or {name: name for name in (*TASKS, *INTERVAL_COLUMNS) if name in header}
         unknown = [task for task in columns if task not in TASKS and task not in INTERVAL_COLUMNS]
         if unknown:
-            raise UserError(f"dataset {self.spec.name}: unknown task(s) {', '.join(unknown)} in columns; "
-                            f"known: {', '.join(TASKS)}, age_low, age_high")
+            raise UserError(
+                f"dataset {self.spec.name}: unknown task(s) {', '.join(unknown)} in columns; "
+                f"known: {', '.join(TASKS)}, age_low, age_high"
+            )
         return columns
 
     def entries(self) -> Iterator[Entry]:
@@ -63,12 +67,16 @@ class CsvManifest(Source):
         reader = csv.DictReader(io.StringIO(self.tree.read(self.spec.manifest).decode("utf-8-sig")))
         header = reader.fieldnames or []
         columns = self._columns(header)
-        wanted = [self.spec.path_column, *columns.values(),
-                  *(c for c in (self.spec.split_column, self.spec.subject_column) if c)]
+        wanted = [
+            self.spec.path_column,
+            *columns.values(),
+            *(c for c in (self.spec.split_column, self.spec.subject_column) if c),
+        ]
         missing = [c for c in wanted if c not in header]
         if missing:
-            raise UserError(f"{self.tree.uri(self.spec.manifest)}: missing column(s) {', '.join(missing)}; "
-                            f"has {', '.join(header)}")
+            raise UserError(
+                f"{self.tree.uri(self.spec.manifest)}: missing column(s) {', '.join(missing)}; has {', '.join(header)}"
+            )
         for row in reader:
             yield self._entry(row, columns)
 

@@ -29,5 +29,6 @@ class JAFFE(Source):
             elif match["code"] not in CODES:
                 yield Entry(rel, uri, reject="unknown_class", detail=f"expression code {match['code']!r}")
             else:
-                yield Entry(rel, uri, {"expression": class_code("expression", CODES[match["code"]])},
-                            subject=match["subject"])
+                yield Entry(
+                    rel, uri, {"expression": class_code("expression", CODES[match["code"]])}, subject=match["subject"]
+                )

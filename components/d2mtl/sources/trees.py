@@ -77,7 +77,7 @@ class FolderTree(Tree):
         if self._files is None:
             if store.is_remote(self.base_uri):
                 prefix = self.base_uri.rstrip("/") + "/"
-                self._files = [uri[len(prefix):] for uri in store.list_files(self.base_uri)]
+                self._files = [uri[len(prefix) :] for uri in store.list_files(self.base_uri)]
             else:
                 prefix = len(str(Path(self.base_uri))) + 1
                 self._files = sorted(path[prefix:].replace(os.sep, "/") for path in store.list_files(self.base_uri))
@@ -108,8 +108,11 @@ class ZipTree(Tree):
         for info in members:
             _check_member(info.filename, shown_as)
         self.top = _common_top([info.filename for info in members])
-        self.members = {info.filename[len(self.top):]: info for info in members
-                        if not PurePosixPath(info.filename).name.startswith(".")}
+        self.members = {
+            info.filename[len(self.top) :]: info
+            for info in members
+            if not PurePosixPath(info.filename).name.startswith(".")
+        }
 
     def files(self) -> list[str]:
         return sorted(self.members)

@@ -21,7 +21,10 @@ def parse_name(name: str) -> tuple[dict[str, float | int], list[str]]:
     match = NAME.match(name)
     if match is None:
         raise LabelError("malformed_name", f"{name!r} does not start with age_gender_race_datetime")
-    labels: dict[str, float | int] = {"age": number("age", match["age"]), "gender": class_code("gender", match["gender"])}
+    labels: dict[str, float | int] = {
+        "age": number("age", match["age"]),
+        "gender": class_code("gender", match["gender"]),
+    }
     notes = []
     if match["race"] is None:
         notes.append("race missing in file name")
@@ -33,8 +36,10 @@ def parse_name(name: str) -> tuple[dict[str, float | int], list[str]]:
 @register
 class UTKFace(Source):
     format = "utkface"
-    download = ("download 'Aligned&Cropped Faces' (UTKFace.tar.gz) from https://susanqq.github.io/UTKFace/ "
-                "and unpack the .jpg files there (or put the archive there)")
+    download = (
+        "download 'Aligned&Cropped Faces' (UTKFace.tar.gz) from https://susanqq.github.io/UTKFace/ "
+        "and unpack the .jpg files there (or put the archive there)"
+    )
 
     def entries(self) -> Iterator[Entry]:
         for rel in self.tree.files():

@@ -65,11 +65,14 @@ class Collected:
     skipped: list[dict] = field(default_factory=list)  # faces that could not be evaluated, with the reason
 
     def arrays(self) -> dict[str, dict[str, np.ndarray]]:
-        return {model: {task: np.concatenate(parts) for task, parts in tasks.items()}
-                for model, tasks in self.predictions.items()}
+        return {
+            model: {task: np.concatenate(parts) for task, parts in tasks.items()}
+            for model, tasks in self.predictions.items()
+        }
 
 
 # ---- models -------------------------------------------------------------------------------------
+
 
 def split_model_arg(item: str) -> tuple[str | None, str]:
     """``NAME=URI`` -> (NAME, URI); a bare URI -> (None, URI)."""
@@ -115,13 +118,16 @@ def load_models(items: list[str], cfg: EvaluateConfig, device: torch.device) -> 
         log.info("model %s (%s): %s, tasks %s", name, loaded[-1].role or "no role", uri, ", ".join(card["tasks"]))
     unknown = sorted(set(cfg.roles) - {m.name for m in loaded})
     if unknown:
-        raise UserError(f"evaluate.roles names model(s) {', '.join(unknown)} that are not among --models "
-                        f"({', '.join(m.name for m in loaded)})")
+        raise UserError(
+            f"evaluate.roles names model(s) {', '.join(unknown)} that are not among --models "
+            f"({', '.join(m.name for m in loaded)})"
+        )
     index_roles({m.name: m.role for m in loaded})  # one model per role, checked before any inference
     return loaded
 
 
 # ---- inference ----------------------------------------------------------------------------------
+
 
 def apply_view(image: torch.Tensor, view: DomainView) -> torch.Tensor:
     """uint8 (3, H, W) -> the same face in the view's domain, same size."""
@@ -140,8 +146,7 @@ def _resize(images: list[torch.Tensor], size: int) -> torch.Tensor:
     return torch.stack([transform(im) for im in images])
 
 
-def _predict(models: list[EvalModel], images: list[torch.Tensor], device: torch.device,
-             collected: Collected) -> None:
+def _predict(models: list[EvalModel], images: list[torch.Tensor], device: torch.device, collected: Collected) -> None:
     resized: dict[int, torch.Tensor] = {}
     for model in models:
         size = int(model.card["input_size"])
@@ -165,7 +170,7 @@ def sampled_ids(faces: str, cfg: EvaluateConfig) -> pa.Array | None:
     kept = []
     for dataset, split in {(r["dataset"], r["split"]) for r in meta.select(["dataset", "split"]).to_pylist()}:
         rows = meta.filter(pc.and_(pc.equal(meta.column("dataset"), dataset), pc.equal(meta.column("split"), split)))
-        kept += sorted(rows.column("sample_id").to_pylist())[:cfg.max_faces_per_dataset]
+        kept += sorted(rows.column("sample_id").to_pylist())[: cfg.max_faces_per_dataset]
     return pa.array(kept, pa.string())
 
 
@@ -210,6 +215,7 @@ def collect(models: list[EvalModel], faces: str, cfg: EvaluateConfig, device: to
 
 # ---- ground truth and domains -------------------------------------------------------------------
 
+
 def _label_column(table: pa.Table, name: str, positions: np.ndarray) -> np.ndarray:
     values = table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
     if not len(values):
@@ -220,8 +226,11 @@ def _label_column(table: pa.Table, name: str, positions: np.ndarray) -> np.ndarr
 def ground_truth(collected: Collected, label_table: pa.Table) -> tuple[dict[str, np.ndarray], int]:
     """Label columns aligned with the collected faces (NaN = no label) and the count of faces without a label row."""
     positions = data.positions_in(pa.array(collected.sample_id, pa.string()), label_table, where="label table")
-    truth = {name: _label_column(label_table, name, positions)
-             for name in contracts.LABEL_SCHEMA.names if name != "sample_id"}
+    truth = {
+        name: _label_column(label_table, name, positions)
+        for name in contracts.LABEL_SCHEMA.names
+        if name != "sample_id"
+    }
     truth["dataset"], truth["split"] = np.asarray(collected.dataset), np.asarray(collected.split)
     return truth, int((positions < 0).sum())
 
@@ -249,8 +258,9 @@ def _card_coverage(card: dict) -> dict[str, set[str]] | None:
 _GROUND_TRUTH_ROLES = ("teacher", "baseline")  # trained on ground truth only: their cards count real labels
 
 
-def in_domain_coverage(cfg: EvaluateConfig, models: list[EvalModel], faces: str,
-                       label_table: pa.Table) -> tuple[dict[str, set[str]], str]:
+def in_domain_coverage(
+    cfg: EvaluateConfig, models: list[EvalModel], faces: str, label_table: pa.Table
+) -> tuple[dict[str, set[str]], str]:
     """task -> datasets whose ground truth for it was used in training, and where that came from.
 
     From the config when set; else from the cards of the teacher and the baselines (students are left out:
@@ -284,6 +294,7 @@ def in_domain_coverage(cfg: EvaluateConfig, models: list[EvalModel], faces: str,
 
 # ---- outputs ------------------------------------------------------------------------------------
 
+
 def _safe(text: str) -> str:
     return re.sub(r"[^\w.-]+", "-", text)
 
@@ -294,10 +305,17 @@ def confusion_name(model: str, task: str, dataset: str, split: str) -> str:
 
 def scalar_metrics(rows: list[dict], gaps: list[dict]) -> dict[str, float]:
     """Flat name -> value for the KFP UI: overall metrics and the fairness gaps."""
-    scalars = {f"{r['model']}/{r['task']}/{r['dataset']}/{r['split']}/{r['metric']}": r["value"]
-               for r in rows if r["group_by"] is None}
-    scalars.update({f"{g['model']}/{g['task']}/{g['dataset']}/{g['split']}/{g['metric']}/gap_{g['group_by']}": g["gap"]
-                    for g in gaps})
+    scalars = {
+        f"{r['model']}/{r['task']}/{r['dataset']}/{r['split']}/{r['metric']}": r["value"]
+        for r in rows
+        if r["group_by"] is None
+    }
+    scalars.update(
+        {
+            f"{g['model']}/{g['task']}/{g['dataset']}/{g['split']}/{g['metric']}/gap_{g['group_by']}": g["gap"]
+            for g in gaps
+        }
+    )
     return scalars
 
 
@@ -332,8 +350,9 @@ def threshold_curves(uri: str) -> list[report.Plot]:
     return [report.Plot(f"pseudo-label quality vs threshold: {uri}", png)] if png else []
 
 
-def score_models(loaded: list[EvalModel], truth: dict[str, np.ndarray],
-                 predictions: dict[str, dict[str, np.ndarray]]) -> tuple[list[dict], list[dict]]:
+def score_models(
+    loaded: list[EvalModel], truth: dict[str, np.ndarray], predictions: dict[str, dict[str, np.ndarray]]
+) -> tuple[list[dict], list[dict]]:
     """Every model's metric rows and confusion matrices, each tagged with the model's name."""
     rows, confusions = [], []
     for model in loaded:
@@ -357,14 +376,22 @@ def write_confusions(confusions: list[dict], out: str) -> list[report.Plot]:
     return plots
 
 
-def report_notes(cfg: EvaluateConfig, evaluated: list[dict], coverage: dict[str, set[str]], coverage_source: str,
-                 collected: Collected, unlabelled: int) -> list[str]:
+def report_notes(
+    cfg: EvaluateConfig,
+    evaluated: list[dict],
+    coverage: dict[str, set[str]],
+    coverage_source: str,
+    collected: Collected,
+    unlabelled: int,
+) -> list[str]:
     """What the reader of the report must know about the data behind the numbers."""
     counts = ", ".join(f"{e['dataset']}/{e['split']} {e['faces']}" for e in evaluated)
     domains = "; ".join(f"{task}: {', '.join(sorted(ds)) or '-'}" for task, ds in coverage.items())
-    notes = [f"Faces evaluated: {counts}.",
-             f"In-domain (datasets whose labels of a task were used in training, from {coverage_source}): {domains}. "
-             f"Every other task x dataset row, and every {VIEW_SEPARATOR}view, is cross-domain."]
+    notes = [
+        f"Faces evaluated: {counts}.",
+        f"In-domain (datasets whose labels of a task were used in training, from {coverage_source}): {domains}. "
+        f"Every other task x dataset row, and every {VIEW_SEPARATOR}view, is cross-domain.",
+    ]
     names = {e["dataset"] for e in evaluated}
     for view in cfg.views:
         if not any(name.endswith(f"{VIEW_SEPARATOR}{view.name}") for name in names):
@@ -377,8 +404,14 @@ def report_notes(cfg: EvaluateConfig, evaluated: list[dict], coverage: dict[str,
     return notes
 
 
-def run(cfg: EvaluateConfig, models: list[str], faces: str, labels: str, out: str,
-        pseudo_reports: list[str] | tuple[str, ...] = ()) -> dict:
+def run(
+    cfg: EvaluateConfig,
+    models: list[str],
+    faces: str,
+    labels: str,
+    out: str,
+    pseudo_reports: list[str] | tuple[str, ...] = (),
+) -> dict:
     """Evaluate ``models`` (folder URIs, optionally ``NAME=URI``) on the faces; ``pseudo_reports`` (optional
     pseudo-label report.json URIs) add their threshold curves to the report. Returns a summary."""
     if cfg.threads:
@@ -400,31 +433,73 @@ def run(cfg: EvaluateConfig, models: list[str], faces: str, labels: str, out: st
     assessed = claims.assess(rows, {m.name: m.role for m in loaded}, coverage, cfg.claims_split)
     names = [m.name for m in loaded]
     comparison = claims.comparison_table(rows, names, cfg.claims_split, coverage)
-    evaluated = [{"dataset": d, "split": s, "faces": n}
-                 for (d, s), n in sorted(Counter(zip(collected.dataset, collected.split)).items())]
-    model_info = [{"name": m.name, "role": str(m.role) if m.role else None, "uri": m.uri, "tasks": m.card["tasks"],
-                   "backbone": m.card.get("backbone"), "input_size": m.card.get("input_size")} for m in loaded]
+    evaluated = [
+        {"dataset": d, "split": s, "faces": n}
+        for (d, s), n in sorted(Counter(zip(collected.dataset, collected.split)).items())
+    ]
+    model_info = [
+        {
+            "name": m.name,
+            "role": str(m.role) if m.role else None,
+            "uri": m.uri,
+            "tasks": m.card["tasks"],
+            "backbone": m.card.get("backbone"),
+            "input_size": m.card.get("input_size"),
+        }
+        for m in loaded
+    ]
 
     html = report.render(
-        title="Distill-2MD-MTL evaluation", models=model_info, claims=assessed, comparison=comparison, rows=rows,
-        gaps=gaps, confusion_plots=write_confusions(confusions, out),
+        title="Distill-2MD-MTL evaluation",
+        models=model_info,
+        claims=assessed,
+        comparison=comparison,
+        rows=rows,
+        gaps=gaps,
+        confusion_plots=write_confusions(confusions, out),
         curve_plots=[p for p in (training_curves(m) for m in loaded) if p is not None],
         threshold_plots=threshold_plots,
         notes=report_notes(cfg, evaluated, coverage, coverage_source, collected, unlabelled),
-        fairness_min_group=cfg.fairness_min_group)
+        fairness_min_group=cfg.fairness_min_group,
+    )
     scalars = scalar_metrics(rows, gaps)
     store.write_text(store.join(out, layout.EVAL_METRICS), _json(scalars))
-    store.write_text(store.join(out, layout.EVAL_CLAIMS), _json({
-        "split": cfg.claims_split, "claims": assessed, "markdown": claims.claims_markdown(assessed),
-        "comparison": {"header": comparison[0], "rows": comparison[1]}}))
-    store.write_text(store.join(out, layout.EVAL_DETAILS), _json({
-        "models": model_info, "faces": evaluated, "skipped": collected.skipped, "faces_without_labels": unlabelled,
-        "coverage": coverage, "coverage_source": coverage_source, "rows": rows, "fairness_gaps": gaps,
-        "confusion": confusions}))
+    store.write_text(
+        store.join(out, layout.EVAL_CLAIMS),
+        _json(
+            {
+                "split": cfg.claims_split,
+                "claims": assessed,
+                "markdown": claims.claims_markdown(assessed),
+                "comparison": {"header": comparison[0], "rows": comparison[1]},
+            }
+        ),
+    )
+    store.write_text(
+        store.join(out, layout.EVAL_DETAILS),
+        _json(
+            {
+                "models": model_info,
+                "faces": evaluated,
+                "skipped": collected.skipped,
+                "faces_without_labels": unlabelled,
+                "coverage": coverage,
+                "coverage_source": coverage_source,
+                "rows": rows,
+                "fairness_gaps": gaps,
+                "confusion": confusions,
+            }
+        ),
+    )
     report_uri = store.join(out, layout.EVAL_REPORT_HTML)
     store.write_bytes(report_uri, html.encode(), content_type="text/html; charset=utf-8")
     for claim in assessed:
         log.info("claim %d (%s): %s: %s", claim["claim"], claim["text"], claim["status"], claim["reason"])
-    return {"models": names, "faces": evaluated, "metrics": scalars,
-            "claims": [{"claim": c["claim"], "status": c["status"], "reason": c["reason"]} for c in assessed],
-            "report": report_uri, "confusion": [c["png"] for c in confusions]}
+    return {
+        "models": names,
+        "faces": evaluated,
+        "metrics": scalars,
+        "claims": [{"claim": c["claim"], "status": c["status"], "reason": c["reason"]} for c in assessed],
+        "report": report_uri,
+        "confusion": [c["png"] for c in confusions],
+    }

@@ -92,6 +92,7 @@ def dataset_uri(data_root: str, path: str) -> str:
 
 # ---------------------------------------------------------------- per-image work (runs in the workers)
 
+
 @dataclass(frozen=True)
 class AlignedFace:
     image: bytes
@@ -109,8 +110,9 @@ class FaceAligner:
 
         cv2.setNumThreads(1)
         self.size, self.quality = cfg.image_size, cfg.jpeg_quality
-        self.detector = FaceDetector(min_score=cfg.detector.min_score, min_side=cfg.detector.min_side,
-                                     max_side=cfg.detector.max_side, threads=1)
+        self.detector = FaceDetector(
+            min_score=cfg.detector.min_score, min_side=cfg.detector.min_side, max_side=cfg.detector.max_side, threads=1
+        )
 
     def __call__(self, payload: Payload, policy: str) -> AlignedFace | Rejected:
         if isinstance(payload, Rejected):
@@ -125,8 +127,13 @@ class FaceAligner:
             if face is not None:
                 try:
                     aligned = align(rgb, face.landmarks, self.size)
-                    return AlignedFace(encode_jpeg(aligned, self.quality), "aligned", face.score,
-                                       face.box.tolist(), face.landmarks.reshape(-1).tolist())
+                    return AlignedFace(
+                        encode_jpeg(aligned, self.quality),
+                        "aligned",
+                        face.score,
+                        face.box.tolist(),
+                        face.landmarks.reshape(-1).tolist(),
+                    )
                 except ValueError as err:
                     reason = str(err)
             if policy == "detect":
@@ -164,8 +171,9 @@ def worker_pool(cfg: IngestConfig, workers: int) -> Iterator[multiprocessing.poo
         pool.join()
 
 
-def ordered_parallel(jobs: Iterable, pool: multiprocessing.pool.Pool | None, in_flight: int,
-                     chunk_size: int) -> Iterator:
+def ordered_parallel(
+    jobs: Iterable, pool: multiprocessing.pool.Pool | None, in_flight: int, chunk_size: int
+) -> Iterator:
     """``_work`` over ``jobs`` in order, with at most ``in_flight`` jobs read ahead.
 
     Pool.imap alone would read the whole input ahead (all image bytes in memory); a semaphore,
@@ -193,6 +201,7 @@ def ordered_parallel(jobs: Iterable, pool: multiprocessing.pool.Pool | None, in_
 
 
 # ---------------------------------------------------------------- the report
+
 
 def age_bin(age: float) -> str:
     decade = min(int(age) // 10 * 10, 100)
@@ -233,8 +242,9 @@ class IngestReport:
 
     def reject(self, dataset: str, sid: str, entry: Entry, reason: str, detail: str) -> None:
         self.rejected[dataset][reason] += 1
-        self.reject_rows.append({"dataset": dataset, "sample_id": sid, "source_uri": entry.source_uri,
-                                 "reason": reason, "detail": detail})
+        self.reject_rows.append(
+            {"dataset": dataset, "sample_id": sid, "source_uri": entry.source_uri, "reason": reason, "detail": detail}
+        )
 
     def face(self, dataset: str, split: str, entry: Entry, alignment: str) -> None:
         self.written[dataset] += 1
@@ -264,8 +274,9 @@ class IngestReport:
         for dataset in self.listed:
             rejected = sum(self.rejected[dataset].values())
             if self.inputs[dataset] != self.written[dataset] + rejected:
-                raise AssertionError(f"{dataset}: {self.inputs[dataset]} inputs != {self.written[dataset]} written "
-                                     f"+ {rejected} rejected")
+                raise AssertionError(
+                    f"{dataset}: {self.inputs[dataset]} inputs != {self.written[dataset]} written + {rejected} rejected"
+                )
 
     def to_dict(self, cfg: IngestConfig, elapsed_s: float, shard: dict) -> dict:
         """The report.json document; ``shard``: which part of which plan (index, count, plan digest)."""
@@ -277,8 +288,11 @@ class IngestReport:
                 if ds == dataset:
                     counts[split][task] = dict(sorted(classes.items(), key=lambda item: class_order(item[0])))
             datasets[dataset] = {
-                "use": use.get(dataset, "train"), "listed": self.listed[dataset], "limited_out": self.limited_out[dataset],
-                "inputs": self.inputs[dataset], "written": self.written[dataset],
+                "use": use.get(dataset, "train"),
+                "listed": self.listed[dataset],
+                "limited_out": self.limited_out[dataset],
+                "inputs": self.inputs[dataset],
+                "written": self.written[dataset],
                 "rejected": sum(self.rejected[dataset].values()),
                 "rejected_by_reason": dict(sorted(self.rejected[dataset].items())),
                 "splits": dict(sorted(self.splits[dataset].items())),
@@ -288,27 +302,42 @@ class IngestReport:
             }
         written = sum(self.written.values())
         return {
-            "inputs": sum(self.inputs.values()), "written": written,
-            "rejected": len(self.reject_rows), "elapsed_s": round(elapsed_s, 1),
+            "inputs": sum(self.inputs.values()),
+            "written": written,
+            "rejected": len(self.reject_rows),
+            "elapsed_s": round(elapsed_s, 1),
             "faces_per_s": round(written / elapsed_s, 1) if elapsed_s else None,
-            "datasets": datasets, "rejects": sorted(self.reject_rows, key=lambda r: (r["dataset"], r["sample_id"])),
-            "config": json.loads(cfg.model_dump_json()), "shard": shard,
+            "datasets": datasets,
+            "rejects": sorted(self.reject_rows, key=lambda r: (r["dataset"], r["sample_id"])),
+            "config": json.loads(cfg.model_dump_json()),
+            "shard": shard,
         }
 
 
 def report_markdown(report: dict) -> str:
-    lines = ["# Ingest report", "",
-             f"{report['inputs']} inputs = {report['written']} faces written + {report['rejected']} rejected, "
-             f"in {report['elapsed_s']} s ({report['faces_per_s']} faces/s).", ""]
+    lines = [
+        "# Ingest report",
+        "",
+        f"{report['inputs']} inputs = {report['written']} faces written + {report['rejected']} rejected, "
+        f"in {report['elapsed_s']} s ({report['faces_per_s']} faces/s).",
+        "",
+    ]
     if "parts" in report:
-        lines += [f"Merged from {len(report['parts'])} part(s) (time: the parts' sum + {report['merge_s']} s of merge; "
-                  "per part: " + ", ".join(f"{p['elapsed_s']} s" for p in report["parts"]) + ").", ""]
-    lines += ["| dataset | listed | limited out | inputs | written | rejected | aligned | trusted crop |",
-              "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"Merged from {len(report['parts'])} part(s) (time: the parts' sum + {report['merge_s']} s of merge; "
+            "per part: " + ", ".join(f"{p['elapsed_s']} s" for p in report["parts"]) + ").",
+            "",
+        ]
+    lines += [
+        "| dataset | listed | limited out | inputs | written | rejected | aligned | trusted crop |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, ds in report["datasets"].items():
-        lines.append(f"| {name} | {ds['listed']} | {ds['limited_out']} | {ds['inputs']} | {ds['written']} | "
-                     f"{ds['rejected']} | {ds['alignment'].get('aligned', 0)} | "
-                     f"{ds['alignment'].get('trusted_crop', 0)} |")
+        lines.append(
+            f"| {name} | {ds['listed']} | {ds['limited_out']} | {ds['inputs']} | {ds['written']} | "
+            f"{ds['rejected']} | {ds['alignment'].get('aligned', 0)} | "
+            f"{ds['alignment'].get('trusted_crop', 0)} |"
+        )
     for name, ds in report["datasets"].items():
         lines += ["", f"## {name}", ""]
         if ds["use"] == "evaluate":
@@ -319,12 +348,15 @@ def report_markdown(report: dict) -> str:
         if ds["rejected_by_reason"]:
             lines += ["", "| rejected: reason | rows | examples |", "|---|---|---|"]
             for reason, count in ds["rejected_by_reason"].items():
-                examples = [r["source_uri"] for r in report["rejects"]
-                            if r["dataset"] == name and r["reason"] == reason][:REJECT_EXAMPLES_MD]
+                examples = [
+                    r["source_uri"] for r in report["rejects"] if r["dataset"] == name and r["reason"] == reason
+                ][:REJECT_EXAMPLES_MD]
                 lines.append(f"| {reason} | {count} | {'<br>'.join(examples)} |")
         splits = list(ds["counts"])
-        rows = sorted({(task, cls) for split in splits for task, classes in ds["counts"][split].items()
-                       for cls in classes}, key=lambda row: (row[0], class_order(row[1])))
+        rows = sorted(
+            {(task, cls) for split in splits for task, classes in ds["counts"][split].items() for cls in classes},
+            key=lambda row: (row[0], class_order(row[1])),
+        )
         if rows:
             lines += ["", "| task | class | " + " | ".join(splits) + " |", "|---|---|" + "---|" * len(splits)]
             for task, cls in rows:
@@ -334,6 +366,7 @@ def report_markdown(report: dict) -> str:
 
 
 # ---------------------------------------------------------------- the plan
+
 
 @dataclass(frozen=True)
 class Planned:
@@ -389,7 +422,7 @@ def plan_digest(cfg: IngestConfig, planned: list[Planned]) -> str:
 def part_of(planned: list[Planned], shard: tuple[int, int]) -> list[Planned]:
     """The i-th of n consecutive, equal parts of the plan: concatenated in order, the parts are the plan."""
     index, count = shard
-    return planned[index * len(planned) // count:(index + 1) * len(planned) // count]
+    return planned[index * len(planned) // count : (index + 1) * len(planned) // count]
 
 
 def open_sources(cfg: IngestConfig, stack: contextlib.ExitStack) -> list[tuple[DatasetSpec, Source]]:
@@ -408,8 +441,9 @@ def open_sources(cfg: IngestConfig, stack: contextlib.ExitStack) -> list[tuple[D
     return found
 
 
-def jobs_of(blocks: list[list[Planned]],
-            sources: list[tuple[DatasetSpec, Source]]) -> Iterator[tuple[int, Payload, str]]:
+def jobs_of(
+    blocks: list[list[Planned]], sources: list[tuple[DatasetSpec, Source]]
+) -> Iterator[tuple[int, Payload, str]]:
     """Every block's inputs as (place in the block, payload, alignment policy). Within a block, images are read
     dataset by dataset in listing order (an adapter may stream them, e.g. the rows of a CSV); an entry rejected
     at listing becomes its ``Rejected`` payload."""
@@ -427,8 +461,9 @@ def jobs_of(blocks: list[list[Planned]],
                 yield slot, payload, spec.alignment
 
 
-def in_plan_order(blocks: list[list[Planned]],
-                  results: Iterator[tuple[int, AlignedFace | Rejected]]) -> Iterator[tuple[Planned, object]]:
+def in_plan_order(
+    blocks: list[list[Planned]], results: Iterator[tuple[int, AlignedFace | Rejected]]
+) -> Iterator[tuple[Planned, object]]:
     """(input, result) pairs in plan order, block by block, from the results in job order. Pairs, not a list per
     block: a consumer holding a block's list while the next block's results arrive would hold two blocks."""
     for block in blocks:
@@ -452,6 +487,7 @@ def worker_count(cfg: IngestConfig) -> int:
 
 
 # ---------------------------------------------------------------- the stage
+
 
 def write_outputs(out: str, labels: pa.Table, summary: dict) -> None:
     """The label table and the reports (after the face table)."""
@@ -481,13 +517,26 @@ def run(cfg: IngestConfig, out: str, shard: tuple[int, int] = (0, 1)) -> dict:
         mine = part_of(planned, shard)
         for p in mine:
             report.inputs[sources[p.dataset][0].name] += 1
-        blocks = [mine[i:i + cfg.shuffle_rows] for i in range(0, len(mine), cfg.shuffle_rows)]
-        log.info("ingest: %d of %d images (shard %d/%d) from %s with %d worker(s)", len(mine), len(planned), index,
-                 count, ", ".join(spec.name for spec, _ in sources), workers)
+        blocks = [mine[i : i + cfg.shuffle_rows] for i in range(0, len(mine), cfg.shuffle_rows)]
+        log.info(
+            "ingest: %d of %d images (shard %d/%d) from %s with %d worker(s)",
+            len(mine),
+            len(planned),
+            index,
+            count,
+            ", ".join(spec.name for spec, _ in sources),
+            workers,
+        )
         store.delete(layout.faces(out))
-        writer = contracts.FaceTableWriter(layout.faces(out), cfg.shard_rows,
-                                           metadata={"image_size": str(cfg.image_size), "template": FACE_TEMPLATE,
-                                                     contracts.EVALUATE_ONLY: json.dumps(cfg.evaluate_only)})
+        writer = contracts.FaceTableWriter(
+            layout.faces(out),
+            cfg.shard_rows,
+            metadata={
+                "image_size": str(cfg.image_size),
+                "template": FACE_TEMPLATE,
+                contracts.EVALUATE_ONLY: json.dumps(cfg.evaluate_only),
+            },
+        )
         labels: dict[str, list] = {name: [] for name in contracts.LABEL_SCHEMA.names}
         in_flight = workers * cfg.chunk_size * 4
         bar = tqdm(total=len(mine), unit="face", desc="ingest", mininterval=1 if sys.stderr.isatty() else 30)
@@ -498,10 +547,21 @@ def run(cfg: IngestConfig, out: str, shard: tuple[int, int] = (0, 1)) -> dict:
                 report.reject(spec.name, sid, entry, result.reason, result.detail)
                 continue
             split = assign_split(entry, sid, cfg.split)
-            writer.write({"sample_id": sid, "dataset": spec.name, "domain": spec.domain_name,
-                          "split": split, "subject": entry.subject, "image": result.image,
-                          "source_uri": entry.source_uri, "det_score": result.det_score, "box": result.box,
-                          "landmarks": result.landmarks, "alignment": result.alignment})
+            writer.write(
+                {
+                    "sample_id": sid,
+                    "dataset": spec.name,
+                    "domain": spec.domain_name,
+                    "split": split,
+                    "subject": entry.subject,
+                    "image": result.image,
+                    "source_uri": entry.source_uri,
+                    "det_score": result.det_score,
+                    "box": result.box,
+                    "landmarks": result.landmarks,
+                    "alignment": result.alignment,
+                }
+            )
             labels["sample_id"].append(sid)
             for column in LABEL_COLUMNS:
                 labels[column].append(entry.labels.get(column))
@@ -509,15 +569,22 @@ def run(cfg: IngestConfig, out: str, shard: tuple[int, int] = (0, 1)) -> dict:
         bar.close()
         writer.close()
     report.check()
-    summary = report.to_dict(cfg, time.perf_counter() - started,
-                             {"index": index, "count": count, "plan": plan_digest(cfg, planned)})
+    summary = report.to_dict(
+        cfg, time.perf_counter() - started, {"index": index, "count": count, "plan": plan_digest(cfg, planned)}
+    )
     write_outputs(out, pa.table(labels, schema=contracts.LABEL_SCHEMA), summary)
-    log.info("ingest: %d faces written, %d rejected, %.1f s -> %s", summary["written"], summary["rejected"],
-             summary["elapsed_s"], out)
+    log.info(
+        "ingest: %d faces written, %d rejected, %.1f s -> %s",
+        summary["written"],
+        summary["rejected"],
+        summary["elapsed_s"],
+        out,
+    )
     return result_of(summary)
 
 
 # ---------------------------------------------------------------- merging the parts of a sharded run
+
 
 def read_parts(parts: list[str]) -> list[tuple[str, dict]]:
     """(output prefix, report.json) of every part, in shard order; refuses an incomplete or mixed set."""
@@ -528,16 +595,20 @@ def read_parts(parts: list[str]) -> list[tuple[str, dict]]:
         try:
             report = json.loads(store.read_text(store.join(uri, layout.INGEST_REPORT_JSON)))
         except FileNotFoundError:
-            raise UserError(f"{uri}: no {layout.INGEST_REPORT_JSON}; not an ingest output "
-                            "(run d2mtl ingest --shard i/n --out there first)") from None
+            raise UserError(
+                f"{uri}: no {layout.INGEST_REPORT_JSON}; not an ingest output "
+                "(run d2mtl ingest --shard i/n --out there first)"
+            ) from None
         shard = report.get("shard")
         if shard is None:
             raise UserError(f"{uri}: an ingest output without shard information (an older d2mtl); ingest it again")
         if found:
             other_uri, other = next(iter(found.values()))
             if (shard["plan"], shard["count"]) != (other["shard"]["plan"], other["shard"]["count"]):
-                raise UserError(f"{uri} and {other_uri} are parts of different ingests (other inputs, settings or "
-                                "shard count); merge the parts of one sharded run")
+                raise UserError(
+                    f"{uri} and {other_uri} are parts of different ingests (other inputs, settings or "
+                    "shard count); merge the parts of one sharded run"
+                )
         if shard["index"] in found:
             raise UserError(f"shard {shard['index']} given twice: {found[shard['index']][0]} and {uri}")
         rows = contracts.read_manifest(layout.faces(uri))["rows"]
@@ -582,13 +653,15 @@ def merge(parts: list[str], out: str) -> dict:
     for _, part in found:
         report.absorb(part)
     report.check()
-    incomplete = [name for name in report.listed
-                  if report.inputs[name] != report.listed[name] - report.limited_out[name]]
+    incomplete = [
+        name for name in report.listed if report.inputs[name] != report.listed[name] - report.limited_out[name]
+    ]
     if incomplete or labels.num_rows != sum(report.written.values()):
         raise contracts.ContractError(f"the parts do not add up to their plan ({', '.join(incomplete) or 'labels'})")
     merge_s = time.perf_counter() - started
-    summary = report.to_dict(cfg, sum(part["elapsed_s"] for _, part in found) + merge_s,
-                             {**first["shard"], "index": 0, "count": 1})
+    summary = report.to_dict(
+        cfg, sum(part["elapsed_s"] for _, part in found) + merge_s, {**first["shard"], "index": 0, "count": 1}
+    )
     summary["parts"] = [{"shard": part["shard"]["index"], **result_of(part)} for _, part in found]
     summary["merge_s"] = round(merge_s, 1)
     write_outputs(out, labels, summary)

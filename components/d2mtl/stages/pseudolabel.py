@@ -51,6 +51,7 @@ AGE_BAND = 10  # years per age band in the retention report
 
 # ---- teachers and transforms --------------------------------------------------------------------
 
+
 @dataclass
 class Teacher:
     uri: str
@@ -68,9 +69,11 @@ def load_teachers(uris: list[str], tasks: tuple[str, ...], device: torch.device)
     for uri in uris:
         found = read_card(uri)["tasks"]
         if set(found) != set(tasks):
-            raise UserError(f"teacher {uri} predicts {', '.join(found)} but pseudolabel.tasks is "
-                            f"{', '.join(tasks)}; configure the teacher's tasks (pseudolabel.tasks, or "
-                            f"--tasks {','.join(found)} on the command line) or pick another teacher")
+            raise UserError(
+                f"teacher {uri} predicts {', '.join(found)} but pseudolabel.tasks is "
+                f"{', '.join(tasks)}; configure the teacher's tasks (pseudolabel.tasks, or "
+                f"--tasks {','.join(found)} on the command line) or pick another teacher"
+            )
     return [Teacher(uri, *load_model(uri, device)) for uri in uris]
 
 
@@ -83,8 +86,7 @@ def _scale(x: torch.Tensor, factor: float) -> torch.Tensor:
     return F.resize(x, [max(1, round(factor * s)) for s in x.shape[-2:]], antialias=True)
 
 
-OPS = {"identity": lambda x, factor: x, "hflip": lambda x, factor: F.horizontal_flip(x), "crop": _crop,
-       "scale": _scale}
+OPS = {"identity": lambda x, factor: x, "hflip": lambda x, factor: F.horizontal_flip(x), "crop": _crop, "scale": _scale}
 
 
 def make_views(x: torch.Tensor, transforms: list[str]) -> list[torch.Tensor]:
@@ -97,13 +99,14 @@ def make_views(x: torch.Tensor, transforms: list[str]) -> list[torch.Tensor]:
         for end in range(1, len(ops) + 1):
             if ops[:end] not in done:
                 name, factor = ops[end - 1]
-                done[ops[:end]] = OPS[name](done[ops[:end - 1]], factor)
+                done[ops[:end]] = OPS[name](done[ops[: end - 1]], factor)
         views.append(done[ops])
     return views
 
 
-def predict_members(teachers: list[Teacher], images: torch.Tensor, transforms: list[str],
-                    device: torch.device) -> dict[str, np.ndarray]:
+def predict_members(
+    teachers: list[Teacher], images: torch.Tensor, transforms: list[str], device: torch.device
+) -> dict[str, np.ndarray]:
     """Every (teacher, transform) member's prediction of a uint8 batch (B, 3, H, W).
 
     Returns per classification task (M, B, C) probabilities and for age (M, B) expected years, M = teachers x
@@ -120,7 +123,7 @@ def predict_members(teachers: list[Teacher], images: torch.Tensor, transforms: l
             chosen = [i for i, v in enumerate(views) if v.shape == shape]
             predicted = teacher.net.predict(torch.cat([views[i] for i in chosen]))
             for k, i in enumerate(chosen):
-                outputs[i] = {task: value[k * len(x):(k + 1) * len(x)] for task, value in predicted.items()}
+                outputs[i] = {task: value[k * len(x) : (k + 1) * len(x)] for task, value in predicted.items()}
         for output in outputs:
             for task in teacher.card["tasks"]:
                 members.setdefault(task, []).append(output[task])
@@ -128,6 +131,7 @@ def predict_members(teachers: list[Teacher], images: torch.Tensor, transforms: l
 
 
 # ---- inference over a shard ---------------------------------------------------------------------
+
 
 class FaceBatches(torch.utils.data.IterableDataset):
     """Decoded batches of some face-table shards: {"sample_id", "dataset", "images" uint8 (B, 3, H, W)}.
@@ -141,9 +145,10 @@ class FaceBatches(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         worker = torch.utils.data.get_worker_info()
-        shards = self.shards if worker is None else self.shards[worker.id::worker.num_workers]
-        for batch in contracts.iter_face_batches(self.faces, columns=["sample_id", "dataset", "image"],
-                                                 shards=shards, batch_rows=self.batch_size):
+        shards = self.shards if worker is None else self.shards[worker.id :: worker.num_workers]
+        for batch in contracts.iter_face_batches(
+            self.faces, columns=["sample_id", "dataset", "image"], shards=shards, batch_rows=self.batch_size
+        ):
             ids = batch.column("sample_id").to_pylist()
             images = []
             for sample_id, jpeg in zip(ids, batch.column("image").to_pylist()):
@@ -157,16 +162,21 @@ class FaceBatches(torch.utils.data.IterableDataset):
             yield {"sample_id": ids, "dataset": batch.column("dataset").to_pylist(), "images": torch.stack(images)}
 
 
-def infer(teachers: list[Teacher], faces: str, shards: list[str], cfg: PseudoLabelConfig, device: torch.device,
-          rows: int) -> tuple[pa.Table, dict[str, distill.TaskPrediction]]:
+def infer(
+    teachers: list[Teacher], faces: str, shards: list[str], cfg: PseudoLabelConfig, device: torch.device, rows: int
+) -> tuple[pa.Table, dict[str, distill.TaskPrediction]]:
     """Aggregated predictions for every face in ``shards``: (sample_id + dataset, task -> prediction).
 
     ``cfg.workers`` processes read and decode while the network runs. Each batch is aggregated as it comes
     (rows are independent), so memory holds no per-member outputs.
     """
-    loader = torch.utils.data.DataLoader(FaceBatches(faces, shards, cfg.batch_size), batch_size=None,
-                                         num_workers=cfg.workers, prefetch_factor=2 if cfg.workers else None,
-                                         pin_memory=device.type == "cuda")
+    loader = torch.utils.data.DataLoader(
+        FaceBatches(faces, shards, cfg.batch_size),
+        batch_size=None,
+        num_workers=cfg.workers,
+        prefetch_factor=2 if cfg.workers else None,
+        pin_memory=device.type == "cuda",
+    )
     ids, datasets, chunks = [], [], {}
     with tqdm(total=rows, unit="face", desc="pseudo-label", mininterval=10) as progress:
         for batch in loader:
@@ -191,8 +201,10 @@ def _aggregate(task: str, values: np.ndarray) -> distill.TaskPrediction:
 
 # ---- labels of record and hidden truth ----------------------------------------------------------
 
-def labels_of_record(cfg: PseudoLabelConfig, faces: str, labels: pa.Table
-                     ) -> tuple[pa.Table, pa.Table | None, pa.Table | None]:
+
+def labels_of_record(
+    cfg: PseudoLabelConfig, faces: str, labels: pa.Table
+) -> tuple[pa.Table, pa.Table | None, pa.Table | None]:
     """(the labels the teacher trained on, the labels hidden in holdout mode or None, the labels of the
     evaluation-only datasets or None: their faces are an unlabelled domain here)."""
     record, evaluation_truth = contracts.training_labels(faces, labels)
@@ -215,12 +227,17 @@ def check_holdout_teachers(cfg: PseudoLabelConfig, teachers: list[Teacher]) -> N
         except (FileNotFoundError, UserError):
             found = "unreadable"
         if found == "unreadable" or labels is None:
-            log.warning("cannot check that teacher %s was trained without the hidden labels (its labels: %s)",
-                        teacher.uri, labels)
+            log.warning(
+                "cannot check that teacher %s was trained without the hidden labels (its labels: %s)",
+                teacher.uri,
+                labels,
+            )
         elif found != expected:
-            raise UserError(f"holdout mode: teacher {teacher.uri} was trained on {labels}, which does not hide "
-                            f"these labels ({found or 'nothing hidden'} vs {expected}); train it on the labels "
-                            "written by `d2mtl pseudolabel --hide-labels` with the same holdout settings")
+            raise UserError(
+                f"holdout mode: teacher {teacher.uri} was trained on {labels}, which does not hide "
+                f"these labels ({found or 'nothing hidden'} vs {expected}); train it on the labels "
+                "written by `d2mtl pseudolabel --hide-labels` with the same holdout settings"
+            )
 
 
 def _at(table: pa.Table, column: str, positions: np.ndarray) -> pa.Array:
@@ -231,15 +248,18 @@ def _at(table: pa.Table, column: str, positions: np.ndarray) -> pa.Array:
 def label_columns(keys: pa.Table, record: pa.Table, hidden: pa.Table | None) -> dict[str, pa.Array]:
     """Per task ``<task>_known`` and ``<task>_hidden`` for the rows of ``keys``."""
     positions = data.positions_in(keys.column("sample_id"), record, where="label table")
-    hidden_positions = (data.positions_in(keys.column("sample_id"), hidden, where="hidden truth")
-                        if hidden is not None else None)
+    hidden_positions = (
+        data.positions_in(keys.column("sample_id"), hidden, where="hidden truth") if hidden is not None else None
+    )
     columns = {}
     for task in TASKS.values():
         if task.kind == "classification":
             columns[f"{task.name}_known"] = _at(record, task.name, positions)
         else:  # an exact value or an interval (age groups) is a label of record
-            interval = pc.and_(_at(record, f"{task.name}_low", positions).is_valid(),
-                               _at(record, f"{task.name}_high", positions).is_valid())
+            interval = pc.and_(
+                _at(record, f"{task.name}_low", positions).is_valid(),
+                _at(record, f"{task.name}_high", positions).is_valid(),
+            )
             columns[f"{task.name}_known"] = pc.or_(_at(record, task.name, positions).is_valid(), interval)
         if hidden_positions is not None:
             columns[f"{task.name}_hidden"] = _at(hidden, task.name, hidden_positions)
@@ -248,6 +268,7 @@ def label_columns(keys: pa.Table, record: pa.Table, hidden: pa.Table | None) -> 
 
 # ---- tables -------------------------------------------------------------------------------------
 
+
 def _prediction_columns(predictions: dict[str, distill.TaskPrediction]) -> dict[str, pa.Array]:
     columns = {}
     for name, pred in predictions.items():
@@ -255,7 +276,8 @@ def _prediction_columns(predictions: dict[str, distill.TaskPrediction]) -> dict[
             columns[name] = pa.array(pred.value, pa.int8())
             columns[f"{name}_confidence"] = pa.array(pred.score, pa.float32())
             columns[f"{name}_probs"] = pa.FixedSizeListArray.from_arrays(
-                pa.array(pred.probs.reshape(-1), pa.float32()), TASKS[name].num_classes)
+                pa.array(pred.probs.reshape(-1), pa.float32()), TASKS[name].num_classes
+            )
         else:
             columns[name] = pa.array(pred.value, pa.float32())
             columns[f"{name}_spread"] = pa.array(pred.score, pa.float32())
@@ -264,16 +286,19 @@ def _prediction_columns(predictions: dict[str, distill.TaskPrediction]) -> dict[
 
 def _table(schema: pa.Schema, rows: int, columns: dict[str, pa.Array]) -> pa.Table:
     """A table of ``schema`` from ``columns``; absent columns are all null."""
-    return pa.table({f.name: columns[f.name] if f.name in columns else pa.nulls(rows, f.type) for f in schema},
-                    schema=schema)
+    return pa.table(
+        {f.name: columns[f.name] if f.name in columns else pa.nulls(rows, f.type) for f in schema}, schema=schema
+    )
 
 
 def _predictions_of(part: pa.Table, task: str) -> distill.TaskPrediction:
     if TASKS[task].kind == "classification":
         probs = part.column(f"{task}_probs").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        return distill.TaskPrediction(value=_numpy(part, task).astype(np.int64),
-                                      score=_numpy(part, f"{task}_confidence"),
-                                      probs=probs.reshape(part.num_rows, TASKS[task].num_classes))
+        return distill.TaskPrediction(
+            value=_numpy(part, task).astype(np.int64),
+            score=_numpy(part, f"{task}_confidence"),
+            probs=probs.reshape(part.num_rows, TASKS[task].num_classes),
+        )
     return distill.TaskPrediction(value=_numpy(part, task), score=_numpy(part, f"{task}_spread"))
 
 
@@ -284,8 +309,10 @@ def _numpy(table: pa.Table, column: str) -> np.ndarray:
 
 # ---- selection and the report ---------------------------------------------------------------------
 
-def retention_rows(task: str, part: pa.Table, pred: distill.TaskPrediction, candidate: np.ndarray,
-                   kept: np.ndarray) -> list[dict]:
+
+def retention_rows(
+    task: str, part: pa.Table, pred: distill.TaskPrediction, candidate: np.ndarray, kept: np.ndarray
+) -> list[dict]:
     """Candidates and kept pseudo-labels per dataset x predicted class (age: 10-year band), plus "all"."""
     names = TASKS[task].classes
     codes = (pred.value[candidate] if names else pred.value[candidate] // AGE_BAND).astype(np.int64)
@@ -300,36 +327,61 @@ def retention_rows(task: str, part: pa.Table, pred: distill.TaskPrediction, cand
             groups.append((label, in_dataset & (codes == code)))
         for label, mask in groups:
             total, count = int(mask.sum()), int(kept[mask].sum())
-            rows.append({"task": task, "dataset": dataset, "class": label, "candidates": total, "kept": count,
-                         "retention": count / total})
+            rows.append(
+                {
+                    "task": task,
+                    "dataset": dataset,
+                    "class": label,
+                    "candidates": total,
+                    "kept": count,
+                    "retention": count / total,
+                }
+            )
     return rows
 
 
-def quality_curves(cfg: PseudoLabelConfig, task: str, pred: distill.TaskPrediction, candidate: np.ndarray,
-                   known: np.ndarray | None, kept: np.ndarray, truth: np.ndarray) -> dict:
+def quality_curves(
+    cfg: PseudoLabelConfig,
+    task: str,
+    pred: distill.TaskPrediction,
+    candidate: np.ndarray,
+    known: np.ndarray | None,
+    kept: np.ndarray,
+    truth: np.ndarray,
+) -> dict:
     """The kept pseudo-labels measured on ``truth`` (NaN: no truth), and every applicable rule's sweep."""
     rule = cfg.rule_for(task)
     sweeps = {}
     for name in RULES_BY_KIND[TASKS[task].kind]:
         try:
-            curve = distill.holdout_curve(task, rule.model_copy(update={"rule": name}), pred, candidate, known,
-                                          truth, cfg.holdout.sweep(name))
+            curve = distill.holdout_curve(
+                task, rule.model_copy(update={"rule": name}), pred, candidate, known, truth, cfg.holdout.sweep(name)
+            )
         except ValueError:  # e.g. the prior rule for a task that no training dataset labels
             continue
         sweeps[name] = {"parameter": distill.CURVE_KEY[distill.SWEPT[name]], "curve": curve}
-    return {"rule": rule.rule, **sweeps.pop(rule.rule), "chosen": distill.holdout_point(task, kept, pred, truth),
-            "other_rules": sweeps}
+    return {
+        "rule": rule.rule,
+        **sweeps.pop(rule.rule),
+        "chosen": distill.holdout_point(task, kept, pred, truth),
+        "other_rules": sweeps,
+    }
 
 
-def select_by_dataset(cfg: PseudoLabelConfig, task: str, datasets: np.ndarray, pred: distill.TaskPrediction,
-                      candidate: np.ndarray, known: np.ndarray | None) -> distill.Selection:
+def select_by_dataset(
+    cfg: PseudoLabelConfig,
+    task: str,
+    datasets: np.ndarray,
+    pred: distill.TaskPrediction,
+    candidate: np.ndarray,
+    known: np.ndarray | None,
+) -> distill.Selection:
     """The task's rule over the candidates, except those of datasets with their own rule (``dataset_rules``),
     which are selected by it among themselves; the thresholds of each such dataset go under ``by_dataset``."""
     own_rules = {name: rules[task] for name, rules in cfg.dataset_rules.items() if task in rules}
     if not own_rules:
         return distill.select(task, cfg.rule_for(task), pred, candidate, known)
-    selection = distill.select(task, cfg.rule_for(task), pred, candidate & ~np.isin(datasets, list(own_rules)),
-                               known)
+    selection = distill.select(task, cfg.rule_for(task), pred, candidate & ~np.isin(datasets, list(own_rules)), known)
     kept, by_dataset = selection.kept.copy(), {}
     for name, rule in own_rules.items():
         own = distill.select(task, rule, pred, candidate & (datasets == name), known)
@@ -338,8 +390,9 @@ def select_by_dataset(cfg: PseudoLabelConfig, task: str, datasets: np.ndarray, p
     return distill.Selection(kept, {**selection.thresholds, "by_dataset": by_dataset})
 
 
-def select_all(cfg: PseudoLabelConfig, part: pa.Table, tasks: tuple[str, ...],
-               with_truth: bool) -> tuple[dict[str, pa.Array], dict, list[dict], dict]:
+def select_all(
+    cfg: PseudoLabelConfig, part: pa.Table, tasks: tuple[str, ...], with_truth: bool
+) -> tuple[dict[str, pa.Array], dict, list[dict], dict]:
     """Apply every task's rule over the whole (merged) part: kept columns, per-task summary, retention rows,
     holdout curves."""
     kept_columns, summary, retention, curves = {}, {}, [], {}
@@ -347,27 +400,40 @@ def select_all(cfg: PseudoLabelConfig, part: pa.Table, tasks: tuple[str, ...],
     for task in tasks:
         pred = _predictions_of(part, task)
         known_column = part.column(f"{task}_known")
-        labelled = (known_column.to_numpy(zero_copy_only=False).astype(bool) if TASKS[task].kind == "regression"
-                    else known_column.is_valid().to_numpy(zero_copy_only=False))
+        labelled = (
+            known_column.to_numpy(zero_copy_only=False).astype(bool)
+            if TASKS[task].kind == "regression"
+            else known_column.is_valid().to_numpy(zero_copy_only=False)
+        )
         candidate = ~labelled  # a label of record is never overwritten
-        known = _numpy(part, f"{task}_known")[labelled].astype(np.int64) if TASKS[task].kind == "classification" \
-            else None
+        known = (
+            _numpy(part, f"{task}_known")[labelled].astype(np.int64) if TASKS[task].kind == "classification" else None
+        )
         try:
             selection = select_by_dataset(cfg, task, datasets, pred, candidate, known)
         except ValueError as err:
             raise UserError(str(err)) from None
         kept_columns[f"{task}_kept"] = pa.array(selection.kept)
-        summary[task] = {"thresholds": selection.thresholds, "labelled": int(labelled.sum()),
-                         "candidates": int(candidate.sum()), "kept": int(selection.kept.sum()),
-                         "retention": float(selection.kept.sum() / candidate.sum()) if candidate.any() else None}
+        summary[task] = {
+            "thresholds": selection.thresholds,
+            "labelled": int(labelled.sum()),
+            "candidates": int(candidate.sum()),
+            "kept": int(selection.kept.sum()),
+            "retention": float(selection.kept.sum() / candidate.sum()) if candidate.any() else None,
+        }
         retention += retention_rows(task, part, pred, candidate, selection.kept)
         truth = _numpy(part, f"{task}_hidden")
         if with_truth and not np.isnan(truth).all():
-            measured = {name: quality_curves(cfg, task, pred, candidate, known, selection.kept,
-                                             np.where(datasets == name, truth, np.nan))
-                        for name in sorted(set(datasets[~np.isnan(truth)]))}
-            curves[task] = {**quality_curves(cfg, task, pred, candidate, known, selection.kept, truth),
-                            "by_dataset": measured}
+            measured = {
+                name: quality_curves(
+                    cfg, task, pred, candidate, known, selection.kept, np.where(datasets == name, truth, np.nan)
+                )
+                for name in sorted(set(datasets[~np.isnan(truth)]))
+            }
+            curves[task] = {
+                **quality_curves(cfg, task, pred, candidate, known, selection.kept, truth),
+                "by_dataset": measured,
+            }
     return kept_columns, summary, retention, curves
 
 
@@ -386,8 +452,9 @@ def holdout_plot(curves: dict) -> bytes:
             x, y = [p["retention"] for p in points], [p[quality] for p in points]
             ax.plot(x, y, "o-", markersize=3, label=f"{rule} ({key})")
             for p in points:
-                ax.annotate(f"{p[key]:g}", (p["retention"], p[quality]), fontsize=6, xytext=(2, 2),
-                            textcoords="offset points")
+                ax.annotate(
+                    f"{p[key]:g}", (p["retention"], p[quality]), fontsize=6, xytext=(2, 2), textcoords="offset points"
+                )
         chosen = info["chosen"]
         if chosen[quality] is not None:
             ax.plot([chosen["retention"]], [chosen[quality]], "k*", markersize=10, label="configured")
@@ -406,8 +473,10 @@ def holdout_plot(curves: dict) -> bytes:
 
 # ---- the stage ------------------------------------------------------------------------------------
 
-def run(cfg: PseudoLabelConfig, teachers: list[str], faces: str, labels: str, out: str,
-        shard: tuple[int, int] = (0, 1)) -> dict:
+
+def run(
+    cfg: PseudoLabelConfig, teachers: list[str], faces: str, labels: str, out: str, shard: tuple[int, int] = (0, 1)
+) -> dict:
     """Pseudo-label shard ``i`` of ``n`` of the face table (face shards i, i+n, ...) into ``out``.
 
     Writes ``out/shards/shard-<i>-of-<n>.parquet``; with n == 1 also merges it (pseudo.parquet, report.json).
@@ -430,20 +499,37 @@ def run(cfg: PseudoLabelConfig, teachers: list[str], faces: str, labels: str, ou
     if hidden is not None:
         check_holdout_teachers(cfg, models)
     truths = [t for t in (hidden, evaluation_truth) if t is not None]
-    log.info("pseudo-labelling %d faces (shard %d/%d) with %d teacher(s) x %d transforms on %s",
-             rows, index, count, len(models), len(cfg.transforms), device)
+    log.info(
+        "pseudo-labelling %d faces (shard %d/%d) with %d teacher(s) x %d transforms on %s",
+        rows,
+        index,
+        count,
+        len(models),
+        len(cfg.transforms),
+        device,
+    )
     keys, predictions = infer(models, faces, mine, cfg, device, rows)
-    columns = {"sample_id": keys.column("sample_id").combine_chunks(),
-               "dataset": keys.column("dataset").combine_chunks(),
-               **_prediction_columns(predictions), **label_columns(keys, record, pa.concat_tables(truths) if truths else None)}
+    columns = {
+        "sample_id": keys.column("sample_id").combine_chunks(),
+        "dataset": keys.column("dataset").combine_chunks(),
+        **_prediction_columns(predictions),
+        **label_columns(keys, record, pa.concat_tables(truths) if truths else None),
+    }
     part = _table(contracts.PSEUDO_PART_SCHEMA, keys.num_rows, columns).sort_by("sample_id")
-    provenance = {"teachers": [m.identity() for m in models], "transforms": cfg.transforms, "tasks": list(tasks),
-                  "holdout": cfg.holdout.model_dump(include={"fraction", "tasks", "seed"}) if hidden else None,
-                  "evaluate_only": contracts.evaluate_only_datasets(faces),
-                  "faces_rows": manifest["rows"], "face_shards": len(all_shards), "shards": count}
+    provenance = {
+        "teachers": [m.identity() for m in models],
+        "transforms": cfg.transforms,
+        "tasks": list(tasks),
+        "holdout": cfg.holdout.model_dump(include={"fraction", "tasks", "seed"}) if hidden else None,
+        "evaluate_only": contracts.evaluate_only_datasets(faces),
+        "faces_rows": manifest["rows"],
+        "face_shards": len(all_shards),
+        "shards": count,
+    }
     part_uri = store.join(out, layout.pseudo_shard(index, count))
-    contracts.write_table(part, part_uri, contracts.PSEUDO_PART,
-                          {PART_KEY: json.dumps({"shard": index, **provenance}, sort_keys=True)})
+    contracts.write_table(
+        part, part_uri, contracts.PSEUDO_PART, {PART_KEY: json.dumps({"shard": index, **provenance}, sort_keys=True)}
+    )
     if count == 1:
         return merge(cfg, [part_uri], out)
     return {"part": part_uri, "rows": part.num_rows, "shard": [index, count]}
@@ -455,8 +541,9 @@ def _part_files(uri: str) -> list[str]:
         return [uri]
     found = [f for f in store.list_files(store.join(uri, layout.PSEUDO_SHARDS_DIR)) if f.endswith(".parquet")]
     if not found:
-        raise UserError(f"{uri}: no pseudo-label parts under {layout.PSEUDO_SHARDS_DIR}/ "
-                        "(run pseudolabel --shard first)")
+        raise UserError(
+            f"{uri}: no pseudo-label parts under {layout.PSEUDO_SHARDS_DIR}/ (run pseudolabel --shard first)"
+        )
     return found
 
 
@@ -481,8 +568,9 @@ def read_parts(parts: list[str]) -> tuple[pa.Table, dict]:
         tables.append(contracts.read_table(uri, contracts.PSEUDO_PART))
     missing = sorted(set(range(provenance["shards"])) - set(seen))
     if missing:
-        raise UserError(f"missing shard(s) {', '.join(map(str, missing))} of {provenance['shards']}; "
-                        "merge needs every shard")
+        raise UserError(
+            f"missing shard(s) {', '.join(map(str, missing))} of {provenance['shards']}; merge needs every shard"
+        )
     table = pa.concat_tables(tables).sort_by("sample_id")
     if table.num_rows != provenance["faces_rows"]:
         raise UserError(f"the parts hold {table.num_rows} rows, the face table {provenance['faces_rows']}")
@@ -505,33 +593,56 @@ def merge(cfg: PseudoLabelConfig, parts: list[str], out: str) -> dict:
     with_truth = provenance["holdout"] is not None or bool(provenance["evaluate_only"])
     kept, summary, retention, curves = select_all(cfg, part, tasks, with_truth)
     nothing = {f"{task}_kept": pa.array(np.zeros(part.num_rows, bool)) for task in TASKS if task not in tasks}
-    pseudo = _table(contracts.PSEUDO_SCHEMA, part.num_rows,
-                    {**{name: part.column(name) for name in part.column_names}, **kept, **nothing})
+    pseudo = _table(
+        contracts.PSEUDO_SCHEMA,
+        part.num_rows,
+        {**{name: part.column(name) for name in part.column_names}, **kept, **nothing},
+    )
     rules = {task: rule_record(cfg.rule_for(task)) for task in tasks}
-    dataset_rules = {name: {task: rule_record(rule) for task, rule in own.items() if task in tasks}
-                     for name, own in cfg.dataset_rules.items()}
-    meta = {"teachers": provenance["teachers"], "transforms": provenance["transforms"], "tasks": list(tasks),
-            "rules": rules, "dataset_rules": dataset_rules, "holdout": provenance["holdout"],
-            "evaluate_only": provenance["evaluate_only"]}
+    dataset_rules = {
+        name: {task: rule_record(rule) for task, rule in own.items() if task in tasks}
+        for name, own in cfg.dataset_rules.items()
+    }
+    meta = {
+        "teachers": provenance["teachers"],
+        "transforms": provenance["transforms"],
+        "tasks": list(tasks),
+        "rules": rules,
+        "dataset_rules": dataset_rules,
+        "holdout": provenance["holdout"],
+        "evaluate_only": provenance["evaluate_only"],
+    }
     pseudo_uri, report_uri = store.join(out, layout.PSEUDO_FILE), store.join(out, layout.PSEUDO_REPORT)
     contracts.write_table(pseudo, pseudo_uri, contracts.PSEUDO, {PROVENANCE_KEY: json.dumps(meta, sort_keys=True)})
-    report = {**meta, "rows": part.num_rows, "shards": provenance["shards"], "selection": summary,
-              "retention": retention}
+    report = {
+        **meta,
+        "rows": part.num_rows,
+        "shards": provenance["shards"],
+        "selection": summary,
+        "retention": retention,
+    }
     if curves:
         store.write_bytes(store.join(out, layout.PSEUDO_HOLDOUT_PLOT), holdout_plot(curves), "image/png")
         report["holdout"] = {**(provenance["holdout"] or {}), "curves": curves, "plot": layout.PSEUDO_HOLDOUT_PLOT}
     store.write_text(report_uri, json.dumps(report, indent=1))
-    log.info("pseudo-labels kept, of the faces without that label: %s",
-             ", ".join(f"{t} {s['kept']} of {s['candidates']}" for t, s in summary.items()))
-    return {"pseudo": pseudo_uri, "report": report_uri, "rows": part.num_rows,
-            "kept": {task: s["kept"] for task, s in summary.items()}}
+    log.info(
+        "pseudo-labels kept, of the faces without that label: %s",
+        ", ".join(f"{t} {s['kept']} of {s['candidates']}" for t, s in summary.items()),
+    )
+    return {
+        "pseudo": pseudo_uri,
+        "report": report_uri,
+        "rows": part.num_rows,
+        "kept": {task: s["kept"] for task, s in summary.items()},
+    }
 
 
 def write_holdout_labels(cfg: PseudoLabelConfig, faces: str, labels: str, out: str) -> dict:
     """Holdout mode, before the teacher: write the label table to train it on and the hidden truth."""
     if cfg.holdout.fraction == 0:
-        raise UserError("pseudolabel.holdout.fraction is 0: nothing to hide "
-                        "(e.g. --set pseudolabel.holdout.fraction=0.2)")
+        raise UserError(
+            "pseudolabel.holdout.fraction is 0: nothing to hide (e.g. --set pseudolabel.holdout.fraction=0.2)"
+        )
     record, hidden, _ = labels_of_record(cfg, faces, contracts.read_table(labels, contracts.LABELS))
     setting = {HOLDOUT_KEY: cfg.holdout.model_dump_json(include={"fraction", "tasks", "seed"})}
     train_uri, truth_uri = store.join(out, layout.HOLDOUT_LABELS_FILE), store.join(out, layout.HOLDOUT_TRUTH_FILE)

@@ -53,8 +53,11 @@ def apply_pseudo_labels(index: FaceIndex, pseudo: pa.Table, rows: np.ndarray, cf
                 weight *= column_at(pseudo, f"{task}_confidence", positions, 0.0)[use].astype(np.float32)
         else:
             age = column_at(pseudo, task, positions, np.nan)[use].astype(np.float32)
-            band = column_at(pseudo, f"{task}_spread", positions, 0.0)[use].astype(np.float32) \
-                if cfg.targets == "soft" else 0.0
+            band = (
+                column_at(pseudo, f"{task}_spread", positions, 0.0)[use].astype(np.float32)
+                if cfg.targets == "soft"
+                else 0.0
+            )
             targets[f"{task}_low"][chosen], targets[f"{task}_high"][chosen] = age - band, age + band
         targets[f"{task}_weight"][chosen] = weight
         report[task] = {"used": int(use.sum()), "ignored_ground_truth": int((kept & has_truth).sum())}
@@ -71,8 +74,10 @@ def initial_network(cfg: StudentConfig, teacher: str | None) -> MultiTaskNet:
         raise UserError("student init: teacher needs the teacher model folder (--teacher)")
     teacher_net, card = load_model(teacher, tasks=cfg.task_names)
     if (card["backbone"], card["age_head"]) != (cfg.backbone, cfg.age_head):
-        raise UserError(f"student init: teacher {teacher} is a {card['backbone']} with a {card['age_head']} age head; "
-                        f"the student config asks for {cfg.backbone} with {cfg.age_head}")
+        raise UserError(
+            f"student init: teacher {teacher} is a {card['backbone']} with a {card['age_head']} age head; "
+            f"the student config asks for {cfg.backbone} with {cfg.age_head}"
+        )
     net = build_model(cfg, weights="none")
     net.load_state_dict(teacher_net.state_dict())
     return net
@@ -86,8 +91,15 @@ def check_pseudo_fits(index: FaceIndex, pseudo: pa.Table, where: str) -> None:
         raise UserError(f"{problem}; pseudo-label these faces first (d2mtl pseudolabel --faces {index.faces} ...)")
 
 
-def run(cfg: StudentConfig, faces: str, labels: str, pseudo: str, out: str, teacher: str | None = None,
-        restart: bool = False) -> dict:
+def run(
+    cfg: StudentConfig,
+    faces: str,
+    labels: str,
+    pseudo: str,
+    out: str,
+    teacher: str | None = None,
+    restart: bool = False,
+) -> dict:
     """Train the student on ``faces`` + ``labels`` + the pseudo-label table ``pseudo``; write the model folder
     to ``out`` and return the results (as the teacher stage, plus the pseudo-labels used per task)."""
     with distributed.launched(cfg.device) as dist:
@@ -98,9 +110,16 @@ def run(cfg: StudentConfig, faces: str, labels: str, pseudo: str, out: str, teac
         used = apply_pseudo_labels(index, pseudo_table, np.flatnonzero(index.split == "train"), cfg)
         role = "student" if len(cfg.task_names) > 1 else f"student_single:{cfg.task_names[0]}"
         inputs = {"faces": faces, "labels": labels, "pseudo": pseudo}
-        trainer = Trainer(cfg, index, out, initial_network(cfg, teacher), role=role, dist=dist,
-                          card_extra={"sources": {**inputs, "teacher": teacher}, "pseudo_labels": used},
-                          inputs={name: contracts.content_hash(uri) for name, uri in inputs.items()})
+        trainer = Trainer(
+            cfg,
+            index,
+            out,
+            initial_network(cfg, teacher),
+            role=role,
+            dist=dist,
+            card_extra={"sources": {**inputs, "teacher": teacher}, "pseudo_labels": used},
+            inputs={name: contracts.content_hash(uri) for name, uri in inputs.items()},
+        )
         result = trainer.fit(restart)
     result["pseudo_labels"] = used
     return result

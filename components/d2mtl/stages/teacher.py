@@ -23,6 +23,14 @@ def run(cfg: TrainConfig, faces: str, labels: str, out: str, restart: bool = Fal
         index = FaceIndex.load(faces, labels, cfg.task_names)
         role = "teacher" if cfg.tasks is None or len(cfg.task_names) > 1 else f"baseline:{cfg.task_names[0]}"
         sources = {"faces": faces, "labels": labels}
-        trainer = Trainer(cfg, index, out, build_model(cfg), role=role, card_extra={"sources": sources}, dist=dist,
-                          inputs={name: contracts.content_hash(uri) for name, uri in sources.items()})
+        trainer = Trainer(
+            cfg,
+            index,
+            out,
+            build_model(cfg),
+            role=role,
+            card_extra={"sources": sources},
+            dist=dist,
+            inputs={name: contracts.content_hash(uri) for name, uri in sources.items()},
+        )
         return trainer.fit(restart)
