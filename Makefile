@@ -1,4 +1,4 @@
-# Quickstart: `make run` (the whole pipeline on this machine) and `make test` (the test suite).
+# Quickstart: `make run` (the whole pipeline on this machine), `make test` (the test suite), `make lint` (ruff).
 # Both create and fill the virtualenv (.venv) on first use.
 
 PYTHON ?= python3
@@ -10,7 +10,7 @@ DATA_ROOT ?= $(if $(wildcard ./data),./data,$(if $(wildcard ../shared/data),../s
 export TORCH_HOME ?= $(if $(wildcard ../shared/torch_home),$(abspath ../shared/torch_home),$(HOME)/.cache/torch)
 CONFIG ?= cpu
 
-.PHONY: venv run test ingest compile clean
+.PHONY: venv run test lint format ingest compile clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,15 @@ run: venv
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+# ruff's settings are in pyproject.toml; `make format` rewrites the files that `make lint` says are unformatted
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: venv
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 ingest: venv
 	$(BIN)/d2mtl ingest --config $(CONFIG) --data-root $(DATA_ROOT) --out runs/manual/ingest
