@@ -28,6 +28,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from d2mtl import layout, store
+from d2mtl.devices import resolve_device
 from d2mtl.errors import UserError
 from d2mtl.tasks import TASKS
 
@@ -243,14 +244,6 @@ def build_model(cfg, weights: str | None = None) -> MultiTaskNet:
 
 
 # ---- model folder: safetensors + model card -----------------------------------------------------
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {device!r} requested but CUDA is not available; use device: auto or cpu")
-    return torch.device(device)
 
 
 def class_names(tasks: tuple[str, ...] | list[str]) -> dict[str, list[str]]:

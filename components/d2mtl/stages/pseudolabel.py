@@ -36,8 +36,9 @@ from tqdm import tqdm
 
 from d2mtl import contracts, data, distill, layout, store
 from d2mtl.config.pseudolabel import RULES_BY_KIND, PseudoLabelConfig, TaskRule, parse_transform
+from d2mtl.devices import resolve_device
 from d2mtl.errors import UserError
-from d2mtl.models import MultiTaskNet, load_model, read_card, resolve_device
+from d2mtl.models import MultiTaskNet, load_model, read_card
 from d2mtl.tasks import TASKS
 
 log = logging.getLogger(__name__)
