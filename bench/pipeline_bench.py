@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     command = [
         sys.executable,
         "-m",
-        "d2mtl.cli",
+        "d2mtl_pipeline.cli",
         "run",
         "--config",
         args.config,

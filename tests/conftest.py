@@ -100,7 +100,8 @@ def make_tiny_tables(
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str]:
     """(exit code, stderr) of ``d2mtl ARGV`` run in this process; the store settings are reset afterwards."""
-    from d2mtl import cli, store
+    from d2mtl import store
+    from d2mtl_pipeline import cli
 
     try:
         code = cli.main(argv)

@@ -392,7 +392,7 @@ def component_roots(tmp_path_factory) -> dict[str, set[str]]:
     The compiled pipeline holds each component's image and the source KFP runs in it; a component calls
     ``steps.<function>``, whose own (lazy) imports count too.
     """
-    from d2mtl.cli import main
+    from d2mtl_pipeline.cli import main
 
     roots: dict[str, set[str]] = {}
     for profile in ("cpu", "gpu"):
@@ -443,7 +443,7 @@ def test_each_image_holds_what_its_pipeline_components_import(component_roots, i
 
 
 def test_ingest_image_holds_what_its_commands_import():
-    gaps = image_gaps("d2mtl-ingest", {"d2mtl.cli", "d2mtl_pipeline.cli", "d2mtl.stages.ingest", "d2mtl.upload"})
+    gaps = image_gaps("d2mtl-ingest", {"d2mtl_pipeline.cli", "d2mtl.stages.ingest", "d2mtl.upload"})
     assert gaps == [], (
         "the ingest image lacks what `d2mtl ingest` / `d2mtl upload-data` import (add it to "
         "docker/requirements/ingest.in and run make lock-images, or import it lazily):\n" + "\n".join(gaps)
@@ -451,7 +451,7 @@ def test_ingest_image_holds_what_its_commands_import():
 
 
 def test_serve_image_holds_what_d2mtl_serve_imports():
-    gaps = image_gaps("d2mtl-serve", {"d2mtl.cli", "d2mtl.serve", "d2mtl.deploy"})
+    gaps = image_gaps("d2mtl-serve", {"d2mtl_pipeline.cli", "d2mtl.serve", "d2mtl.deploy"})
     assert gaps == [], (
         "the serve image lacks what `d2mtl serve` imports (docker/requirements/serve.txt):\n" + "\n".join(gaps)
     )
@@ -463,7 +463,7 @@ def test_pyproject_covers_everything_the_package_imports():
         for top, root in PACKAGE_ROOTS.items()
         for path in root.rglob("*.py")
     }
-    gaps = image_gaps("d2mtl-train-cuda", roots - LAZY_MODULES - SERVE_MODULES | {"d2mtl.cli"})
+    gaps = image_gaps("d2mtl-train-cuda", roots - LAZY_MODULES - SERVE_MODULES | {"d2mtl_pipeline.cli"})
     assert gaps == [], "pyproject.toml lacks dependencies the package imports:\n" + "\n".join(gaps)
 
 
@@ -473,7 +473,7 @@ def test_ingest_runs_without_torch():
         "import sys\n"
         "sys.modules.update(torch=None, torchvision=None)  # any import of them now fails\n"
         "import d2mtl.stages.ingest, d2mtl.upload\n"
-        "from d2mtl.cli import build_parser\n"
+        "from d2mtl_pipeline.cli import build_parser\n"
         "build_parser().parse_args(['ingest', '--out', 'x'])\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)

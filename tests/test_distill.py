@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from d2mtl import contracts, distill
-from d2mtl.config.pseudolabel import PseudoLabelConfig, TaskRule, parse_transform
+from d2mtl.config.pseudolabel import PseudoLabelConfig, parse_transform
 
 
 def test_classification_mean_over_members():
@@ -85,14 +85,12 @@ def test_prior_rule_ignores_labelled_rows_and_breaks_ties_by_row_order():
 def test_select_dispatches_and_prior_needs_known_labels():
     pred = _pred([0, 1], [0.8, 0.95], classes=2)
     candidate = np.array([True, True])
-    kept = distill.select("gender", TaskRule(rule="fixed", threshold=0.9), pred, candidate).kept
+    kept = distill.select("gender", "fixed", 0.9, pred, candidate).kept
     assert kept.tolist() == [False, True]
-    kept = distill.select(
-        "gender", TaskRule(rule="prior", retention=1.0), pred, candidate, known=np.array([0, 1, 1, 0])
-    ).kept
+    kept = distill.select("gender", "prior", 1.0, pred, candidate, known=np.array([0, 1, 1, 0])).kept
     assert kept.tolist() == [True, True]
     with pytest.raises(ValueError, match="needs known gender labels"):
-        distill.select("gender", TaskRule(rule="prior"), pred, candidate, known=np.array([]))
+        distill.select("gender", "prior", 0.5, pred, candidate, known=np.array([]))
 
 
 def _labels(n=200):
@@ -139,14 +137,12 @@ def test_holdout_curve_on_hidden_rows_only():
     pred = _pred([0, 1, 1, 0], [0.95, 0.9, 0.6, 0.99], classes=2)
     candidate = np.ones(4, dtype=bool)
     truth = np.array([0.0, 0.0, 1.0, np.nan])  # the last row was never hidden
-    curve = distill.holdout_curve("gender", TaskRule(rule="fixed"), pred, candidate, None, truth, [0.0, 0.7, 0.92])
+    curve = distill.holdout_curve("gender", "fixed", pred, candidate, None, truth, [0.0, 0.7, 0.92])
     assert [p["kept"] for p in curve] == [3, 2, 1]
     assert [p["accuracy"] for p in curve] == [pytest.approx(2 / 3), 0.5, 1.0]
     assert curve[1] == {"threshold": 0.7, "hidden": 3, "kept": 2, "retention": pytest.approx(2 / 3), "accuracy": 0.5}
     ages = distill.TaskPrediction(value=np.array([30.0, 40.0]), score=np.array([1.0, 5.0]))
-    curve = distill.holdout_curve(
-        "age", TaskRule(rule="spread"), ages, np.ones(2, bool), None, np.array([32.0, 50.0]), [2.0, 6.0]
-    )
+    curve = distill.holdout_curve("age", "spread", ages, np.ones(2, bool), None, np.array([32.0, 50.0]), [2.0, 6.0])
     assert [p["mae"] for p in curve] == [2.0, 6.0]
 
 
@@ -165,3 +161,4 @@ def test_config_validates_transforms_and_rules():
     cfg = PseudoLabelConfig(tasks=["expression", "age"], rules={"expression": {"rule": "prior", "retention": 0.4}})
     assert cfg.task_names == ("age", "expression")
     assert cfg.rule_for("age").rule == "spread" and cfg.rule_for("expression").retention == 0.4
+    assert cfg.rule_for("age").parameter == 3.0 and cfg.rule_for("expression").parameter == 0.4

@@ -20,8 +20,8 @@ from d2mtl import layout, store
 from d2mtl.cli import main
 from d2mtl.errors import UserError
 from d2mtl.export import export_model
+from d2mtl.inference import InferenceModel
 from d2mtl.models import ModelSpec, MultiTaskNet, load_model, save_model
-from d2mtl.predict import InferenceModel
 
 PROB_ATOL, YEARS_ATOL = 2e-4, 2e-2
 

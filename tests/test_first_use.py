@@ -21,6 +21,7 @@ from d2mtl.data import FaceIndex
 from d2mtl.engine import plot_curves
 from d2mtl.errors import UserError
 from d2mtl.stages import evaluate, ingest
+from d2mtl_pipeline import cli as command_line
 
 
 def one_line_error(code: int, err: str, *fragments: str) -> None:
@@ -192,8 +193,9 @@ def test_path_mistakes_are_one_line_naming_the_path(argv, expected, tiny_tables,
 
 def test_compile_creates_the_folder_or_writes_to_object_storage(s3_env, tmp_path, capsys):
     out = tmp_path / "missing" / "pipeline.yaml"
-    assert cli.main(["compile", "--out", str(out)]) == 0 and out.read_text().startswith("# PIPELINE DEFINITION")
-    assert cli.main(["compile", "--out", "s3://bucket/compiled/pipeline.yaml"]) == 0
+    assert command_line.main(["compile", "--out", str(out)]) == 0
+    assert out.read_text().startswith("# PIPELINE DEFINITION")
+    assert command_line.main(["compile", "--out", "s3://bucket/compiled/pipeline.yaml"]) == 0
     assert store.read_text("s3://bucket/compiled/pipeline.yaml") == out.read_text()
     assert f"wrote {out}" in capsys.readouterr().out
 
@@ -339,7 +341,7 @@ def test_an_interrupt_is_reported_on_its_own_line(monkeypatch, capsys):
 
 
 def test_help_is_plain_text_with_examples_and_a_version(capsys):
-    parser = cli.build_parser()
+    parser = command_line.build_parser()
     top = parser.format_help()
     assert "``" not in top and "::" not in top and "Exit codes: 0 done; 2 " in top
     commands = parser._subparsers._group_actions[0].choices

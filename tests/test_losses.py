@@ -17,8 +17,8 @@ from d2mtl.losses import (
     dataset_share_weights,
     interval_distance,
 )
-from d2mtl.models import AGE_MIN, build_model
-from d2mtl.tasks import TASKS
+from d2mtl.models import build_model
+from d2mtl.tasks import AGE_MIN, TASKS
 
 TASK_NAMES = tuple(TASKS)
 

@@ -12,8 +12,6 @@ from d2mtl import layout
 from d2mtl.config.train import TrainConfig
 from d2mtl.models import (
     AGE_BINS,
-    AGE_MAX,
-    AGE_MIN,
     BACKBONES,
     ModelError,
     ModelSpec,
@@ -22,7 +20,7 @@ from d2mtl.models import (
     load_model,
     save_model,
 )
-from d2mtl.tasks import TASKS
+from d2mtl.tasks import AGE_MAX, AGE_MIN, TASKS
 
 
 def tiny(**overrides) -> MultiTaskNet:

@@ -12,11 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from d2mtl import cli
 from d2mtl.config import IngestConfig, load_experiment
 from d2mtl.errors import UserError
+from d2mtl_pipeline import cli, pipeline, submit
 from d2mtl_pipeline import compile as compile_module
-from d2mtl_pipeline import pipeline, submit
 from d2mtl_pipeline.placement import RERUN_ENV
 
 GPU_FULL = ["pipeline.baselines=true", "pipeline.single_distill=true"]
@@ -58,8 +57,10 @@ class Compiled:
             t
             for t in self.tasks().values()
             if self.component_of(t) == component
-            or (self.component_of(t).startswith(f"{component}-")
-            and self.component_of(t).removeprefix(f"{component}-").isdigit())
+            or (
+                self.component_of(t).startswith(f"{component}-")
+                and self.component_of(t).removeprefix(f"{component}-").isdigit()
+            )
         ]
 
     def executor(self, task: dict) -> dict:

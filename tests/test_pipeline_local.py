@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from d2mtl import cli, contracts, layout, store
+from d2mtl import contracts, layout, store
 from d2mtl.config import load_experiment
-from d2mtl_pipeline import local
+from d2mtl_pipeline import cli, local
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = {

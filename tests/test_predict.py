@@ -16,21 +16,20 @@ from d2mtl import data, faces, layout, store
 from d2mtl.cli import main
 from d2mtl.config.ingest import IngestConfig
 from d2mtl.errors import UserError
-from d2mtl.models import AGE_MIN, ModelSpec, MultiTaskNet, save_model
+from d2mtl.inference import InferenceModel, output_names
+from d2mtl.models import ModelSpec, MultiTaskNet, save_model
 from d2mtl.predict import (
     EXIT_BAD_INPUT,
     EXIT_NO_FACE,
     EXIT_NO_FACE_BAD_INPUT,
     Analyzer,
-    InferenceModel,
     csv_columns,
     exit_code,
     latest_model,
     list_images,
-    output_names,
     write_results,
 )
-from d2mtl.tasks import TASKS
+from d2mtl.tasks import AGE_MIN, TASKS
 
 CLASS_TASKS = [t for t in TASKS if TASKS[t].kind == "classification"]
 

@@ -20,7 +20,7 @@ pytest.importorskip("kserve", reason="the deploy step needs the serve extra: pip
 
 
 def compiled(tmp_path, *overrides: str) -> dict:
-    from d2mtl.cli import main
+    from d2mtl_pipeline.cli import main
 
     out = tmp_path / "pipeline.yaml"
     assert main(["compile", "--out", str(out), *(arg for item in overrides for arg in ("--set", item))]) == 0

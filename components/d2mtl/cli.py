@@ -36,7 +36,6 @@ from d2mtl.config import updated
 from d2mtl.errors import UserError
 
 FOLDER_OUTPUTS = ("ingest", "teacher", "pseudolabel", "student", "evaluate", "export")  # their --out is a folder
-READS_DATASETS = ("ingest", "upload-data", "run", "compile", "submit")  # the commands --data-root acts on
 SET_EXAMPLES = {
     "ingest": "ingest.datasets.0.limit=100",
     "pseudolabel": "pseudolabel.batch_size=128",
@@ -55,25 +54,42 @@ PREDICT_EXIT_CODES = """exit codes:
   5  an input was unreadable or missing, and no other had a face"""
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    """--config, --set and (where it acts) --data-root, for the command ``parser.prog`` ends with."""
-    command = parser.prog.split()[-1]
-    parser.add_argument("--config", default=None, help="experiment YAML, or a packaged profile: cpu (default), gpu")
-    parser.add_argument(
+def add_command(
+    sub,
+    name: str,
+    func: Callable[[argparse.Namespace], int | None],
+    help_text: str,
+    epilog: str | None,
+    *,
+    reads_datasets: bool = False,
+) -> argparse.ArgumentParser:
+    """The sub-command ``name`` of ``sub`` (the parser's sub-parsers), with --config, --set and, where it reads the
+    datasets, --data-root."""
+    command = sub.add_parser(
+        name,
+        help=help_text,
+        description=help_text,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    command.add_argument("--config", default=None, help="experiment YAML, or a packaged profile: cpu (default), gpu")
+    command.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help=f"override a config field, e.g. --set {SET_EXAMPLES.get(command, 'teacher.epochs=2')} "
+        help=f"override a config field, e.g. --set {SET_EXAMPLES.get(name, 'teacher.epochs=2')} "
         "(repeatable; list entries by index)",
     )
-    if command in READS_DATASETS:
-        parser.add_argument(
+    if reads_datasets:
+        command.add_argument(
             "--data-root",
             default=None,
             help="folder (or s3:// prefix) holding the datasets; default ./data or $D2MTL_DATA_ROOT",
         )
+    command.set_defaults(func=func)
+    return command
 
 
 def _examples(command: str) -> str | None:
@@ -89,7 +105,8 @@ def _examples(command: str) -> str | None:
     return "examples:\n" + "\n".join(lines) if lines else None
 
 
-def _experiment(args: argparse.Namespace):
+def load_config(args: argparse.Namespace):
+    """The experiment of --config, --set and --data-root, with the store configured from it."""
     from d2mtl import store
     from d2mtl.config import load_experiment
 
@@ -134,7 +151,7 @@ def _shard(value: str) -> tuple[int, int]:
 def cmd_ingest(args: argparse.Namespace) -> None:
     from d2mtl.stages import ingest
 
-    cfg = _experiment(args)
+    cfg = load_config(args)
     if args.merge:
         ingest.merge(args.merge, args.out)
     else:
@@ -144,7 +161,7 @@ def cmd_ingest(args: argparse.Namespace) -> None:
 def cmd_teacher(args: argparse.Namespace) -> None:
     from d2mtl.stages import teacher
 
-    cfg = _experiment(args)
+    cfg = load_config(args)
     train_cfg = cfg.teacher if args.tasks is None else updated(cfg.teacher, "--tasks", tasks=args.tasks)
     teacher.run(train_cfg, faces=args.faces, labels=args.labels, out=args.out, restart=args.restart)
 
@@ -152,7 +169,7 @@ def cmd_teacher(args: argparse.Namespace) -> None:
 def cmd_pseudolabel(args: argparse.Namespace) -> None:
     from d2mtl.stages import pseudolabel
 
-    cfg = _experiment(args)
+    cfg = load_config(args)
     pl_cfg = cfg.pseudolabel if args.tasks is None else updated(cfg.pseudolabel, "--tasks", tasks=args.tasks)
     if args.merge:
         pseudolabel.merge(pl_cfg, parts=args.merge, out=args.out)
@@ -172,7 +189,7 @@ def cmd_pseudolabel(args: argparse.Namespace) -> None:
 def cmd_student(args: argparse.Namespace) -> None:
     from d2mtl.stages import student
 
-    cfg = _experiment(args)
+    cfg = load_config(args)
     student.run(
         cfg.student,
         faces=args.faces,
@@ -187,7 +204,7 @@ def cmd_student(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from d2mtl.stages import evaluate
 
-    cfg = _experiment(args)
+    cfg = load_config(args)
     result = evaluate.run(
         cfg.evaluate,
         models=args.models,
@@ -202,7 +219,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_upload_data(args: argparse.Namespace) -> None:
     from d2mtl import upload
 
-    cfg = _experiment(args)
+    cfg = load_config(args)
     summary = upload.upload_tree(cfg.ingest.data_root, args.dest, workers=args.workers, overwrite=args.overwrite)
     print(
         f"uploaded {summary.uploaded} files ({summary.bytes_uploaded / 1e6:.1f} MB) to {summary.dest}; "
@@ -219,7 +236,7 @@ def _model_or_latest(model: str | None, cfg) -> str:
 def cmd_predict(args: argparse.Namespace) -> int:
     from d2mtl import predict
 
-    cfg = _experiment(args)
+    cfg = load_config(args)
     if args.threads:
         import torch
 
@@ -236,13 +253,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> None:
     from d2mtl import export, store
 
-    cfg = _experiment(args)
+    cfg = load_config(args)
     card = export.export_model(_model_or_latest(args.model, cfg), args.format, args.out)
     print(f"wrote {store.join(args.out, card['export']['file'])} (outputs: {', '.join(card['export']['outputs'])})")
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    cfg = _experiment(args)
+    cfg = load_config(args)
     if args.threads:
         import torch
 
@@ -264,7 +281,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(more_commands: Callable[..., None] | None = None) -> argparse.ArgumentParser:
+    """The d2mtl command line: the stage and user commands defined here, then those ``more_commands(sub)`` adds
+    to the sub-parsers ``sub`` (the pipeline layer adds run, compile and submit)."""
     parser = argparse.ArgumentParser(
         prog="d2mtl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -272,22 +291,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"d2mtl {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, func: Callable[[argparse.Namespace], None], help_text: str) -> argparse.ArgumentParser:
+    def add(
+        name: str, func: Callable[[argparse.Namespace], int | None], help_text: str, reads_datasets: bool = False
+    ) -> argparse.ArgumentParser:
         epilog = "\n\n".join(
             part for part in (_examples(name), PREDICT_EXIT_CODES if name == "predict" else None) if part
         )
-        command = sub.add_parser(
-            name,
-            help=help_text,
-            description=help_text,
-            epilog=epilog or None,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        _common(command)
-        command.set_defaults(func=func)
-        return command
+        return add_command(sub, name, func, help_text, epilog or None, reads_datasets=reads_datasets)
 
-    p = add("ingest", cmd_ingest, "read datasets, detect and align faces, write the face and label tables")
+    p = add(
+        "ingest",
+        cmd_ingest,
+        "read datasets, detect and align faces, write the face and label tables",
+        reads_datasets=True,
+    )
     p.add_argument("--out", required=True, help="output prefix (faces/, labels.parquet, report.json/.md)")
     p.add_argument(
         "--shard",
@@ -358,7 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="output prefix (report.html, metrics.json, claims.json, confusion/)")
 
-    p = add("upload-data", cmd_upload_data, "copy the data root (--data-root) into object storage for cluster runs")
+    p = add(
+        "upload-data",
+        cmd_upload_data,
+        "copy the data root (--data-root) into object storage for cluster runs",
+        reads_datasets=True,
+    )
     p.add_argument("--dest", required=True, help="destination prefix, e.g. s3://d2mtl/datasets")
     p.add_argument("--workers", type=int, default=8, help="parallel uploads (default 8)")
     p.add_argument("--overwrite", action="store_true", help="upload files that already exist at --dest again")
@@ -413,14 +435,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the network and the detector")
 
-    from d2mtl_pipeline import cli as pipeline_cli
-
-    pipeline_cli.register(sub, _common)
+    if more_commands is not None:
+        more_commands(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def dispatch(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
+    """Run the command ``argv`` names (default: this process's arguments); its exit code."""
+    args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -439,6 +461,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nd2mtl {args.command}: interrupted", file=sys.stderr)  # not glued to a progress bar's line
         return 130
     return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The stage and user commands alone, as ``python -m d2mtl.cli`` (what torchrun starts) runs them; the d2mtl
+    console script is ``d2mtl_pipeline.cli.main``, which adds the pipeline commands."""
+    return dispatch(build_parser(), argv)
 
 
 if __name__ == "__main__":

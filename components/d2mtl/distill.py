@@ -18,7 +18,6 @@ import numpy as np
 import pyarrow as pa
 
 from d2mtl import contracts
-from d2mtl.config.pseudolabel import TaskRule
 from d2mtl.tasks import get_task
 
 
@@ -116,14 +115,20 @@ def select_prior(
 
 
 def select(
-    task_name: str, rule: TaskRule, pred: TaskPrediction, candidate: np.ndarray, known: np.ndarray | None = None
+    task_name: str,
+    rule: str,
+    parameter: float,
+    pred: TaskPrediction,
+    candidate: np.ndarray,
+    known: np.ndarray | None = None,
 ) -> Selection:
-    """Apply a task's rule; ``known`` (the codes of the task's known labels) feeds the prior rule."""
+    """Apply ``rule`` (fixed, prior or spread) with its ``parameter`` (threshold, retention or max spread);
+    ``known`` (the codes of the task's known labels) feeds the prior rule."""
     task = get_task(task_name)
-    if rule.rule == "spread":
-        return select_spread(pred, candidate, rule.max_spread)
-    if rule.rule == "fixed":
-        return select_fixed(pred, candidate, rule.threshold)
+    if rule == "spread":
+        return select_spread(pred, candidate, parameter)
+    if rule == "fixed":
+        return select_fixed(pred, candidate, parameter)
     try:
         prior = class_prior(known if known is not None else np.empty(0), task.num_classes)
     except ValueError:
@@ -131,7 +136,7 @@ def select(
             f"{task_name}: the prior rule needs known {task_name} labels to take the class prior "
             "from and there are none; use rule: fixed"
         ) from None
-    return select_prior(pred, candidate, prior, rule.retention, task.classes)
+    return select_prior(pred, candidate, prior, parameter, task.classes)
 
 
 def _hash_key(seed: int, sample_id: str) -> int:
@@ -165,8 +170,7 @@ def hide_labels(
     return contracts.split_label_cells(labels, moved)
 
 
-SWEPT = {"fixed": "threshold", "prior": "retention", "spread": "max_spread"}  # the rule parameter a curve varies
-CURVE_KEY = {"threshold": "threshold", "retention": "retention_target", "max_spread": "max_spread"}  # its name there
+CURVE_KEY = {"fixed": "threshold", "prior": "retention_target", "spread": "max_spread"}  # a rule's parameter, by name
 
 
 def holdout_point(task_name: str, kept: np.ndarray, pred: TaskPrediction, truth: np.ndarray) -> dict:
@@ -187,18 +191,16 @@ def holdout_point(task_name: str, kept: np.ndarray, pred: TaskPrediction, truth:
 
 def holdout_curve(
     task_name: str,
-    rule: TaskRule,
+    rule: str,
     pred: TaskPrediction,
     candidate: np.ndarray,
     known: np.ndarray | None,
     truth: np.ndarray,
     values: list[float],
 ) -> list[dict]:
-    """Pseudo-label quality on the hidden rows as the rule's parameter sweeps ``values``."""
-    parameter = SWEPT[rule.rule]
+    """Pseudo-label quality on the hidden rows as ``rule``'s parameter sweeps ``values``."""
     curve = []
     for value in values:
-        swept = rule.model_copy(update={parameter: value})
-        kept = select(task_name, swept, pred, candidate, known).kept
-        curve.append({CURVE_KEY[parameter]: value, **holdout_point(task_name, kept, pred, truth)})
+        kept = select(task_name, rule, value, pred, candidate, known).kept
+        curve.append({CURVE_KEY[rule]: value, **holdout_point(task_name, kept, pred, truth)})
     return curve

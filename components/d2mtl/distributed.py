@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from d2mtl.devices import resolve_device
 from d2mtl.errors import UserError
-from d2mtl.models import resolve_device
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Export a model folder as ONNX or TorchScript: every task in one graph, with a dynamic batch axis.
 
-The exported graph is ``predict.InferenceModel``: input ``image``, float32 (batch, 3, S, S), a face aligned as
+The exported graph is ``inference.InferenceModel``: input ``image``, float32 (batch, 3, S, S), a face aligned as
 ingest aligns it, resized to the card's ``input_size`` and normalised with its ``mean`` / ``std`` (of 0-1
 pixel values); outputs per classification task its probabilities, and ``age``, ``age_low``, ``age_high``,
 ``age_std`` in years. ``out`` is a folder receiving the graph (``layout.ONNX_FILE`` or ``layout.TORCHSCRIPT_FILE``)
@@ -22,8 +22,8 @@ import torch
 
 from d2mtl import layout, store
 from d2mtl.errors import UserError
+from d2mtl.inference import AGE_INTERVAL, InferenceModel
 from d2mtl.models import load_model
-from d2mtl.predict import AGE_INTERVAL, InferenceModel
 from d2mtl.tasks import TASKS
 
 FORMATS = {"onnx": layout.ONNX_FILE, "torchscript": layout.TORCHSCRIPT_FILE}

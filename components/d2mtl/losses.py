@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from d2mtl.models import AGE_MAX, AGE_MIN
-from d2mtl.tasks import TASKS
+from d2mtl.tasks import AGE_MAX, AGE_MIN, TASKS
 
 
 def soft_cross_entropy(log_probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

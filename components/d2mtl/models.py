@@ -28,11 +28,11 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from d2mtl import layout, store
+from d2mtl.devices import resolve_device
 from d2mtl.errors import UserError
-from d2mtl.tasks import TASKS
+from d2mtl.tasks import AGE_MAX, AGE_MIN, TASKS
 
 CARD_FORMAT = "d2mtl-model/1"
-AGE_MIN, AGE_MAX = (int(v) for v in TASKS["age"].value_range)
 AGE_BINS = AGE_MAX - AGE_MIN + 1  # DEX: one class per integer age
 
 
@@ -195,14 +195,9 @@ class MultiTaskNet(nn.Module):
         var = probs @ self.age_values.square() - mean.square()
         return mean, var.clamp_min(0).sqrt()
 
-    @torch.inference_mode()
-    def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per classification task its probabilities (B, C); "age" expected years (B,), "age_std" (B,).
-
-        age_std is the spread of the DEX distribution (zeros for an l1 head, which has none).
-        Call on a network in eval mode (load_model returns one).
-        """
-        out = self(x)
+    def decode(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Raw head outputs -> per classification task its probabilities (B, C); "age" expected years (B,),
+        "age_std" (B,): the spread of the DEX distribution (zeros for an l1 head, which has none)."""
         result = {}
         for task, value in out.items():
             if TASKS[task].kind == "classification":
@@ -213,6 +208,11 @@ class MultiTaskNet(nn.Module):
                 result["age"] = value.float().clamp(AGE_MIN, AGE_MAX)
                 result["age_std"] = torch.zeros_like(result["age"])
         return result
+
+    @torch.inference_mode()
+    def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``decode`` of a forward pass. Call on a network in eval mode (load_model returns one)."""
+        return self.decode(self(x))
 
     def stages(self) -> list[nn.Module]:
         return get_backbone(self.spec.backbone).stages(self.backbone)
@@ -243,14 +243,6 @@ def build_model(cfg, weights: str | None = None) -> MultiTaskNet:
 
 
 # ---- model folder: safetensors + model card -----------------------------------------------------
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {device!r} requested but CUDA is not available; use device: auto or cpu")
-    return torch.device(device)
 
 
 def class_names(tasks: tuple[str, ...] | list[str]) -> dict[str, list[str]]:

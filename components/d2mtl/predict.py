@@ -9,7 +9,7 @@ An unreadable or missing file, or an image without a face, is a result whose ``s
 Faces are found with ingest's RetinaFace settings (``IngestConfig.detector``), aligned to its template at its
 ``image_size`` and JPEG-encoded at its quality, then go through the model card's eval transform: the network sees
 faces exactly as it saw them in training. Faces of consecutive images are batched into one forward pass of
-``InferenceModel``, the graph that ``d2mtl.export`` also writes as ONNX and TorchScript.
+``inference.InferenceModel``, the graph that ``d2mtl.export`` also writes as ONNX and TorchScript.
 """
 
 from __future__ import annotations
@@ -26,75 +26,23 @@ from typing import Literal, TextIO
 import numpy as np
 import torch
 from pydantic import BaseModel
-from torch import nn
 
 from d2mtl import data, layout, store
 from d2mtl.config.ingest import IngestConfig
 from d2mtl.errors import UserError
 from d2mtl.faces import Detection, FaceDetector, UnreadableImage, align, decode_rgb, encode_jpeg
-from d2mtl.models import AGE_MAX, AGE_MIN, MultiTaskNet, load_model
+from d2mtl.inference import AGE_INTERVAL, InferenceModel
+from d2mtl.models import load_model
 from d2mtl.tasks import TASKS
 
 log = logging.getLogger(__name__)
 
-AGE_INTERVAL = 0.8  # central share of the age distribution reported as the interval: its 10th-90th percentile
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")  # image left / right
 FORMATS = ("json", "csv", "table")
 
 ImageInput = str | os.PathLike | bytes | np.ndarray
 Status = Literal["ok", "no_face", "unreadable", "not_found"]
-
-
-# ---- the deployable graph ----------------------------------------------------------------------
-
-
-def output_names(net: MultiTaskNet) -> tuple[str, ...]:
-    """Names of ``InferenceModel``'s outputs, in order: per classification task its probabilities;
-    for age the expected years, the interval bounds and the spread."""
-    names: list[str] = []
-    for task in net.tasks:
-        if TASKS[task].kind == "classification":
-            names.append(task)
-        else:
-            names += [task, f"{task}_low", f"{task}_high", f"{task}_std"]
-    return tuple(names)
-
-
-class InferenceModel(nn.Module):
-    """Normalised faces (B, 3, S, S) -> a tuple of tensors named ``output_names(net)``, every task in one pass.
-
-    Class tasks: probabilities (B, C). Age (B,) each: expected years; the ``(1 - interval) / 2`` and
-    ``(1 + interval) / 2`` quantiles of the DEX distribution in whole years; its standard deviation. An l1 age
-    head has no distribution: its interval is the point estimate and its spread 0.
-    """
-
-    def __init__(self, net: MultiTaskNet, age_interval: float = AGE_INTERVAL):
-        super().__init__()
-        if not 0 < age_interval < 1:
-            raise UserError(f"age interval {age_interval} must be a share between 0 and 1, e.g. 0.8")
-        self.net = net
-        self.age_interval = age_interval
-        self.output_names = output_names(net)
-        quantiles = torch.tensor([(1 - age_interval) / 2, (1 + age_interval) / 2])
-        self.register_buffer("quantiles", quantiles, persistent=False)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.net(x)
-        results: list[torch.Tensor] = []
-        for task in self.net.tasks:
-            if TASKS[task].kind == "classification":
-                results.append(out[task].float().softmax(dim=1))
-            elif self.net.spec.age_head == "dex":
-                mean, std = self.net.age_distribution(out[task])
-                cdf = out[task].float().softmax(dim=1).cumsum(dim=1)  # (B, AGE_BINS)
-                below = cdf.unsqueeze(1) < self.quantiles.view(1, 2, 1)  # (B, 2, AGE_BINS)
-                bounds = below.sum(dim=2).float() + AGE_MIN  # (B, 2): first age whose CDF reaches each quantile
-                results += [mean, bounds[:, 0], bounds[:, 1], std]
-            else:
-                years = out[task].float().clamp(AGE_MIN, AGE_MAX)
-                results += [years, years, years, torch.zeros_like(years)]
-        return tuple(results)
 
 
 # ---- results -----------------------------------------------------------------------------------

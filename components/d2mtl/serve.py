@@ -37,7 +37,8 @@ from starlette.exceptions import HTTPException
 from d2mtl import export
 from d2mtl.config.ingest import IngestConfig
 from d2mtl.errors import UserError
-from d2mtl.predict import Analyzer, ImageResult, InferenceModel
+from d2mtl.inference import InferenceModel
+from d2mtl.predict import Analyzer, ImageResult
 
 log = logging.getLogger(__name__)
 

@@ -82,6 +82,7 @@ TASKS: dict[str, Task] = {
 }
 
 TASK_NAMES: tuple[str, ...] = tuple(TASKS)
+AGE_MIN, AGE_MAX = (int(v) for v in TASKS["age"].value_range)  # in whole years: a DEX head has a class per age
 
 
 def get_task(name: str) -> Task:

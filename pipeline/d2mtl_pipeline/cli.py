@@ -1,12 +1,14 @@
-"""The ``d2mtl run`` / ``compile`` / ``submit`` sub-commands (registered by d2mtl.cli when this package exists)."""
+"""The d2mtl command (the console script): every command of d2mtl.cli, and ``run`` / ``compile`` / ``submit``,
+which need the pipeline."""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+import sys
 
+from d2mtl import cli as library_cli
 from d2mtl import layout
-from d2mtl.cli import _experiment  # the config of --config / --set / --data-root, as every stage command loads it
+from d2mtl.cli import load_config
 
 RUN_EXAMPLES = """examples:
   d2mtl run --data-root ../shared/data          # the whole chain, CPU profile; a second run is all cache hits
@@ -31,14 +33,14 @@ SUBMIT_EXAMPLES = """examples:
 def cmd_run(args: argparse.Namespace) -> None:
     from d2mtl_pipeline import local
 
-    result = local.run(_experiment(args), rerun=args.rerun, from_run=args.from_run)
+    result = local.run(load_config(args), rerun=args.rerun, from_run=args.from_run)
     print(local.summary(result))
 
 
 def cmd_compile(args: argparse.Namespace) -> None:
     from d2mtl_pipeline import compile as compile_module
 
-    cfg = _experiment(args)
+    cfg = load_config(args)
     reuse = compile_module.plan_rerun(cfg, args.rerun, args.from_run)
     print(f"wrote {compile_module.compile_pipeline(cfg, args.out, reuse=reuse)}")
 
@@ -47,7 +49,7 @@ def cmd_submit(args: argparse.Namespace) -> None:
     from d2mtl_pipeline import submit
 
     run_id = submit.submit(
-        _experiment(args),
+        load_config(args),
         host=args.host,
         experiment=args.experiment,
         run_name=args.run_name,
@@ -74,18 +76,11 @@ def _rerun_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def register(sub, add_common: Callable[[argparse.ArgumentParser], None]) -> None:
-    def add(name: str, func, help_text: str, examples: str | None = None) -> argparse.ArgumentParser:
-        parser = sub.add_parser(
-            name,
-            help=help_text,
-            description=help_text,
-            epilog=examples,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        add_common(parser)
-        parser.set_defaults(func=func)
-        return parser
+def add_pipeline_commands(sub) -> None:
+    """run, compile and submit, as sub-commands of ``sub`` (the parser's sub-parsers)."""
+
+    def add(name: str, func, help_text: str, examples: str) -> argparse.ArgumentParser:
+        return library_cli.add_command(sub, name, func, help_text, examples, reads_datasets=True)
 
     p = add(
         "run",
@@ -121,3 +116,15 @@ def register(sub, add_common: Callable[[argparse.ArgumentParser], None]) -> None
         "(repeatable); stage settings: --set section.field=value",
     )
     _rerun_flags(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return library_cli.build_parser(add_pipeline_commands)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return library_cli.dispatch(build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

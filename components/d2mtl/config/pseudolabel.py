@@ -10,6 +10,7 @@ from d2mtl.tasks import TASKS, TaskList, get_task
 
 TRANSFORM_OPS = ("identity", "hflip", "scale", "crop")  # scale:F resizes to F x input size; crop:F centre-crops F
 RULES_BY_KIND = {"classification": ("fixed", "prior"), "regression": ("spread",)}  # selection rules a task may use
+RULE_PARAMETER = {"fixed": "threshold", "prior": "retention", "spread": "max_spread"}  # the TaskRule field each uses
 
 
 def parse_transform(spec: str) -> list[tuple[str, float]]:
@@ -42,6 +43,11 @@ class TaskRule(BaseModel):
     threshold: float = Field(0.9, ge=0.0, le=1.0)  # fixed: keep when the mean top probability >= this
     retention: float = Field(0.5, gt=0.0, le=1.0)  # prior: share of candidates kept, split by the labelled prior
     max_spread: float = Field(3.0, ge=0.0)  # spread: keep when the std of the members' predictions <= this
+
+    @property
+    def parameter(self) -> float:
+        """The value of the field this rule uses."""
+        return getattr(self, RULE_PARAMETER[self.rule])
 
 
 def default_rule(task: str) -> TaskRule:

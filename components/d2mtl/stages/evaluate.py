@@ -34,8 +34,9 @@ from torchvision.transforms.v2 import functional as F
 
 from d2mtl import claims, contracts, data, layout, metrics, report, store
 from d2mtl.config.evaluate import DomainView, EvaluateConfig
+from d2mtl.devices import resolve_device
 from d2mtl.errors import UserError
-from d2mtl.models import load_model, resolve_device
+from d2mtl.models import load_model
 from d2mtl.roles import NO_ROLE, Role, index_roles, parse_role
 from d2mtl.tasks import TASKS
 

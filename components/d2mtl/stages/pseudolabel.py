@@ -35,9 +35,10 @@ from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
 from d2mtl import contracts, data, distill, layout, store
-from d2mtl.config.pseudolabel import RULES_BY_KIND, PseudoLabelConfig, TaskRule, parse_transform
+from d2mtl.config.pseudolabel import RULE_PARAMETER, RULES_BY_KIND, PseudoLabelConfig, TaskRule, parse_transform
+from d2mtl.devices import resolve_device
 from d2mtl.errors import UserError
-from d2mtl.models import MultiTaskNet, load_model, read_card, resolve_device
+from d2mtl.models import MultiTaskNet, load_model, read_card
 from d2mtl.tasks import TASKS
 
 log = logging.getLogger(__name__)
@@ -354,12 +355,10 @@ def quality_curves(
     sweeps = {}
     for name in RULES_BY_KIND[TASKS[task].kind]:
         try:
-            curve = distill.holdout_curve(
-                task, rule.model_copy(update={"rule": name}), pred, candidate, known, truth, cfg.holdout.sweep(name)
-            )
+            curve = distill.holdout_curve(task, name, pred, candidate, known, truth, cfg.holdout.sweep(name))
         except ValueError:  # e.g. the prior rule for a task that no training dataset labels
             continue
-        sweeps[name] = {"parameter": distill.CURVE_KEY[distill.SWEPT[name]], "curve": curve}
+        sweeps[name] = {"parameter": distill.CURVE_KEY[name], "curve": curve}
     return {
         "rule": rule.rule,
         **sweeps.pop(rule.rule),
@@ -379,14 +378,16 @@ def select_by_dataset(
     """The task's rule over the candidates, except those of datasets with their own rule (``dataset_rules``),
     which are selected by it among themselves; the thresholds of each such dataset go under ``by_dataset``."""
     own_rules = {name: rules[task] for name, rules in cfg.dataset_rules.items() if task in rules}
+    rule = cfg.rule_for(task)
     if not own_rules:
-        return distill.select(task, cfg.rule_for(task), pred, candidate, known)
-    selection = distill.select(task, cfg.rule_for(task), pred, candidate & ~np.isin(datasets, list(own_rules)), known)
+        return distill.select(task, rule.rule, rule.parameter, pred, candidate, known)
+    others = candidate & ~np.isin(datasets, list(own_rules))
+    selection = distill.select(task, rule.rule, rule.parameter, pred, others, known)
     kept, by_dataset = selection.kept.copy(), {}
-    for name, rule in own_rules.items():
-        own = distill.select(task, rule, pred, candidate & (datasets == name), known)
+    for name, own_rule in own_rules.items():
+        own = distill.select(task, own_rule.rule, own_rule.parameter, pred, candidate & (datasets == name), known)
         kept |= own.kept
-        by_dataset[name] = {"rule": rule.rule, **own.thresholds}
+        by_dataset[name] = {"rule": own_rule.rule, **own.thresholds}
     return distill.Selection(kept, {**selection.thresholds, "by_dataset": by_dataset})
 
 
@@ -581,7 +582,7 @@ def read_parts(parts: list[str]) -> tuple[pa.Table, dict]:
 
 def rule_record(rule: TaskRule) -> dict:
     """A rule as the provenance records it: its name and the parameter it uses."""
-    return rule.model_dump(include={"rule", distill.SWEPT[rule.rule]})
+    return rule.model_dump(include={"rule", RULE_PARAMETER[rule.rule]})
 
 
 def merge(cfg: PseudoLabelConfig, parts: list[str], out: str) -> dict:
