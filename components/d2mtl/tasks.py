@@ -81,8 +81,6 @@ TASKS: dict[str, Task] = {
     )
 }
 
-TASK_NAMES: tuple[str, ...] = tuple(TASKS)
-
 
 def get_task(name: str) -> Task:
     try:
