@@ -20,7 +20,7 @@ from d2mtl.config.ingest import IngestConfig, UTKFaceSpec
 from d2mtl.data import FaceIndex
 from d2mtl.engine import plot_curves
 from d2mtl.errors import UserError
-from d2mtl.stages import evaluate, ingest
+from d2mtl.stages import evaluate, ingest, ingest_report
 
 
 def one_line_error(code: int, err: str, *fragments: str) -> None:
@@ -314,8 +314,8 @@ def test_the_ingest_bar_ends_at_its_total_and_age_bins_sort_by_age(tmp_path, cap
     )
     ingest.run(cfg, str(tmp_path / "out"))
     assert "| 7/7 " in capsys.readouterr().err  # it was left one short, at 6/7
-    assert sorted(["100+", "20-29", "0-9", "10-19"], key=ingest.class_order) == ["0-9", "10-19", "20-29", "100+"]
-    assert sorted(["sad", "angry"], key=ingest.class_order) == ["angry", "sad"]
+    assert sorted(["100+", "20-29", "0-9", "10-19"], key=ingest_report.class_order) == ["0-9", "10-19", "20-29", "100+"]
+    assert sorted(["sad", "angry"], key=ingest_report.class_order) == ["angry", "sad"]
 
 
 def test_curves_of_a_one_step_age_only_run_draw_without_warnings():
