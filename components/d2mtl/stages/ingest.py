@@ -131,8 +131,7 @@ def run(cfg: IngestConfig, out: str, shard: tuple[int, int] = (0, 1)) -> dict:
     report.json, report.md. A part is a complete ingest output of its share of the faces; ``merge`` combines
     the n parts into the output of one pass."""
     index, count = shard
-    if count < 1 or not 0 <= index < count:
-        raise UserError(f"shard {index}/{count}: expected 0 <= i < n")
+    layout.check_shard(index, count)
     started = time.perf_counter()
     report = IngestReport()
     workers = worker_count(cfg)

@@ -442,8 +442,7 @@ def run(
     Writes ``out/shards/shard-<i>-of-<n>.parquet``; with n == 1 also merges it (pseudo.parquet, report.json).
     """
     index, count = shard
-    if count < 1 or not 0 <= index < count:
-        raise UserError(f"shard {index}/{count}: expected 0 <= i < n")
+    layout.check_shard(index, count)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
