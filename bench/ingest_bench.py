@@ -31,7 +31,10 @@ from d2mtl.config import IngestConfig, load_experiment
 from d2mtl.faces import FaceDetector, UnreadableImage, decode_rgb
 from d2mtl.sources import Payload, Rejected
 from d2mtl.stages import ingest
-from d2mtl.stages.ingest import IngestReport, open_sources, plan_dataset, worker_count
+from d2mtl.stages.ingest import open_sources
+from d2mtl.stages.ingest_plan import plan_dataset
+from d2mtl.stages.ingest_report import IngestReport
+from d2mtl.stages.ingest_workers import worker_count
 
 
 def ingest_config(args: argparse.Namespace, images: int | None) -> IngestConfig:
@@ -77,9 +80,7 @@ def _detect_chunk(job: tuple[IngestConfig, list[tuple[str, Payload]]]) -> tuple[
 
     cfg, chunk = job
     cv2.setNumThreads(1)
-    detector = FaceDetector(
-        min_score=cfg.detector.min_score, min_side=cfg.detector.min_side, max_side=cfg.detector.max_side, threads=1
-    )
+    detector = FaceDetector(cfg.detector, threads=1)
     images = [(dataset, rgb) for dataset, payload in chunk if (rgb := pixels(payload)) is not None]
     busy: dict[str, tuple[int, float]] = {}
     cpu_started = time.process_time()

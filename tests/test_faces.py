@@ -7,6 +7,7 @@ import ingest_layouts as layouts
 import numpy as np
 import pytest
 
+from d2mtl.config.ingest import DetectorConfig
 from d2mtl.faces import (
     FaceDetector,
     UnreadableImage,
@@ -84,19 +85,19 @@ def test_center_crop_resize_takes_the_middle_square():
 
 
 def test_detector_scale_upscales_small_and_shrinks_large():
-    detector = FaceDetector(min_side=144, max_side=640)
+    detector = FaceDetector(DetectorConfig(min_side=144, max_side=640))
     assert detector.scale_for(48, 48) == 3.0
     assert detector.scale_for(200, 200) == 1.0
     assert detector.scale_for(1280, 960) == 0.5
 
 
 def test_detector_finds_no_face_in_noise():
-    assert FaceDetector().main_face(decode_rgb(layouts.image_bytes(0, 160))) is None
+    assert FaceDetector(DetectorConfig()).main_face(decode_rgb(layouts.image_bytes(0, 160))) is None
 
 
 @pytest.mark.realdata
 def test_detect_and_align_real_faces(shared_data):
-    detector = FaceDetector()
+    detector = FaceDetector(DetectorConfig())
     files = (
         sorted((shared_data / "utkface").glob("*.jpg"))[:10:3]
         + sorted((shared_data / "fer2013" / "test" / "happy").glob("*.jpg"))[:10:3]

@@ -14,13 +14,12 @@ import pyarrow as pa
 import pytest
 from conftest import make_tiny_tables, run_cli
 
-from d2mtl import cli, contracts, layout, predict, store
+from d2mtl import cli, contracts, layout, plots, predict, store
 from d2mtl.config import ConfigError, TrainConfig, load_experiment, updated
 from d2mtl.config.ingest import IngestConfig, UTKFaceSpec
 from d2mtl.data import FaceIndex
-from d2mtl.engine import plot_curves
 from d2mtl.errors import UserError
-from d2mtl.stages import evaluate, ingest
+from d2mtl.stages import evaluate, ingest, ingest_report
 from d2mtl_pipeline import cli as command_line
 
 
@@ -316,15 +315,15 @@ def test_the_ingest_bar_ends_at_its_total_and_age_bins_sort_by_age(tmp_path, cap
     )
     ingest.run(cfg, str(tmp_path / "out"))
     assert "| 7/7 " in capsys.readouterr().err  # it was left one short, at 6/7
-    assert sorted(["100+", "20-29", "0-9", "10-19"], key=ingest.class_order) == ["0-9", "10-19", "20-29", "100+"]
-    assert sorted(["sad", "angry"], key=ingest.class_order) == ["angry", "sad"]
+    assert sorted(["100+", "20-29", "0-9", "10-19"], key=ingest_report.class_order) == ["0-9", "10-19", "20-29", "100+"]
+    assert sorted(["sad", "angry"], key=ingest_report.class_order) == ["angry", "sad"]
 
 
 def test_curves_of_a_one_step_age_only_run_draw_without_warnings():
     history = [{"epoch": 1, "train": {"age": 4.0}, "val": {"age_loss": 4.2, "age_mae": 9.0}}]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # matplotlib: "No artists with labels found to put in legend"
-        assert plot_curves(history, [1e-3])[:4] == b"\x89PNG"
+        assert plots.training_curves(history, [1e-3])[:4] == b"\x89PNG"
 
 
 def test_an_interrupt_is_reported_on_its_own_line(monkeypatch, capsys):

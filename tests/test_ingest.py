@@ -24,7 +24,8 @@ from d2mtl.config.ingest import (
     UTKFaceSpec,
 )
 from d2mtl.faces import decode_rgb
-from d2mtl.stages import ingest
+from d2mtl.sources import TRAINVAL, Entry
+from d2mtl.stages import ingest, ingest_plan
 
 
 def all_layouts(root) -> list:
@@ -92,7 +93,7 @@ def test_face_rows_follow_the_contract(every_layout):
         assert row["split"] in contracts.SPLITS and row["alignment"] == "trusted_crop"
         assert decode_rgb(row["image"]).shape == (32, 32, 3)
     first = next(row for row in faces if row["source_uri"].endswith("25_0_2_20170116174525125.jpg.chip.jpg"))
-    assert first["sample_id"] == ingest.sample_id("utkface", "25_0_2_20170116174525125.jpg.chip.jpg")
+    assert first["sample_id"] == ingest_plan.sample_id("utkface", "25_0_2_20170116174525125.jpg.chip.jpg")
     assert first["domain"] == "utkface"
 
 
@@ -100,7 +101,7 @@ def test_labels_land_in_their_columns(every_layout):
     _, faces, labels, _, root = every_layout
     by_uri = {face["source_uri"][len(str(root)) :]: label for face, label in zip(faces, labels)}
     assert by_uri["/utkface/25_0_2_20170116174525125.jpg.chip.jpg"] == {
-        "sample_id": ingest.sample_id("utkface", "25_0_2_20170116174525125.jpg.chip.jpg"),
+        "sample_id": ingest_plan.sample_id("utkface", "25_0_2_20170116174525125.jpg.chip.jpg"),
         "age": 25.0,
         "gender": 0,
         "race": 2,
@@ -174,17 +175,17 @@ def test_limit_takes_the_lowest_sample_ids(tmp_path):
         for c, e in enumerate(layouts.FER_EMOTIONS)
         for i in range(2)
     ]
-    assert sorted(f["sample_id"] for f in faces) == sorted(ingest.sample_id("fer2013", p) for p in every)[:5]
+    assert sorted(f["sample_id"] for f in faces) == sorted(ingest_plan.sample_id("fer2013", p) for p in every)[:5]
     assert report["datasets"]["fer2013"]["limited_out"] == 23
 
 
 def test_hash_split_fractions_and_trainval_carve_out():
     cfg = IngestConfig().split
-    entry = ingest.Entry("x", "x")
-    splits = Counter(ingest.assign_split(entry, f"{i:016x}", cfg) for i in range(4000))
+    entry = Entry("x", "x")
+    splits = Counter(ingest_plan.assign_split(entry, f"{i:016x}", cfg) for i in range(4000))
     assert abs(splits["val"] / 4000 - 0.1) < 0.02 and abs(splits["test"] / 4000 - 0.1) < 0.02
-    trainval = ingest.Entry("x", "x", split=ingest.TRAINVAL)
-    carved = Counter(ingest.assign_split(trainval, f"{i:016x}", cfg) for i in range(4000))
+    trainval = Entry("x", "x", split=TRAINVAL)
+    carved = Counter(ingest_plan.assign_split(trainval, f"{i:016x}", cfg) for i in range(4000))
     assert set(carved) == {"train", "val"} and abs(carved["val"] / 4000 - 0.1) < 0.02
 
 

@@ -11,7 +11,7 @@ import pytest
 from d2mtl import cli, contracts, layout, store
 from d2mtl.config.ingest import FER2013CsvSpec, FER2013FolderSpec, IngestConfig, UTKFaceSpec
 from d2mtl.errors import UserError
-from d2mtl.stages import ingest
+from d2mtl.stages import ingest, ingest_plan
 
 TIMING = ("elapsed_s", "faces_per_s", "config")  # config: the same but for shuffle_rows (checked apart)
 
@@ -101,7 +101,7 @@ def test_parts_add_up_and_each_is_a_complete_output(data, tmp_path):
 def test_rows_are_in_the_seeded_shuffled_order(data, one_pass, tmp_path):
     rows = face_rows(one_pass)
     ids = [row["sample_id"] for row in rows]
-    assert ids == sorted(ids, key=lambda sid: (ingest.row_key(sid, 0), sid))
+    assert ids == sorted(ids, key=lambda sid: (ingest_plan.row_key(sid, 0), sid))
     datasets = [row["dataset"] for row in rows]
     changes = sum(a != b for a, b in zip(datasets, datasets[1:]))
     assert changes > 2 * len(set(datasets)), "datasets interleave, not one block each"

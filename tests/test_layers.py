@@ -18,11 +18,11 @@ PACKAGES = {"d2mtl": REPO / "components" / "d2mtl", "d2mtl_pipeline": REPO / "pi
 # Bottom to top; the units of one layer are independent of each other.
 LAYERS = {
     "d2mtl": (
-        ("errors", "tasks", "faces", "lr", "configs"),  # the error type, task registry; faces, LR; the YAML profiles
-        ("store", "devices", "roles", "metrics"),  # storage and devices; pure functions over the registry
+        ("errors", "tasks", "lr", "configs"),  # the error type, the task registry, LR schedules; the YAML profiles
+        ("store", "devices", "roles", "metrics", "plots"),  # storage, devices; functions and figures over the registry
         ("layout", "contracts", "upload", "claims"),  # where outputs live and what they hold; the claims
         ("config", "models", "data", "losses", "distill", "distributed", "report"),  # configs; network, data, maths
-        ("sources", "deploy", "engine", "inference"),  # dataset adapters, training, the deployable graph
+        ("sources", "faces", "deploy", "engine", "inference"),  # adapters, detection + alignment, training, graph
         ("predict", "export"),  # what a trained model is used for
         ("serve", "stages"),
         ("cli",),  # the stage and user commands

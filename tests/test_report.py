@@ -1,9 +1,11 @@
+import json
 from html.parser import HTMLParser
 
 import numpy as np
 
-from d2mtl import claims, metrics, report
+from d2mtl import claims, layout, metrics, plots, report
 from d2mtl.roles import parse_role
+from d2mtl.stages import evaluate
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -34,12 +36,12 @@ class _Collector(HTMLParser):
             self.cells.append(data)
 
 
-def test_confusion_png_is_a_png():
-    png = report.confusion_png(["male", "female"], [[5, 1], [0, 4]], "gender")
+def test_confusion_matrix_is_a_png():
+    png = plots.confusion_matrix(["male", "female"], [[5, 1], [0, 4]], "gender")
     assert png.startswith(PNG_MAGIC)
 
 
-def test_history_series_finds_epochs_and_groups_panels():
+def test_the_report_draws_a_model_folders_training_curves_as_training_drew_them(tmp_path):
     doc = {
         "result": {"epochs": 2},
         "lr": {"trace": [0.1, 0.2]},
@@ -62,13 +64,13 @@ def test_history_series_finds_epochs_and_groups_panels():
             },
         ],
     }
-    series = report.history_series(doc)
-    assert series["loss"] == {"train/age": ([1.0, 2.0], [2.0, 1.5]), "val/age_loss": ([1.0, 2.0], [2.2, 1.9])}
-    assert series["MAE (years)"] == {"val/age_mae": ([1.0, 2.0], [9.0, 7.5])}
-    assert series["scores"] == {"val/gender_acc": ([1.0, 2.0], [0.7, 0.8])}
-    assert series["learning rate"] == {"lr": ([1.0, 2.0], [0.01, 0.005])}
-    assert series["task weights"] == {"task_weights/age": ([1.0, 2.0], [1.0, 1.0])}
-    assert not any(label.endswith("_n") for lines in series.values() for label in lines)
+    (tmp_path / layout.TRAIN_METRICS).write_text(json.dumps(doc))
+    model = evaluate.EvalModel("m", str(tmp_path), None, None, {})
+    plot = evaluate.training_curves(model)
+    assert plot.caption == "m training curves"
+    assert plot.png == plots.training_curves(doc["history"], doc["lr"]["trace"])
+    assert plot.png.startswith(PNG_MAGIC)
+    assert evaluate.training_curves(evaluate.EvalModel("m", str(tmp_path / "none"), None, None, {})) is None
 
 
 def test_threshold_series_from_holdout_curves():
@@ -99,9 +101,9 @@ def test_threshold_series_from_holdout_curves():
     assert series["expression: accuracy"] == {"accuracy": ([0.5, 0.9], [0.6, 0.9])}
     assert series["age: mae"] == {"mae": ([2.0], [3.0])}  # a point without a value (nothing kept) is left out
     assert xlabels["age: retention"] == "max_spread" and xlabels["expression: retention"] == "threshold"
-    assert report.series_png(series, "t", xlabels).startswith(PNG_MAGIC)
+    assert plots.line_panels(series, "t", xlabels).startswith(PNG_MAGIC)
     assert report.threshold_series({"holdout": None}) == ({}, {})
-    assert report.series_png({}, "t", "x") is None
+    assert plots.line_panels({}, "t", "x") is None
 
 
 def test_render_is_self_contained_html_with_tables_and_images():
@@ -125,8 +127,8 @@ def test_render_is_self_contained_html_with_tables_and_images():
     coverage = {"age": {"utk"}, "gender": {"utk"}}
     roles = {name: parse_role(name) for name in models}
     assessed = claims.assess(rows, roles, coverage)
-    plots = [
-        report.Plot(f"{c['model']} {c['task']}", report.confusion_png(c["categories"], c["matrix"], "x"))
+    figures = [
+        report.Plot(f"{c['model']} {c['task']}", plots.confusion_matrix(c["categories"], c["matrix"], "x"))
         for c in confusions
     ]
     html = report.render(
@@ -136,7 +138,7 @@ def test_render_is_self_contained_html_with_tables_and_images():
         comparison=claims.comparison_table(rows, list(roles), "test", coverage),
         rows=rows,
         gaps=metrics.fairness_gaps(rows),
-        confusion_plots=plots,
+        confusion_plots=figures,
         curve_plots=[],
         threshold_plots=[],
         notes=["a note"],

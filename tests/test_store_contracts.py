@@ -1,3 +1,5 @@
+import os
+
 import pyarrow as pa
 import pytest
 
@@ -23,6 +25,24 @@ def test_bytes_round_trip_and_listing(root):
         store.read_bytes(store.join(root, "nope.bin"))
     store.delete(store.join(root, "a"))
     assert store.list_files(store.join(root, "a")) == []
+
+
+def test_minio_uris_are_listed_as_minio_uris(s3_env):
+    root = "minio://bucket/test-minio-listing"
+    store.write_text(store.join(root, "a/x.txt"), "hello")
+    assert store.list_files(root) == [f"{root}/a/x.txt"]
+    assert store.read_text(store.list_files(root)[0]) == "hello"
+    store.delete(root)
+
+
+def test_local_files_get_the_usual_mode(tmp_path):
+    umask = os.umask(0o027)
+    try:
+        store.write_bytes(str(tmp_path / "a.bin"), b"x")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "a.bin").stat().st_mode & 0o777 == 0o640
+    assert [p.name for p in tmp_path.iterdir()] == ["a.bin"]  # no temporary file left
 
 
 def test_face_table_round_trip(root, tmp_path):

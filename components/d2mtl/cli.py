@@ -138,13 +138,17 @@ def _split_list(value: str) -> list[str]:
 
 
 def _shard(value: str) -> tuple[int, int]:
-    index, sep, count = value.partition("/")
+    from d2mtl.layout import check_shard
+
+    index, _, count = value.partition("/")
     try:
         i, n = int(index), int(count)
     except ValueError:
         raise argparse.ArgumentTypeError(f"--shard {value!r}: expected i/n, e.g. 0/4") from None
-    if not sep or n < 1 or not 0 <= i < n:
-        raise argparse.ArgumentTypeError(f"--shard {value!r}: expected i/n with 0 <= i < n")
+    try:
+        check_shard(i, n)
+    except UserError as err:
+        raise argparse.ArgumentTypeError(f"--shard {value!r}: {err}") from None
     return i, n
 
 

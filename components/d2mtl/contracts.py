@@ -34,7 +34,6 @@ MANIFEST = "_manifest.json"
 EVALUATE_ONLY = "evaluate_only"  # face-manifest metadata: JSON list of the datasets whose labels only evaluation reads
 
 SPLITS = ("train", "val", "test")
-ALIGNMENT_STATUSES = ("aligned", "trusted_crop")
 
 
 class ContractError(UserError):

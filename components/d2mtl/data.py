@@ -110,10 +110,14 @@ def empty_targets(n: int, tasks: Sequence[str]) -> dict[str, np.ndarray]:
     return targets
 
 
-def column_at(table: pa.Table, name: str, positions: np.ndarray, fill) -> np.ndarray:
-    """``table[name]`` at ``positions`` (-1: no row) as NumPy, nulls and missing rows as ``fill``."""
-    values = np.append(table.column(name).fill_null(fill).to_numpy(zero_copy_only=False), fill)
-    return values[np.where(positions >= 0, positions, len(values) - 1)]
+def column_at(table: pa.Table, name: str, positions: np.ndarray) -> pa.Array:
+    """``table[name]`` at ``positions``; null where the position is -1 (no row)."""
+    return table.column(name).take(pa.array(positions, mask=positions < 0)).combine_chunks()
+
+
+def values_at(table: pa.Table, name: str, positions: np.ndarray, fill) -> np.ndarray:
+    """``column_at`` as NumPy, nulls and missing rows as ``fill``."""
+    return column_at(table, name, positions).fill_null(fill).to_numpy(zero_copy_only=False)
 
 
 def label_targets(labels: pa.Table, positions: np.ndarray, tasks: Sequence[str]) -> dict[str, np.ndarray]:
@@ -125,13 +129,13 @@ def label_targets(labels: pa.Table, positions: np.ndarray, tasks: Sequence[str])
     targets = empty_targets(len(positions), tasks)
     for task in tasks:
         if TASKS[task].kind == "classification":
-            codes = column_at(labels, task, positions, -1)
+            codes = values_at(labels, task, positions, -1)
             targets[task] = codes.astype(np.int64)
             targets[f"{task}_weight"] = (codes >= 0).astype(np.float32)
         else:
-            exact = column_at(labels, task, positions, np.nan)
-            low = np.where(np.isnan(exact), column_at(labels, f"{task}_low", positions, np.nan), exact)
-            high = np.where(np.isnan(exact), column_at(labels, f"{task}_high", positions, np.nan), exact)
+            exact = values_at(labels, task, positions, np.nan)
+            low = np.where(np.isnan(exact), values_at(labels, f"{task}_low", positions, np.nan), exact)
+            high = np.where(np.isnan(exact), values_at(labels, f"{task}_high", positions, np.nan), exact)
             known = ~np.isnan(low) & ~np.isnan(high)
             targets[f"{task}_low"] = np.where(known, low, np.nan).astype(np.float32)
             targets[f"{task}_high"] = np.where(known, high, np.nan).astype(np.float32)

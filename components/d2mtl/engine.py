@@ -27,11 +27,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from d2mtl import layout, store
+from d2mtl import layout, plots, store
 from d2mtl.data import EpochSampler, FaceDataset, FaceIndex, make_loader, normalize
 from d2mtl.distributed import Distributed
 from d2mtl.errors import UserError
@@ -559,9 +558,11 @@ class Trainer:
             store.join(self.out, layout.TRAIN_METRICS),
             json.dumps({"result": result, "history": progress.history, "lr": lr_info}, indent=1),
         )
-        store.write_bytes(store.join(self.out, layout.TRAIN_CURVES), plot_curves(progress.history, progress.lr_trace))
+        store.write_bytes(
+            store.join(self.out, layout.TRAIN_CURVES), plots.training_curves(progress.history, progress.lr_trace)
+        )
         if progress.range_test:
-            store.write_bytes(store.join(self.out, layout.LR_RANGE_PLOT), plot_range_test(progress.range_test))
+            store.write_bytes(store.join(self.out, layout.LR_RANGE_PLOT), plots.lr_range_test(progress.range_test))
 
 
 def _differing(saved: dict, current: dict) -> list[str]:
@@ -574,77 +575,3 @@ def _add(sums: dict, key: str, value: float) -> None:
 
 def _fmt(values: dict) -> str:
     return " ".join(f"{k}={v:.4g}" for k, v in values.items() if not k.endswith("_n"))
-
-
-# ---- plots -------------------------------------------------------------------------------------------
-
-
-def _png(figure: Figure) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    return buffer.getvalue()
-
-
-def plot_curves(history: list[dict], lr_trace: list[float]) -> bytes:
-    """Per-task train / val loss, val metrics per epoch, and the learning rate of every step."""
-    figure = Figure(figsize=(15, 4))
-    loss_ax, acc_ax, lr_ax = figure.subplots(1, 3)
-    mae_ax = None
-    epochs = [h["epoch"] for h in history]
-    tasks = [t for t in TASKS if any(t in h["train"] for h in history)]
-    for task in tasks:
-        (line,) = loss_ax.plot(
-            epochs, [h["train"].get(task, math.nan) for h in history], marker="o", label=f"{task} train"
-        )
-        loss_ax.plot(
-            epochs,
-            [h["val"].get(f"{task}_loss", math.nan) for h in history],
-            marker="x",
-            linestyle="--",
-            color=line.get_color(),
-            label=f"{task} val",
-        )
-        if TASKS[task].kind == "classification":
-            acc_ax.plot(
-                epochs,
-                [h["val"].get(f"{task}_acc", math.nan) for h in history],
-                marker="o",
-                color=line.get_color(),
-                label=f"{task} accuracy",
-            )
-        else:
-            mae_ax = mae_ax or acc_ax.twinx()
-            mae_ax.plot(
-                epochs,
-                [h["val"].get(f"{task}_mae", math.nan) for h in history],
-                marker="s",
-                linestyle=":",
-                color=line.get_color(),
-                label=f"{task} MAE (years, right)",
-            )
-            mae_ax.legend(fontsize=7, loc="center right")
-    loss_ax.set(title="loss per task", xlabel="epoch")
-    _legend(loss_ax, fontsize=7)
-    acc_ax.set(title="validation metrics", xlabel="epoch", ylabel="accuracy")
-    _legend(acc_ax, fontsize=7, loc="upper left")
-    lr_ax.plot(range(1, len(lr_trace) + 1), lr_trace, marker="o" if len(lr_trace) < 20 else None)  # a line needs 2
-    lr_ax.set(title="learning rate", xlabel="step", yscale="log")
-    return _png(figure)
-
-
-def _legend(ax, **options) -> None:
-    """A legend when something on ``ax`` has a label (matplotlib warns about an empty one)."""
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(**options)
-
-
-def plot_range_test(result: dict) -> bytes:
-    figure = Figure(figsize=(6, 4))
-    ax = figure.subplots()
-    ax.plot(result["lrs"], result["losses"], alpha=0.4, label="loss")
-    ax.plot(result["lrs"], result["smoothed"], label="smoothed")
-    ax.axvline(result["best_lr"], color="gray", linestyle=":", label=f"minimum {result['best_lr']:.1e}")
-    ax.axvline(result["peak"], color="red", linestyle="--", label=f"chosen peak {result['peak']:.1e}")
-    ax.set(xscale="log", xlabel="learning rate", ylabel="training loss", title="LR range test")
-    ax.legend(fontsize=8)
-    return _png(figure)

@@ -24,6 +24,8 @@ import numpy as np
 import simplejpeg
 from PIL import Image, ImageOps
 
+from d2mtl.config.ingest import DetectorConfig
+
 # 112 x 112 template: left eye, right eye, nose tip, left and right mouth corner (image left / right).
 TEMPLATE_112 = np.array([[34.8, 38.0], [77.2, 38.0], [56.0, 63.0], [38.5, 80.5], [73.5, 80.5]], dtype=np.float32)
 
@@ -162,14 +164,7 @@ def center_crop_resize(rgb: np.ndarray, size: int) -> np.ndarray:
 class FaceDetector:
     """RetinaFace on CPU (or CUDA when onnxruntime has it), one session per process."""
 
-    def __init__(
-        self,
-        min_score: float = 0.9,
-        min_side: int = 144,
-        max_side: int = 640,
-        threads: int = 1,
-        nms_threshold: float = 0.4,
-    ):
+    def __init__(self, settings: DetectorConfig, threads: int = 1, nms_threshold: float = 0.4):
         import onnxruntime as ort
         from retinaface.weights import WEIGHTS
 
@@ -178,7 +173,8 @@ class FaceDetector:
         options.inter_op_num_threads = 1
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
         self.session = ort.InferenceSession(WEIGHTS, options, providers=providers)
-        self.min_score, self.min_side, self.max_side, self.nms_threshold = min_score, min_side, max_side, nms_threshold
+        self.min_score, self.min_side, self.max_side = settings.min_score, settings.min_side, settings.max_side
+        self.nms_threshold = nms_threshold
 
     def scale_for(self, height: int, width: int) -> float:
         """Upscale small images (48 px FER2013 crops are rarely found at native size), downscale large ones."""

@@ -6,6 +6,7 @@ A pipeline run publishes to ``<prefix>/<run_id>/<stage>/``; a stage run alone wr
 
 from __future__ import annotations
 
+from d2mtl.errors import UserError
 from d2mtl.store import join
 
 STAGES = (
@@ -62,6 +63,12 @@ def faces(ingest_out: str) -> str:
 
 def labels(ingest_out: str) -> str:
     return join(ingest_out, LABELS_FILE)
+
+
+def check_shard(index: int, count: int) -> None:
+    """Shard ``index`` of ``count`` (a stage's ``shard=(i, n)``, the CLI's ``--shard i/n``) must exist."""
+    if count < 1 or not 0 <= index < count:
+        raise UserError(f"shard {index}/{count}: expected 0 <= i < n")
 
 
 def pseudo_shard(index: int, count: int) -> str:

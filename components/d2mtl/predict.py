@@ -161,12 +161,7 @@ class Analyzer:
         # channels-last convolutions: ~1.5x faster batched on CPU here (MobileNetV2, 64 px), and what CUDA prefers
         self.graph = InferenceModel(self.net, age_interval).to(self.device, memory_format=torch.channels_last).eval()
         settings = ingest or IngestConfig()
-        self.detector = FaceDetector(
-            min_score=settings.detector.min_score,
-            min_side=settings.detector.min_side,
-            max_side=settings.detector.max_side,
-            threads=torch.get_num_threads(),
-        )
+        self.detector = FaceDetector(settings.detector, threads=torch.get_num_threads())
         trained = self.card.get("training", {}).get("faces", {}).get("image_size")
         self.face_size = int(trained) if trained else settings.image_size  # the face size the model trained on
         if ingest is not None and ingest.image_size != self.face_size:

@@ -1,22 +1,18 @@
 """The evaluation report: one self-contained HTML file (tables + PNG plots embedded as data URIs).
 
-Plots are drawn with matplotlib's object API (``Figure`` + the Agg canvas), never through pyplot's global state,
-so rendering is thread-safe and needs no display. The HTML references nothing outside itself.
+The plots are drawn by ``d2mtl.plots``; the HTML references nothing outside itself.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import io
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-import numpy as np
-from matplotlib.figure import Figure
-
 from d2mtl.claims import HELD, NOT_HELD, format_percent
+from d2mtl.plots import Series
 
 _STATUS_CLASS = {HELD: "held", NOT_HELD: "not-held"}
 _STYLE = """
@@ -34,68 +30,6 @@ img { max-width: 100%; }
 class Plot:
     caption: str
     png: bytes
-
-
-def _png(figure: Figure) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    return buffer.getvalue()
-
-
-def confusion_png(categories: list[str], matrix: list[list[int]], title: str) -> bytes:
-    """Rows = true class, columns = predicted; colour = share of the true class, text = counts."""
-    counts = np.asarray(matrix, dtype=np.int64)
-    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    side = 1.2 + 0.6 * len(categories)
-    figure = Figure(figsize=(side + 1.0, side))
-    axes = figure.add_subplot()
-    image = axes.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
-    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="share of true class")
-    ticks = range(len(categories))
-    axes.set_xticks(ticks, categories, rotation=45, ha="right")
-    axes.set_yticks(ticks, categories)
-    axes.set_xlabel("predicted")
-    axes.set_ylabel("true")
-    axes.set_title(title, fontsize=9)
-    for (i, j), count in np.ndenumerate(counts):
-        axes.text(
-            j, i, str(count), ha="center", va="center", fontsize=7, color="white" if shares[i, j] > 0.5 else "black"
-        )
-    return _png(figure)
-
-
-Series = dict[str, dict[str, tuple[list[float], list[float]]]]  # panel -> line label -> (xs, ys)
-
-
-def series_png(series: Series, title: str, xlabel: str | Mapping[str, str]) -> bytes | None:
-    """Line plots, one panel per entry of ``series`` (up to 3 per row); None when there is nothing to draw."""
-    panels = {name: lines for name, lines in series.items() if lines}
-    if not panels:
-        return None
-    columns = min(3, len(panels))
-    grid_rows = math.ceil(len(panels) / columns)
-    figure = Figure(figsize=(4.8 * columns, 3.4 * grid_rows))
-    for index, (panel, lines) in enumerate(panels.items()):
-        axes = figure.add_subplot(grid_rows, columns, index + 1)
-        for label, (xs, ys) in lines.items():
-            axes.plot(xs, ys, marker="o", markersize=3, label=label)
-        axes.set_title(panel, fontsize=9)
-        axes.set_xlabel(xlabel if isinstance(xlabel, str) else xlabel.get(panel, ""))
-        axes.grid(alpha=0.3)
-        axes.legend(fontsize=7)
-    figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
-    return _png(figure)
-
-
-def _record_lists(doc, path: str = "") -> Iterator[tuple[str, list[dict]]]:
-    """Every list of JSON objects inside a JSON document, with its path (``a/b``)."""
-    if isinstance(doc, list) and doc and all(isinstance(item, dict) for item in doc):
-        yield path, doc
-        return
-    children = doc.items() if isinstance(doc, dict) else enumerate(doc) if isinstance(doc, list) else ()
-    for key, child in children:
-        yield from _record_lists(child, f"{path}/{key}" if path else str(key))
 
 
 def _numbers(record: dict, prefix: str = "") -> dict[str, float]:
@@ -120,35 +54,6 @@ def _lines(records: list[dict], x_key: str, y_keys: Iterable[str]) -> dict[str, 
                 xs.append(values[x_key])
                 ys.append(values[key])
     return lines
-
-
-_CURVE_PANELS = ("loss", "scores", "MAE (years)", "learning rate", "task weights")  # in the order drawn
-_NOT_CURVES = ("epoch", "step", "steps", "samples", "images", "plateau")
-
-
-def _curve_panel(key: str) -> str | None:
-    """Which panel a history value belongs to (None: not a curve); ``train/*`` holds the training losses."""
-    section, _, leaf = key.lower().rpartition("/")
-    if leaf in _NOT_CURVES or leaf.endswith("_n") or "seconds" in leaf or "time" in leaf:
-        return None
-    if "loss" in leaf or section.split("/")[0] == "train":
-        return "loss"
-    if "weight" in section or "weight" in leaf:
-        return "task weights"
-    if leaf == "lr" or leaf.endswith("_lr"):
-        return "learning rate"
-    return "MAE (years)" if "mae" in leaf else "scores"
-
-
-def history_series(doc) -> Series:
-    """Training curves from the per-epoch history in a model's metrics JSON (lists of objects with ``epoch``)."""
-    histories = [(path, records) for path, records in _record_lists(doc) if any("epoch" in r for r in records)]
-    series: Series = {}
-    for path, records in histories:
-        keys = sorted({key for record in records for key in _numbers(record) if _curve_panel(key) is not None})
-        for key, line in _lines(records, "epoch", keys).items():
-            series.setdefault(_curve_panel(key), {})[f"{path}/{key}" if len(histories) > 1 else key] = line
-    return {panel: series[panel] for panel in _CURVE_PANELS if panel in series}
 
 
 _CURVE_QUALITIES = ("accuracy", "mae", "retention")

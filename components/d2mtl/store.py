@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -26,9 +27,8 @@ from pydantic import BaseModel, ConfigDict, SecretStr
 
 from d2mtl.errors import UserError
 
+# minio:// is KFP's name for its own artifact store (a publish prefix there: docs/pipeline.md); both speak S3
 S3_SCHEMES = ("s3://", "minio://")
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 class StoreError(UserError):
@@ -75,7 +75,7 @@ class _S3:
     def __post_init__(self) -> None:
         from minio import Minio
 
-        endpoint = self.settings.endpoint or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("S3_ENDPOINT")
+        endpoint = self.settings.endpoint or os.environ.get("AWS_ENDPOINT_URL")
         if not endpoint:
             raise StoreError("no S3 endpoint: set AWS_ENDPOINT_URL (e.g. http://localhost:9000) or store.endpoint")
         parsed = urlparse(endpoint if "://" in endpoint else f"http://{endpoint}")
@@ -197,9 +197,10 @@ def write_bytes(uri: str, data: bytes, content_type: str = "application/octet-st
         _make_parent(path)
         if path.is_dir():
             raise StoreError(f"cannot write {uri}: it is a folder")
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        # os.open, not mkstemp (mode 0600): the file gets the usual mode, 0666 less the process's umask
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
-            os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
                 handle.flush()
@@ -278,12 +279,13 @@ def list_files(uri: str) -> list[str]:
     s3 = _s3()
     bucket, prefix = split_s3(uri)
     prefix = prefix.rstrip("/") + "/" if prefix else ""
+    scheme = uri.split("://", 1)[0]
 
     def listing() -> list[str]:
         if not s3.client.bucket_exists(bucket):
             return []
         return sorted(
-            f"s3://{bucket}/{o.object_name}"
+            f"{scheme}://{bucket}/{o.object_name}"
             for o in s3.client.list_objects(bucket, prefix, recursive=True)
             if not o.is_dir
         )

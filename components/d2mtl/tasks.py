@@ -81,7 +81,6 @@ TASKS: dict[str, Task] = {
     )
 }
 
-TASK_NAMES: tuple[str, ...] = tuple(TASKS)
 AGE_MIN, AGE_MAX = (int(v) for v in TASKS["age"].value_range)  # in whole years: a DEX head has a class per age
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from d2mtl.config.fields import Threads
 from d2mtl.contracts import SPLITS
 from d2mtl.errors import UserError
 from d2mtl.roles import NO_ROLE, parse_role
@@ -39,7 +40,7 @@ class EvaluateConfig(BaseModel):
     splits: list[str] = ["test"]  # face-table splits to evaluate
     batch_size: int = Field(256, ge=1)  # faces per inference batch
     device: str = "auto"  # auto: cuda when available, else cpu
-    threads: int | None = None  # torch CPU threads; None: torch's default
+    threads: Threads = None  # config.fields.Threads
     roles: dict[str, str] = Field(default_factory=dict)  # model name -> teacher | student | baseline:<task> |
     # student_single:<task> | none (scored, left out of the claims); unnamed models get a role from their name
     # (baseline_age, ...) or their card

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from d2mtl.config.fields import Threads
 from d2mtl.tasks import TASKS, TaskList, get_task
 
 TRANSFORM_OPS = ("identity", "hflip", "scale", "crop")  # scale:F resizes to F x input size; crop:F centre-crops F
@@ -78,7 +79,7 @@ class PseudoLabelConfig(BaseModel):
     batch_size: int = Field(256, ge=1)  # faces per forward pass (each pass runs all transforms)
     workers: int = Field(1, ge=0)  # processes reading + decoding faces while the network runs (0: in-process)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    threads: int = Field(0, ge=0)  # torch CPU threads; 0 keeps torch's default
+    threads: Threads = None  # config.fields.Threads
     rules: dict[str, TaskRule] = {}  # per task; a task not listed: fixed 0.9 (classification), spread 3 (age)
     # per target dataset, task -> rule for that dataset's candidates, where its holdout curves call for another rule
     dataset_rules: dict[str, dict[str, TaskRule]] = {}

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from d2mtl.config.fields import Threads
 from d2mtl.tasks import TASKS, TaskList, TaskMap
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -85,7 +86,7 @@ class TrainConfig(BaseModel):
     dwa_temperature: float = 2.0  # dwa: softness of the weights
     # run
     device: str = "auto"  # auto: cuda when available, else cpu
-    threads: int | None = None  # torch CPU threads; None: torch's default
+    threads: Threads = None  # config.fields.Threads
     seed: int = 0
     deterministic: bool = False  # torch deterministic algorithms (exact resume on CPU)
     checkpoint_every: int = 200  # also checkpoint every N optimiser steps (0: only per epoch)

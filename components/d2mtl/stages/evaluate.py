@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 import torch
 from torchvision.transforms.v2 import functional as F
 
-from d2mtl import claims, contracts, data, layout, metrics, report, store
+from d2mtl import claims, contracts, data, layout, metrics, plots, report, store
 from d2mtl.config.evaluate import DomainView, EvaluateConfig
 from d2mtl.devices import resolve_device
 from d2mtl.errors import UserError
@@ -218,10 +218,8 @@ def collect(models: list[EvalModel], faces: str, cfg: EvaluateConfig, device: to
 
 
 def _label_column(table: pa.Table, name: str, positions: np.ndarray) -> np.ndarray:
-    values = table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
-    if not len(values):
-        return np.full(len(positions), np.nan)
-    return np.where(positions >= 0, values[np.maximum(positions, 0)], np.nan)
+    """A label column at ``positions`` as floats, NaN for no label (class codes too)."""
+    return data.column_at(table, name, positions).to_numpy(zero_copy_only=False).astype(np.float64)
 
 
 def ground_truth(collected: Collected, label_table: pa.Table) -> tuple[dict[str, np.ndarray], int]:
@@ -334,8 +332,8 @@ def training_curves(model: EvalModel) -> report.Plot | None:
     except json.JSONDecodeError:
         log.warning("%s is not JSON; no training curves for %s", uri, model.name)
         return None
-    png = report.series_png(report.history_series(history), f"{model.name}: training", "epoch")
-    return report.Plot(f"{model.name} training curves", png) if png else None
+    png = plots.training_curves(history["history"], history["lr"]["trace"])
+    return report.Plot(f"{model.name} training curves", png)
 
 
 def threshold_curves(uri: str) -> list[report.Plot]:
@@ -347,7 +345,7 @@ def threshold_curves(uri: str) -> list[report.Plot]:
     except json.JSONDecodeError as err:
         raise UserError(f"pseudo-label report {uri} is not JSON ({err})") from None
     series, xlabels = report.threshold_series(pseudo_report)
-    png = report.series_png(series, f"pseudo-label quality on hidden labels ({uri})", xlabels)
+    png = plots.line_panels(series, f"pseudo-label quality on hidden labels ({uri})", xlabels)
     return [report.Plot(f"pseudo-label quality vs threshold: {uri}", png)] if png else []
 
 
@@ -365,16 +363,16 @@ def score_models(
 
 def write_confusions(confusions: list[dict], out: str) -> list[report.Plot]:
     """PNG + KFP-shaped JSON per confusion matrix under ``out/confusion/``; adds each PNG's URI as ``png``."""
-    plots = []
+    figures = []
     for c in confusions:
         base = store.join(out, layout.CONFUSION_DIR, confusion_name(c["model"], c["task"], c["dataset"], c["split"]))
         caption = f"{c['model']}: {c['task']} on {c['dataset']} ({c['split']})"
-        png = report.confusion_png(c["categories"], c["matrix"], caption)
+        png = plots.confusion_matrix(c["categories"], c["matrix"], caption)
         store.write_bytes(base + ".png", png, content_type="image/png")
         store.write_text(base + ".json", _json({"categories": c["categories"], "matrix": c["matrix"]}))
         c["png"] = base + ".png"
-        plots.append(report.Plot(caption, png))
-    return plots
+        figures.append(report.Plot(caption, png))
+    return figures
 
 
 def report_notes(

@@ -21,7 +21,6 @@ without holdout mode.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from collections.abc import Iterator
@@ -34,7 +33,7 @@ import torch
 from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
-from d2mtl import contracts, data, distill, layout, store
+from d2mtl import contracts, data, distill, layout, plots, store
 from d2mtl.config.pseudolabel import RULE_PARAMETER, RULES_BY_KIND, PseudoLabelConfig, TaskRule, parse_transform
 from d2mtl.devices import resolve_device
 from d2mtl.errors import UserError
@@ -241,11 +240,6 @@ def check_holdout_teachers(cfg: PseudoLabelConfig, teachers: list[Teacher]) -> N
             )
 
 
-def _at(table: pa.Table, column: str, positions: np.ndarray) -> pa.Array:
-    """``table[column]`` at ``positions``; null where the position is -1 (no label row)."""
-    return table.column(column).take(pa.array(positions, mask=positions < 0)).combine_chunks()
-
-
 def label_columns(keys: pa.Table, record: pa.Table, hidden: pa.Table | None) -> dict[str, pa.Array]:
     """Per task ``<task>_known`` and ``<task>_hidden`` for the rows of ``keys``."""
     positions = data.positions_in(keys.column("sample_id"), record, where="label table")
@@ -255,15 +249,15 @@ def label_columns(keys: pa.Table, record: pa.Table, hidden: pa.Table | None) -> 
     columns = {}
     for task in TASKS.values():
         if task.kind == "classification":
-            columns[f"{task.name}_known"] = _at(record, task.name, positions)
+            columns[f"{task.name}_known"] = data.column_at(record, task.name, positions)
         else:  # an exact value or an interval (age groups) is a label of record
             interval = pc.and_(
-                _at(record, f"{task.name}_low", positions).is_valid(),
-                _at(record, f"{task.name}_high", positions).is_valid(),
+                data.column_at(record, f"{task.name}_low", positions).is_valid(),
+                data.column_at(record, f"{task.name}_high", positions).is_valid(),
             )
-            columns[f"{task.name}_known"] = pc.or_(_at(record, task.name, positions).is_valid(), interval)
+            columns[f"{task.name}_known"] = pc.or_(data.column_at(record, task.name, positions).is_valid(), interval)
         if hidden_positions is not None:
-            columns[f"{task.name}_hidden"] = _at(hidden, task.name, hidden_positions)
+            columns[f"{task.name}_hidden"] = data.column_at(hidden, task.name, hidden_positions)
     return columns
 
 
@@ -438,40 +432,6 @@ def select_all(
     return kept_columns, summary, retention, curves
 
 
-def holdout_plot(curves: dict) -> bytes:
-    """One panel per task: quality of the kept pseudo-labels on the hidden rows against the share kept, one
-    line per rule (points labelled with the rule's parameter), the configured rule's point starred."""
-    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
-
-    fig = Figure(figsize=(4.5 * len(curves), 3.8))
-    axes = fig.subplots(1, len(curves), squeeze=False)
-    for ax, (task, info) in zip(axes[0], curves.items()):
-        quality = "accuracy" if TASKS[task].kind == "classification" else "mae"
-        for rule, sweep in {info["rule"]: info, **info["other_rules"]}.items():
-            key = sweep["parameter"]
-            points = [p for p in sweep["curve"] if p[quality] is not None]
-            x, y = [p["retention"] for p in points], [p[quality] for p in points]
-            ax.plot(x, y, "o-", markersize=3, label=f"{rule} ({key})")
-            for p in points:
-                ax.annotate(
-                    f"{p[key]:g}", (p["retention"], p[quality]), fontsize=6, xytext=(2, 2), textcoords="offset points"
-                )
-        chosen = info["chosen"]
-        if chosen[quality] is not None:
-            ax.plot([chosen["retention"]], [chosen[quality]], "k*", markersize=10, label="configured")
-        ax.set_xlim(0, 1.05)
-        if quality == "accuracy":
-            ax.set_ylim(0, 1.05)
-        ax.set_xlabel("share of hidden labels kept")
-        ax.set_ylabel("accuracy" if quality == "accuracy" else "MAE (years)")
-        ax.set_title(f"{task}: {chosen['hidden']} hidden labels")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    return buffer.getvalue()
-
-
 # ---- the stage ------------------------------------------------------------------------------------
 
 
@@ -483,8 +443,7 @@ def run(
     Writes ``out/shards/shard-<i>-of-<n>.parquet``; with n == 1 also merges it (pseudo.parquet, report.json).
     """
     index, count = shard
-    if count < 1 or not 0 <= index < count:
-        raise UserError(f"shard {index}/{count}: expected 0 <= i < n")
+    layout.check_shard(index, count)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
@@ -623,7 +582,7 @@ def merge(cfg: PseudoLabelConfig, parts: list[str], out: str) -> dict:
         "retention": retention,
     }
     if curves:
-        store.write_bytes(store.join(out, layout.PSEUDO_HOLDOUT_PLOT), holdout_plot(curves), "image/png")
+        store.write_bytes(store.join(out, layout.PSEUDO_HOLDOUT_PLOT), plots.holdout_curves(curves), "image/png")
         report["holdout"] = {**(provenance["holdout"] or {}), "curves": curves, "plot": layout.PSEUDO_HOLDOUT_PLOT}
     store.write_text(report_uri, json.dumps(report, indent=1))
     log.info(

@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from d2mtl import contracts, distributed
 from d2mtl.config.train import StudentConfig
-from d2mtl.data import FaceIndex, column_at, positions_in
+from d2mtl.data import FaceIndex, column_at, positions_in, values_at
 from d2mtl.engine import Trainer, setup_run
 from d2mtl.errors import UserError
 from d2mtl.models import MultiTaskNet, build_model, load_model
@@ -24,7 +24,7 @@ from d2mtl.tasks import TASKS
 
 def _probabilities(table: pa.Table, task: str, positions: np.ndarray) -> np.ndarray:
     """(len(positions), C) teacher probabilities of ``task`` at ``positions`` (all >= 0)."""
-    probs = table.column(f"{task}_probs").combine_chunks().take(pa.array(positions, pa.int64())).to_pylist()
+    probs = column_at(table, f"{task}_probs", positions).to_pylist()
     if any(p is None for p in probs):
         raise contracts.ContractError(f"pseudo table: a kept {task} pseudo-label has no {task}_probs")
     return np.asarray(probs, np.float32).reshape(len(positions), TASKS[task].num_classes)
@@ -39,22 +39,22 @@ def apply_pseudo_labels(index: FaceIndex, pseudo: pa.Table, rows: np.ndarray, cf
     report = {}
     for task in index.tasks:
         targets = index.targets
-        kept = column_at(pseudo, f"{task}_kept", positions, False).astype(bool) & (positions >= 0)
+        kept = values_at(pseudo, f"{task}_kept", positions, False).astype(bool) & (positions >= 0)
         has_truth = targets[f"{task}_weight"][rows] > 0
         use = kept & ~has_truth
         chosen = rows[use]
         weight = np.full(len(chosen), cfg.pseudo_weight, np.float32)
         if TASKS[task].kind == "classification":
-            targets[task][chosen] = column_at(pseudo, task, positions, -1)[use]
+            targets[task][chosen] = values_at(pseudo, task, positions, -1)[use]
             if cfg.targets == "soft":
                 targets[f"{task}_probs"][chosen] = _probabilities(pseudo, task, positions[use])
                 targets[f"{task}_soft"][chosen] = True
             if cfg.confidence_weighting:
-                weight *= column_at(pseudo, f"{task}_confidence", positions, 0.0)[use].astype(np.float32)
+                weight *= values_at(pseudo, f"{task}_confidence", positions, 0.0)[use].astype(np.float32)
         else:
-            age = column_at(pseudo, task, positions, np.nan)[use].astype(np.float32)
+            age = values_at(pseudo, task, positions, np.nan)[use].astype(np.float32)
             band = (
-                column_at(pseudo, f"{task}_spread", positions, 0.0)[use].astype(np.float32)
+                values_at(pseudo, f"{task}_spread", positions, 0.0)[use].astype(np.float32)
                 if cfg.targets == "soft"
                 else 0.0
             )
