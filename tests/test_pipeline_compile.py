@@ -3,19 +3,22 @@ and the submit command's argument handling (no cluster here: kfp.Client is repla
 
 from __future__ import annotations
 
+import dataclasses
 import http.server
 import json
 import threading
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import yaml
 
-from d2mtl import cli
+from d2mtl import cli, layout
 from d2mtl.config import IngestConfig, load_experiment
 from d2mtl.errors import UserError
 from d2mtl_pipeline import compile as compile_module
+from d2mtl_pipeline import components as components_module
 from d2mtl_pipeline import pipeline, submit
 from d2mtl_pipeline.placement import RERUN_ENV
 
@@ -58,8 +61,10 @@ class Compiled:
             t
             for t in self.tasks().values()
             if self.component_of(t) == component
-            or (self.component_of(t).startswith(f"{component}-")
-            and self.component_of(t).removeprefix(f"{component}-").isdigit())
+            or (
+                self.component_of(t).startswith(f"{component}-")
+                and self.component_of(t).removeprefix(f"{component}-").isdigit()
+            )
         ]
 
     def executor(self, task: dict) -> dict:
@@ -328,6 +333,20 @@ def test_downstream_stages():
     assert pipeline.downstream("ingest", cpu) == {"ingest", "teacher", "pseudolabel", "student", "evaluate"}
 
 
+def test_the_stage_table_names_every_image_resources_component_and_switch():
+    from d2mtl.config.pipeline import PipelineConfig, StageImages, StageResources
+
+    table = layout.STAGES.values()
+    images = {stage.image for stage in table} | set(components_module.STAGELESS_IMAGES.values())
+    assert images == set(StageImages.model_fields) - {"registry", "tag"}
+    assert {stage.resources for stage in table} | {"utility"} == set(StageResources.model_fields)
+    listed = [name for stage in table for name in stage.components] + list(components_module.STAGELESS_IMAGES)
+    assert sorted(listed) == sorted(field.name for field in dataclasses.fields(components_module.Components))
+    assert {stage.switch for stage in table if stage.switch} <= set(PipelineConfig.model_fields)
+    order = list(layout.STAGES)
+    assert all(order.index(parent) < order.index(stage.name) for stage in table for parent in stage.upstream)
+
+
 def test_local_rerun_tokens_mark_only_that_stage(tmp_path):
     from kfp import compiler
 
@@ -361,7 +380,7 @@ def test_check_published_lists_what_is_missing(tmp_path):
     for uri in expected[1:]:
         Path(uri).parent.mkdir(parents=True, exist_ok=True)
         Path(uri).write_text("{}")
-    with pytest.raises(UserError, match="missing .*_manifest.json"):
+    with pytest.raises(UserError, match=r"missing .*_manifest\.json"):
         compile_module.check_published(cfg, reuse, [])
     Path(expected[0]).parent.mkdir(parents=True, exist_ok=True)
     Path(expected[0]).write_text("{}")
@@ -396,7 +415,7 @@ def test_params_are_typed_and_checked():
 class FakeClient:
     """Stands in for kfp.Client: records the submission."""
 
-    calls: list[dict] = []
+    calls: ClassVar[list[dict]] = []
 
     def __init__(self, host, namespace):
         self.host = host
@@ -499,7 +518,7 @@ def test_steps_import_no_torch():
     import sys
 
     code = "import sys, d2mtl_pipeline.steps, d2mtl_pipeline.components; sys.exit('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
 # ---- the steps' glue ------------------------------------------------------------------------------
@@ -520,7 +539,7 @@ def test_gather_names_each_output_by_its_task(tmp_path):
     steps.gather([artifact(tmp_path / n) for n in ("m1", "m2", "p1")], artifact(tmp_path / "out"))
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["age", "gender", "race"]
     assert steps.member(str(tmp_path / "out"), "race") == str(tmp_path / "out" / "race")
-    with pytest.raises(UserError, match="no 'expression' in .* holds age, gender, race"):
+    with pytest.raises(UserError, match=r"no 'expression' in .* holds age, gender, race"):
         steps.member(str(tmp_path / "out"), "expression")
     with pytest.raises(UserError, match="not single-task"):
         steps.gather([artifact(tmp_path / "mtl")], artifact(tmp_path / "out2"))

@@ -8,12 +8,13 @@ locally through ``kfp.local.SubprocessRunner`` and compile for a cluster.
 No ``from __future__ import annotations`` here: KFP reads the artifact annotations at definition time.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
 from kfp.dsl.python_component import PythonComponent
 
+from d2mtl import layout
 from d2mtl.config.pipeline import StageImages
 
 
@@ -365,27 +366,24 @@ class Components:
     deploy: PythonComponent
 
 
+STAGELESS_IMAGES = {  # the components of no stage (layout.STAGES lists the others) -> their image key
+    "shard_plan": "utility",  # no torch needed
+    "gather_models": "utility",
+    "gather_pseudo": "utility",
+    "publish": "utility",
+    "deploy": "serve",  # the kserve client
+}
+
+
 def build(images: StageImages) -> Components:
-    """The components with each stage's image."""
-
-    def on(stage: str, func) -> PythonComponent:
-        return dsl.component(func, base_image=images.reference(stage), install_kfp_package=False)
-
+    """The components, each in its stage's image (``layout.STAGES``) or in that of ``STAGELESS_IMAGES``."""
+    image_keys = {name: stage.image for stage in layout.STAGES.values() for name in stage.components}
+    image_keys |= STAGELESS_IMAGES
     return Components(
-        ingest_shard=on("ingest", ingest_shard),
-        ingest_merge=on("ingest", ingest_merge),
-        holdout=on("pseudolabel", holdout),  # the stage module imports torch
-        teacher=on("teacher", teacher),
-        baseline=on("teacher", baseline),
-        shard_plan=on("utility", shard_plan),
-        pseudolabel_shard=on("pseudolabel", pseudolabel_shard),
-        pseudolabel_merge=on("pseudolabel", pseudolabel_merge),
-        pseudolabel_single=on("pseudolabel", pseudolabel_single),
-        student=on("student", student),
-        student_single=on("student", student_single),
-        gather_models=on("utility", gather_models),
-        gather_pseudo=on("utility", gather_pseudo),
-        evaluate=on("evaluate", evaluate),
-        publish=on("utility", publish),
-        deploy=on("serve", deploy),  # the kserve client
+        **{
+            field.name: dsl.component(
+                globals()[field.name], base_image=images.reference(image_keys[field.name]), install_kfp_package=False
+            )
+            for field in fields(Components)
+        }
     )
