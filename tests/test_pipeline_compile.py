@@ -3,9 +3,12 @@ and the submit command's argument handling (no cluster here: kfp.Client is repla
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import http.server
+import inspect
 import json
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -559,12 +562,52 @@ def test_metrics_and_confusion_for_the_ui(tmp_path):
     assert steps.headline_confusion(str(tmp_path), "student", "gender", "test") is None
 
 
+STEP_ARGUMENT_RENAMES = {"store_settings": "store"}  # step parameter -> the component's (steps.py has a store module)
+
+
+def test_components_call_their_step_with_every_parameter_by_name():
+    """Each component body passes every parameter of its step by name, each from the component's parameter of the
+    same name (or its .path): swapping two artifacts of one type cannot pass unnoticed."""
+    from d2mtl_pipeline import steps
+
+    for field in dataclasses.fields(components_module.Components):
+        func = getattr(components_module, field.name)
+        calls = [
+            node
+            for node in ast.walk(ast.parse(textwrap.dedent(inspect.getsource(func))))
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "steps.main"
+        ]
+        if field.name == "shard_plan":
+            assert not calls
+            continue
+        (call,) = calls
+        (step_name,) = [ast.unparse(arg) for arg in call.args]
+        step = getattr(steps, step_name.removeprefix("steps."))
+        names = [keyword.arg for keyword in call.keywords]
+        assert sorted(names) == sorted(inspect.signature(step).parameters), field.name
+        own = set(inspect.signature(func).parameters)
+        for keyword in call.keywords:
+            value = keyword.value
+            source = value.value if isinstance(value, ast.Attribute) and value.attr == "path" else value
+            if isinstance(source, ast.Name) and source.id in own:
+                assert source.id == STEP_ARGUMENT_RENAMES.get(keyword.arg, keyword.arg), (field.name, keyword.arg)
+
+
+def test_a_step_called_with_a_wrong_or_missing_name_fails_before_it_runs():
+    from d2mtl_pipeline import steps
+
+    with pytest.raises(TypeError, match="gather takes items, folder; called with items, target"):
+        steps.main(steps.gather, items=[], target=None)
+    with pytest.raises(TypeError, match="called with config, faces"):
+        steps.main(steps.student, config="{}", faces=None)
+
+
 def test_steps_report_a_bad_config_as_one_line(capsys):
     from d2mtl.config import TrainConfig
     from d2mtl_pipeline import steps
 
     with pytest.raises(SystemExit) as exit_info:
-        steps.main(steps.validate, TrainConfig, '{"epochs": 0, "nonsense": 1}', "teacher")
+        steps.main(steps.validate, model=TrainConfig, config_json='{"epochs": 0, "nonsense": 1}', what="teacher")
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("d2mtl validate: error: invalid teacher config:") and "nonsense" in err
