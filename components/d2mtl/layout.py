@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from d2mtl import contracts
 from d2mtl.store import join
 
 # ingest/
-FACES_DIR = "faces"  # sharded face table + _manifest.json (contracts.FaceTableWriter)
+FACES_DIR = "faces"  # sharded face table + its manifest (contracts.FaceTableWriter)
+FACES_MANIFEST = "_manifest.json"  # written last: readers trust only the shards it lists
 LABELS_FILE = "labels.parquet"
 INGEST_REPORT_JSON = "report.json"
 INGEST_REPORT_MD = "report.md"
@@ -78,7 +78,7 @@ STAGES = _stages(
         image="ingest",
         resources="ingest",
         components=("ingest_shard", "ingest_merge"),
-        markers=(join(FACES_DIR, contracts.MANIFEST), LABELS_FILE),
+        markers=(join(FACES_DIR, FACES_MANIFEST), LABELS_FILE),
     ),
     Stage(
         "teacher",
