@@ -3,19 +3,26 @@ and the submit command's argument handling (no cluster here: kfp.Client is repla
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import http.server
+import inspect
 import json
+import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import yaml
 
+from d2mtl import contracts, layout
 from d2mtl.config import IngestConfig, load_experiment
 from d2mtl.errors import UserError
 from d2mtl_pipeline import cli, pipeline, submit
 from d2mtl_pipeline import compile as compile_module
+from d2mtl_pipeline import components as components_module
 from d2mtl_pipeline.placement import RERUN_ENV
 
 GPU_FULL = ["pipeline.baselines=true", "pipeline.single_distill=true"]
@@ -329,6 +336,21 @@ def test_downstream_stages():
     assert pipeline.downstream("ingest", cpu) == {"ingest", "teacher", "pseudolabel", "student", "evaluate"}
 
 
+def test_the_stage_table_names_every_image_resources_component_and_switch():
+    from d2mtl.config.pipeline import PipelineConfig, StageImages, StageResources
+
+    table = layout.STAGES.values()
+    images = {stage.image for stage in table} | set(components_module.STAGELESS_IMAGES.values())
+    assert images == set(StageImages.model_fields) - {"registry", "tag"}
+    assert {stage.resources for stage in table} | {"utility"} == set(StageResources.model_fields)
+    listed = [name for stage in table for name in stage.components] + list(components_module.STAGELESS_IMAGES)
+    assert sorted(listed) == sorted(field.name for field in dataclasses.fields(components_module.Components))
+    assert {stage.switch for stage in table if stage.switch} <= set(PipelineConfig.model_fields)
+    assert layout.FACES_MANIFEST == contracts.MANIFEST  # the ingest marker is the face table's manifest
+    order = list(layout.STAGES)
+    assert all(order.index(parent) < order.index(stage.name) for stage in table for parent in stage.upstream)
+
+
 def test_local_rerun_tokens_mark_only_that_stage(tmp_path):
     from kfp import compiler
 
@@ -362,7 +384,7 @@ def test_check_published_lists_what_is_missing(tmp_path):
     for uri in expected[1:]:
         Path(uri).parent.mkdir(parents=True, exist_ok=True)
         Path(uri).write_text("{}")
-    with pytest.raises(UserError, match="missing .*_manifest.json"):
+    with pytest.raises(UserError, match=r"missing .*_manifest\.json"):
         compile_module.check_published(cfg, reuse, [])
     Path(expected[0]).parent.mkdir(parents=True, exist_ok=True)
     Path(expected[0]).write_text("{}")
@@ -397,7 +419,7 @@ def test_params_are_typed_and_checked():
 class FakeClient:
     """Stands in for kfp.Client: records the submission."""
 
-    calls: list[dict] = []
+    calls: ClassVar[list[dict]] = []
 
     def __init__(self, host, namespace):
         self.host = host
@@ -500,7 +522,7 @@ def test_steps_import_no_torch():
     import sys
 
     code = "import sys, d2mtl_pipeline.steps, d2mtl_pipeline.components; sys.exit('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
 # ---- the steps' glue ------------------------------------------------------------------------------
@@ -521,7 +543,7 @@ def test_gather_names_each_output_by_its_task(tmp_path):
     steps.gather([artifact(tmp_path / n) for n in ("m1", "m2", "p1")], artifact(tmp_path / "out"))
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["age", "gender", "race"]
     assert steps.member(str(tmp_path / "out"), "race") == str(tmp_path / "out" / "race")
-    with pytest.raises(UserError, match="no 'expression' in .* holds age, gender, race"):
+    with pytest.raises(UserError, match=r"no 'expression' in .* holds age, gender, race"):
         steps.member(str(tmp_path / "out"), "expression")
     with pytest.raises(UserError, match="not single-task"):
         steps.gather([artifact(tmp_path / "mtl")], artifact(tmp_path / "out2"))
@@ -541,12 +563,52 @@ def test_metrics_and_confusion_for_the_ui(tmp_path):
     assert steps.headline_confusion(str(tmp_path), "student", "gender", "test") is None
 
 
+STEP_ARGUMENT_RENAMES = {"store_settings": "store"}  # step parameter -> the component's (steps.py has a store module)
+
+
+def test_components_call_their_step_with_every_parameter_by_name():
+    """Each component body passes every parameter of its step by name, each from the component's parameter of the
+    same name (or its .path): swapping two artifacts of one type cannot pass unnoticed."""
+    from d2mtl_pipeline import steps
+
+    for field in dataclasses.fields(components_module.Components):
+        func = getattr(components_module, field.name)
+        calls = [
+            node
+            for node in ast.walk(ast.parse(textwrap.dedent(inspect.getsource(func))))
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "steps.main"
+        ]
+        if field.name == "shard_plan":
+            assert not calls
+            continue
+        (call,) = calls
+        (step_name,) = [ast.unparse(arg) for arg in call.args]
+        step = getattr(steps, step_name.removeprefix("steps."))
+        names = [keyword.arg for keyword in call.keywords]
+        assert sorted(names) == sorted(inspect.signature(step).parameters), field.name
+        own = set(inspect.signature(func).parameters)
+        for keyword in call.keywords:
+            value = keyword.value
+            source = value.value if isinstance(value, ast.Attribute) and value.attr == "path" else value
+            if isinstance(source, ast.Name) and source.id in own:
+                assert source.id == STEP_ARGUMENT_RENAMES.get(keyword.arg, keyword.arg), (field.name, keyword.arg)
+
+
+def test_a_step_called_with_a_wrong_or_missing_name_fails_before_it_runs():
+    from d2mtl_pipeline import steps
+
+    with pytest.raises(TypeError, match="gather takes items, folder; called with items, target"):
+        steps.main(steps.gather, items=[], target=None)
+    with pytest.raises(TypeError, match="called with config, faces"):
+        steps.main(steps.student, config="{}", faces=None)
+
+
 def test_steps_report_a_bad_config_as_one_line(capsys):
     from d2mtl.config import TrainConfig
     from d2mtl_pipeline import steps
 
     with pytest.raises(SystemExit) as exit_info:
-        steps.main(steps.validate, TrainConfig, '{"epochs": 0, "nonsense": 1}', "teacher")
+        steps.main(steps.validate, model=TrainConfig, config_json='{"epochs": 0, "nonsense": 1}', what="teacher")
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("d2mtl validate: error: invalid teacher config:") and "nonsense" in err

@@ -12,24 +12,13 @@ from pathlib import Path
 
 from kfp import compiler
 
-from d2mtl import contracts, layout, store
+from d2mtl import layout, store
 from d2mtl.config import ExperimentConfig
 from d2mtl.errors import UserError
 from d2mtl_pipeline import pipeline
 from d2mtl_pipeline.steps import published_uri
 
 log = logging.getLogger("d2mtl.pipeline")
-
-PER_TASK = ("baselines", "pseudolabel_single", "student_single")  # published per task: <stage>/<task>/
-PUBLISHED_MARKERS = {  # stage -> the files a complete published output of it has (relative to its folder)
-    "ingest": (store.join(layout.FACES_DIR, contracts.MANIFEST), layout.LABELS_FILE),
-    "teacher": (layout.MODEL_CARD,),
-    "baselines": (layout.MODEL_CARD,),
-    "pseudolabel": (layout.PSEUDO_FILE,),
-    "pseudolabel_single": (layout.PSEUDO_FILE,),
-    "student": (layout.MODEL_CARD,),
-    "student_single": (layout.MODEL_CARD,),
-}
 
 
 def compile_pipeline(cfg: ExperimentConfig, out: str, reuse: pipeline.Reuse | None = None) -> str:
@@ -63,19 +52,21 @@ def plan_rerun(
 
 
 def imported_objects(cfg: ExperimentConfig, reuse: pipeline.Reuse, tasks: list[str]) -> list[str]:
-    """The published files a rerun imports (per-task stages once per task in ``tasks``)."""
+    """The published files a rerun imports: the markers (``layout.STAGES``) of every stage it does not recompute
+    (per-task stages once per task in ``tasks``)."""
     stages = pipeline.enabled_stages(cfg.pipeline)
     computed = reuse.computed(stages)
     uris = []
-    for stage in stages:
-        if stage in computed or stage not in PUBLISHED_MARKERS:
+    for name in stages:
+        stage = layout.STAGES[name]
+        if name in computed:
             continue
         folders = (
-            [published_uri(reuse.prefix, reuse.run_id, stage, task) for task in tasks]
-            if stage in PER_TASK
-            else [published_uri(reuse.prefix, reuse.run_id, stage, "")]
+            [published_uri(reuse.prefix, reuse.run_id, name, task) for task in tasks]
+            if stage.per_task
+            else [published_uri(reuse.prefix, reuse.run_id, name, "")]
         )
-        uris += [store.join(folder, marker) for folder in folders for marker in PUBLISHED_MARKERS[stage]]
+        uris += [store.join(folder, marker) for folder in folders for marker in stage.markers]
     return uris
 
 

@@ -8,12 +8,13 @@ locally through ``kfp.local.SubprocessRunner`` and compile for a cluster.
 No ``from __future__ import annotations`` here: KFP reads the artifact annotations at definition time.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
 from kfp.dsl.python_component import PythonComponent
 
+from d2mtl import layout
 from d2mtl.config.pipeline import StageImages
 
 
@@ -30,7 +31,9 @@ def ingest_shard(config: str, store: str, shard: int, shards: int, part: Output[
     """
     from d2mtl_pipeline import steps
 
-    steps.main(steps.ingest_shard, config, store, shard, shards, part, summary)
+    steps.main(
+        steps.ingest_shard, config=config, store_settings=store, shard=shard, shards=shards, part=part, summary=summary
+    )
 
 
 def ingest_merge(
@@ -51,7 +54,7 @@ def ingest_merge(
     """
     from d2mtl_pipeline import steps
 
-    steps.main(steps.ingest_merge, parts, faces, labels, report, summary)
+    steps.main(steps.ingest_merge, parts=parts, faces=faces, labels=labels, report=report, summary=summary)
 
 
 def holdout(
@@ -68,7 +71,7 @@ def holdout(
     """
     from d2mtl_pipeline import steps
 
-    steps.main(steps.holdout, config, faces, labels, train_labels, hidden)
+    steps.main(steps.holdout, config=config, faces=faces, labels=labels, train_labels=train_labels, hidden=hidden)
 
 
 def teacher(config: str, faces: Input[Dataset], labels: Input[Dataset], model: Output[Model], metrics: Output[Metrics]):
@@ -83,7 +86,7 @@ def teacher(config: str, faces: Input[Dataset], labels: Input[Dataset], model: O
     """
     from d2mtl_pipeline import steps
 
-    steps.main(steps.train, config, faces, labels, model, metrics, task="")
+    steps.main(steps.train, config=config, faces=faces, labels=labels, model=model, metrics=metrics, task="")
 
 
 def baseline(
@@ -106,7 +109,7 @@ def baseline(
     """
     from d2mtl_pipeline import steps
 
-    steps.main(steps.train, config, faces, labels, model, metrics, task=task)
+    steps.main(steps.train, config=config, faces=faces, labels=labels, model=model, metrics=metrics, task=task)
 
 
 def shard_plan(shards: int) -> list[int]:
@@ -142,7 +145,17 @@ def pseudolabel_shard(
     """
     from d2mtl_pipeline import steps
 
-    steps.main(steps.pseudolabel_shard, config, teacher, faces, labels, shard, shards, part, metrics)
+    steps.main(
+        steps.pseudolabel_shard,
+        config=config,
+        teacher=teacher,
+        faces=faces,
+        labels=labels,
+        shard=shard,
+        shards=shards,
+        part=part,
+        metrics=metrics,
+    )
 
 
 def pseudolabel_merge(config: str, parts: Input[list[Dataset]], pseudo: Output[Dataset], metrics: Output[Metrics]):
@@ -156,7 +169,7 @@ def pseudolabel_merge(config: str, parts: Input[list[Dataset]], pseudo: Output[D
     """
     from d2mtl_pipeline import steps
 
-    steps.main(steps.pseudolabel_merge, config, parts, pseudo, metrics)
+    steps.main(steps.pseudolabel_merge, config=config, parts=parts, pseudo=pseudo, metrics=metrics)
 
 
 def pseudolabel_single(
@@ -181,7 +194,16 @@ def pseudolabel_single(
     """
     from d2mtl_pipeline import steps
 
-    steps.main(steps.pseudolabel_single, config, baselines, task, faces, labels, pseudo, metrics)
+    steps.main(
+        steps.pseudolabel_single,
+        config=config,
+        baselines=baselines,
+        task=task,
+        faces=faces,
+        labels=labels,
+        pseudo=pseudo,
+        metrics=metrics,
+    )
 
 
 def student(
@@ -206,7 +228,17 @@ def student(
     """
     from d2mtl_pipeline import steps
 
-    steps.main(steps.student, config, faces, labels, pseudo.path, teacher.path, model, metrics)
+    steps.main(
+        steps.student,
+        config=config,
+        faces=faces,
+        labels=labels,
+        pseudo=pseudo.path,
+        teacher=teacher.path,
+        model=model,
+        metrics=metrics,
+        task="",
+    )
 
 
 def student_single(
@@ -233,7 +265,17 @@ def student_single(
     """
     from d2mtl_pipeline import steps
 
-    steps.main(steps.student_single, config, task, faces, labels, pseudo, baselines, model, metrics)
+    steps.main(
+        steps.student_single,
+        config=config,
+        task=task,
+        faces=faces,
+        labels=labels,
+        pseudo=pseudo,
+        baselines=baselines,
+        model=model,
+        metrics=metrics,
+    )
 
 
 def gather_models(items: Input[list[Model]], folder: Output[Model]):
@@ -245,7 +287,7 @@ def gather_models(items: Input[list[Model]], folder: Output[Model]):
     """
     from d2mtl_pipeline import steps
 
-    steps.main(steps.gather, items, folder)
+    steps.main(steps.gather, items=items, folder=folder)
 
 
 def gather_pseudo(items: Input[list[Dataset]], folder: Output[Dataset]):
@@ -257,7 +299,7 @@ def gather_pseudo(items: Input[list[Dataset]], folder: Output[Dataset]):
     """
     from d2mtl_pipeline import steps
 
-    steps.main(steps.gather, items, folder)
+    steps.main(steps.gather, items=items, folder=folder)
 
 
 def evaluate(
@@ -298,20 +340,20 @@ def evaluate(
 
     steps.main(
         steps.evaluate,
-        config,
-        confusion_task,
-        faces,
-        labels,
-        teacher,
-        student,
-        baselines,
-        single_students,
-        pseudo,
-        evaluation,
-        report,
-        metrics,
-        confusion,
-        claims,
+        config=config,
+        confusion_task=confusion_task,
+        faces=faces,
+        labels=labels,
+        teacher=teacher,
+        student=student,
+        baselines=baselines,
+        single_students=single_students,
+        pseudo=pseudo,
+        evaluation=evaluation,
+        report=report,
+        metrics=metrics,
+        confusion=confusion,
+        claims=claims,
     )
 
 
@@ -329,7 +371,9 @@ def publish(store: str, source: Input[Artifact], prefix: str, run: str, job: str
     """
     from d2mtl_pipeline import steps
 
-    return steps.main(steps.publish, store, source, prefix, run or job, stage, name)
+    return steps.main(
+        steps.publish, store_settings=store, source=source, prefix=prefix, run=run or job, stage=stage, name=name
+    )
 
 
 def deploy(serving: str, image: str, model: str) -> str:
@@ -342,7 +386,7 @@ def deploy(serving: str, image: str, model: str) -> str:
     """
     from d2mtl_pipeline import steps
 
-    return steps.main(steps.deploy, serving, image, model)
+    return steps.main(steps.deploy, serving=serving, image=image, model=model)
 
 
 @dataclass(frozen=True)
@@ -365,27 +409,24 @@ class Components:
     deploy: PythonComponent
 
 
+STAGELESS_IMAGES = {  # the components of no stage (layout.STAGES lists the others) -> their image key
+    "shard_plan": "utility",  # no torch needed
+    "gather_models": "utility",
+    "gather_pseudo": "utility",
+    "publish": "utility",
+    "deploy": "serve",  # the kserve client
+}
+
+
 def build(images: StageImages) -> Components:
-    """The components with each stage's image."""
-
-    def on(stage: str, func) -> PythonComponent:
-        return dsl.component(func, base_image=images.reference(stage), install_kfp_package=False)
-
+    """The components, each in its stage's image (``layout.STAGES``) or in that of ``STAGELESS_IMAGES``."""
+    image_keys = {name: stage.image for stage in layout.STAGES.values() for name in stage.components}
+    image_keys |= STAGELESS_IMAGES
     return Components(
-        ingest_shard=on("ingest", ingest_shard),
-        ingest_merge=on("ingest", ingest_merge),
-        holdout=on("pseudolabel", holdout),  # the stage module imports torch
-        teacher=on("teacher", teacher),
-        baseline=on("teacher", baseline),
-        shard_plan=on("utility", shard_plan),
-        pseudolabel_shard=on("pseudolabel", pseudolabel_shard),
-        pseudolabel_merge=on("pseudolabel", pseudolabel_merge),
-        pseudolabel_single=on("pseudolabel", pseudolabel_single),
-        student=on("student", student),
-        student_single=on("student", student_single),
-        gather_models=on("utility", gather_models),
-        gather_pseudo=on("utility", gather_pseudo),
-        evaluate=on("evaluate", evaluate),
-        publish=on("utility", publish),
-        deploy=on("serve", deploy),  # the kserve client
+        **{
+            field.name: dsl.component(
+                globals()[field.name], base_image=images.reference(image_keys[field.name]), install_kfp_package=False
+            )
+            for field in fields(Components)
+        }
     )

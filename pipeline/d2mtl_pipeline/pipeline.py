@@ -10,6 +10,7 @@ In holdout mode (pseudolabel.holdout.fraction > 0) a holdout step first hides so
 and the baselines, so the pseudo-label report can measure the pseudo-labels against them.
 Every artifact is also copied to ``<publish_prefix>/<run>/<stage>/...`` when a publish prefix is given; with
 ``pipeline.deploy`` a last step then serves the published student behind a KServe InferenceService (d2mtl.deploy).
+The stages, what each reads, its image and resources keys and its switch are the rows of ``layout.STAGES``.
 ``build(cfg)`` returns the ``@dsl.pipeline`` for an experiment: the stage configs are the defaults of its
 parameters, the images and resources come from the ``pipeline`` section. ``Reuse`` turns the stages that a
 ``--rerun`` does not recompute into ``dsl.importer`` tasks over an earlier run's published artifacts.
@@ -34,18 +35,6 @@ from d2mtl_pipeline.steps import published_uri
 
 PIPELINE_NAME = "distill-2md-mtl"
 
-# stage -> the stages whose outputs it reads (the published stage folders of layout.STAGES)
-UPSTREAM: dict[str, tuple[str, ...]] = {
-    "ingest": (),
-    "teacher": ("ingest",),
-    "baselines": ("ingest",),
-    "pseudolabel": ("ingest", "teacher"),
-    "pseudolabel_single": ("ingest", "baselines"),
-    "student": ("ingest", "teacher", "pseudolabel"),
-    "student_single": ("ingest", "baselines", "pseudolabel_single"),
-    "evaluate": ("ingest", "teacher", "pseudolabel", "student", "baselines", "student_single"),
-}
-
 
 class Outputs(NamedTuple):
     model: Model  # the final model: the student
@@ -54,25 +43,24 @@ class Outputs(NamedTuple):
 
 
 def enabled_stages(cfg: PipelineConfig) -> tuple[str, ...]:
-    off = set() if cfg.baselines else {"baselines"}
-    if not cfg.single_distill:
-        off |= {"pseudolabel_single", "student_single"}
-    return tuple(stage for stage in UPSTREAM if stage not in off)
+    """The stages of ``layout.STAGES`` whose switch (if any) is on in ``cfg``, in topological order."""
+    return tuple(name for name, stage in layout.STAGES.items() if stage.switch is None or getattr(cfg, stage.switch))
 
 
 def check_stage(stage: str, cfg: PipelineConfig) -> None:
     """A stage that this pipeline runs, else a UserError naming those it does."""
     stages = enabled_stages(cfg)
     if stage not in stages:
-        why = " (baselines / single_distill are off in the pipeline config)" if stage in UPSTREAM else ""
+        switches = " / ".join(dict.fromkeys(s.switch for s in layout.STAGES.values() if s.switch))
+        why = f" ({switches} are off in the pipeline config)" if stage in layout.STAGES else ""
         raise UserError(f"no stage {stage!r} in this pipeline{why}; stages: {', '.join(stages)}")
 
 
 def downstream(stage: str, stages: tuple[str, ...]) -> frozenset[str]:
     """``stage`` and every enabled stage that reads its outputs, directly or not."""
     found = {stage}
-    for name in stages:  # UPSTREAM is in topological order
-        if any(parent in found for parent in UPSTREAM[name]):
+    for name in stages:  # layout.STAGES is in topological order
+        if any(parent in found for parent in layout.STAGES[name].upstream):
             found.add(name)
     return frozenset(found & set(stages))
 
@@ -110,15 +98,9 @@ def build(
         p, local=local, rerun_tokens=dict(rerun_tokens or {}), fresh=frozenset({reuse.stage}) if reuse else frozenset()
     )
     res = p.resources
-    pseudolabel_cpu = res.pseudolabel.model_copy(update={"gpus": 0})  # label-table work in the pseudolabel image
+    pseudolabel_cpu = res.of("pseudolabel").model_copy(update={"gpus": 0})  # label-table work in the pseudolabel image
     holdout = cfg.pseudolabel.holdout.fraction > 0
     loop_limit = p.parallelism or None
-
-    def imported(stage: str, name: str, kind: type):
-        """What an earlier run published for ``stage`` (``name``: a file or folder inside it)."""
-        return dsl.importer(
-            artifact_uri=published_uri(reuse.prefix, reuse.run_id, stage, name), artifact_class=kind, reimport=False
-        ).output
 
     @dsl.pipeline(
         name=PIPELINE_NAME,
@@ -134,7 +116,7 @@ def build(
         store: str = store_parameter(cfg.store),
         ingest_shards: int = p.ingest_shards,
         shards: int = p.shards,
-        baseline_tasks: list = list(p.baseline_tasks),
+        baseline_tasks: list = list(p.baseline_tasks),  # noqa: B006 (KFP reads the parameter's default from here)
         confusion_task: str = p.confusion_task,
         publish_prefix: str = p.publish_prefix,
         run_id: str = "",
@@ -176,33 +158,50 @@ def build(
                 if then is not None:
                     then(task.output)
 
-        def per_task(stage: str, make, resources, output: str, gather, kind: type):
+        def stage_outputs(stage: str, compute, **outputs: tuple[str, type]) -> list:
+            """The ``outputs`` of the task ``compute()`` adds when this run computes ``stage``; else what an earlier
+            run published of them, each ``output=(its name inside the stage folder, artifact class)`` imported."""
+            if stage in computed:
+                task = compute()
+                return [task.outputs[output] for output in outputs]
+            return [
+                dsl.importer(
+                    artifact_uri=published_uri(reuse.prefix, reuse.run_id, stage, name),
+                    artifact_class=kind,
+                    reimport=False,
+                ).output
+                for name, kind in outputs.values()
+            ]
+
+        def per_task(stage: str, make, output: str, gather, kind: type):
             """``make(task)`` for every task of baseline_tasks in parallel, gathered into <task>/ folders (or what an
             earlier run published for the stage), published."""
-            if stage in computed:
+
+            def loop():
                 with dsl.ParallelFor(baseline_tasks, name=stage.replace("_", "-"), parallelism=loop_limit) as task:
-                    each = place(make(task), stage, resources)
-                folder = place(gather(items=dsl.Collected(each.outputs[output])), stage, res.utility).outputs["folder"]
-            else:
-                folder = imported(stage, "", kind)
+                    each = place(make(task), stage, res.of(stage))
+                return place(gather(items=dsl.Collected(each.outputs[output])), stage, res.utility)
+
+            (folder,) = stage_outputs(stage, loop, folder=("", kind))
             publish(folder, stage)
             return folder
 
         # ---- ingest: datasets -> face table + label table, sharded, then merged ---------------------------
-        if "ingest" in computed:
-            ingest_plan = place(c.shard_plan(shards=ingest_shards), "ingest", res.utility)
-            with dsl.ParallelFor(ingest_plan.output, name="ingest-shards", parallelism=loop_limit) as shard:
+        def ingest():
+            plan = place(c.shard_plan(shards=ingest_shards), "ingest", res.utility)
+            with dsl.ParallelFor(plan.output, name="ingest-shards", parallelism=loop_limit) as shard:
                 part = place(
                     c.ingest_shard(config=ingest_config, store=store, shard=shard, shards=ingest_shards),
                     "ingest",
-                    res.ingest,
+                    res.of("ingest"),
                 )
-            ingest = place(c.ingest_merge(parts=dsl.Collected(part.outputs["part"])), "ingest", res.ingest)
-            faces, labels = ingest.outputs["faces"], ingest.outputs["labels"]
-            publish(ingest.outputs["report"], "ingest", layout.INGEST_REPORT_MD)
-        else:
-            faces = imported("ingest", layout.FACES_DIR, Dataset)
-            labels = imported("ingest", layout.LABELS_FILE, Dataset)
+            merge = place(c.ingest_merge(parts=dsl.Collected(part.outputs["part"])), "ingest", res.of("ingest"))
+            publish(merge.outputs["report"], "ingest", layout.INGEST_REPORT_MD)
+            return merge
+
+        faces, labels = stage_outputs(
+            "ingest", ingest, faces=(layout.FACES_DIR, Dataset), labels=(layout.LABELS_FILE, Dataset)
+        )
         publish(faces, "ingest", layout.FACES_DIR)
         publish(labels, "ingest", layout.LABELS_FILE)
 
@@ -213,17 +212,17 @@ def build(
             teacher_labels = hide.outputs["train_labels"]
 
         # ---- teacher: one multi-task network on every dataset, losses masked where labels are missing --
-        if "teacher" in computed:
-            teacher = place(
-                c.teacher(config=teacher_config, faces=faces, labels=teacher_labels), "teacher", res.teacher
-            )
-            teacher_model = teacher.outputs["model"]
-        else:
-            teacher_model = imported("teacher", "", Model)
+        (teacher_model,) = stage_outputs(
+            "teacher",
+            lambda: place(
+                c.teacher(config=teacher_config, faces=faces, labels=teacher_labels), "teacher", res.of("teacher")
+            ),
+            model=("", Model),
+        )
         publish(teacher_model, "teacher")
 
         # ---- pseudo-label: the teacher labels what each dataset lacks, sharded, then merged -------------
-        if "pseudolabel" in computed:
+        def pseudolabel():
             plan = place(c.shard_plan(shards=shards), "pseudolabel", res.utility)
             with dsl.ParallelFor(plan.output, name="pseudolabel-shards", parallelism=loop_limit) as shard:
                 predicted = place(
@@ -236,28 +235,27 @@ def build(
                         shards=shards,
                     ),
                     "pseudolabel",
-                    res.pseudolabel,
+                    res.of("pseudolabel"),
                 )
-            merge = place(
+            return place(
                 c.pseudolabel_merge(config=pseudolabel_config, parts=dsl.Collected(predicted.outputs["part"])),
                 "pseudolabel",
                 pseudolabel_cpu,
             )
-            pseudo = merge.outputs["pseudo"]
-        else:
-            pseudo = imported("pseudolabel", "", Dataset)
+
+        (pseudo,) = stage_outputs("pseudolabel", pseudolabel, pseudo=("", Dataset))
         publish(pseudo, "pseudolabel")
 
         # ---- student: ground truth + kept pseudo-labels -> the final model -------------------------------
-        if "student" in computed:
-            student = place(
+        (student_model,) = stage_outputs(
+            "student",
+            lambda: place(
                 c.student(config=student_config, faces=faces, labels=labels, pseudo=pseudo, teacher=teacher_model),
                 "student",
-                res.student,
-            )
-            student_model = student.outputs["model"]
-        else:
-            student_model = imported("student", "", Model)
+                res.of("student"),
+            ),
+            model=("", Model),
+        )
 
         # ---- baselines: the teacher's recipe on one task each, in parallel; gathered as baselines/<task>/ --
         optional = {}
@@ -265,7 +263,6 @@ def build(
             baselines = optional["baselines"] = per_task(
                 "baselines",
                 lambda task: c.baseline(config=teacher_config, task=task, faces=faces, labels=teacher_labels),
-                res.teacher,
                 "model",
                 c.gather_models,
                 Model,
@@ -278,7 +275,6 @@ def build(
                 lambda task: c.pseudolabel_single(
                     config=pseudolabel_config, baselines=baselines, task=task, faces=faces, labels=labels
                 ),
-                res.pseudolabel,
                 "pseudo",
                 c.gather_pseudo,
                 Dataset,
@@ -293,7 +289,6 @@ def build(
                     pseudo=single_pseudo,
                     baselines=baselines,
                 ),
-                res.student,
                 "model",
                 c.gather_models,
                 Model,
@@ -313,7 +308,7 @@ def build(
                 **optional,
             ),
             "evaluate",
-            res.evaluate,
+            res.of("evaluate"),
         )
         publish(evaluate.outputs["evaluation"], "evaluate")
 

@@ -12,6 +12,7 @@ only to its metadata: ``kfp.local`` treats an output whose file is missing as a 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -102,13 +103,20 @@ def timed(stage: Callable[[], dict]) -> tuple[dict, float]:
     return result or {}, time.perf_counter() - start
 
 
-def main(step: Callable[..., StepResult], *args, **kwargs) -> StepResult:
-    """Run a step the way the ``d2mtl`` CLI runs a stage: logging on, a user error as one line and exit code 2."""
+def main(step: Callable[..., StepResult], /, **arguments) -> StepResult:
+    """Run a step the way the ``d2mtl`` CLI runs a stage: logging on, a user error as one line and exit code 2.
+
+    A component names every parameter of its step (two artifacts of one type cannot change places unnoticed); a
+    name the step does not have, or a parameter left out (even one with a default), is a TypeError before it starts.
+    """
+    parameters = list(inspect.signature(step).parameters)
+    if sorted(arguments) != sorted(parameters):
+        raise TypeError(f"{step.__name__} takes {', '.join(parameters)}; called with {', '.join(arguments)}")
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True
     )
     try:
-        return step(*args, **kwargs)
+        return step(**arguments)
     except UserError as err:
         print(f"d2mtl {step.__name__}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -198,7 +206,7 @@ def holdout(config: str, faces, labels, train_labels, hidden) -> None:
         os.replace(written["hidden_truth"], hidden.path)
 
 
-def student(config: str, faces, labels, pseudo: str, teacher: str, model, metrics, task: str = "") -> None:
+def student(config: str, faces, labels, pseudo: str, teacher: str, model, metrics, task: str) -> None:
     """The student on ground truth + kept pseudo-labels (``pseudo``: a pseudo-label folder; ``teacher``: a model
     folder); ``task``: a single-task student of that task only."""
     from d2mtl.config import StudentConfig, updated

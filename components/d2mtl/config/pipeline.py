@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from d2mtl import layout
 from d2mtl.tasks import TASKS, TaskList
 
 
@@ -21,9 +22,10 @@ def package_version() -> str:
 
 
 class StageImages(BaseModel):
-    """Container image of each stage (docker/; each has d2mtl and kfp installed).
+    """Container image of each stage (docker/; each has d2mtl and kfp installed): one field per image key of
+    ``layout.STAGES``, and those of the tasks of no stage (utility, serve).
 
-    A stage's value is an image name, completed as ``<registry>/<name>:<tag>``, or a full reference (one with a
+    A key's value is an image name, completed as ``<registry>/<name>:<tag>``, or a full reference (one with a
     ``/``) used as it is.
     """
 
@@ -32,15 +34,15 @@ class StageImages(BaseModel):
     registry: str = "ghcr.io/distill-2md-mtl"
     tag: str = Field(default_factory=package_version)  # default: the package version
     ingest: str = "d2mtl-ingest"
-    teacher: str = "d2mtl-train-cpu"  # also the single-task baselines
+    teacher: str = "d2mtl-train-cpu"
     pseudolabel: str = "d2mtl-train-cpu"
-    student: str = "d2mtl-train-cpu"  # also the single-task students
+    student: str = "d2mtl-train-cpu"
     evaluate: str = "d2mtl-train-cpu"
     utility: str = "d2mtl-ingest"  # publish, shard plan, gather: no torch needed
     serve: str = "d2mtl-serve"  # the deploy step, and the predictor of the InferenceService it creates
 
-    def reference(self, stage: str) -> str:
-        name = getattr(self, stage)
+    def reference(self, key: str) -> str:
+        name = getattr(self, key)
         return name if "/" in name else f"{self.registry.rstrip('/')}/{name}:{self.tag}"
 
 
@@ -56,6 +58,9 @@ class Resources(BaseModel):
 
 
 class StageResources(BaseModel):
+    """Resources of each stage's pods: one field per resources key of ``layout.STAGES``, and utility (the tasks of
+    no stage)."""
+
     model_config = ConfigDict(extra="forbid")
 
     ingest: Resources = Field(default_factory=lambda: Resources(cpu="4", memory="8Gi"))
@@ -64,6 +69,10 @@ class StageResources(BaseModel):
     student: Resources = Field(default_factory=lambda: Resources(cpu="4", memory="16Gi"))
     evaluate: Resources = Field(default_factory=lambda: Resources(cpu="4", memory="8Gi"))
     utility: Resources = Field(default_factory=lambda: Resources(cpu="500m", memory="1Gi"))
+
+    def of(self, stage: str) -> Resources:
+        """The resources of ``stage``'s pods (its key in ``layout.STAGES``)."""
+        return getattr(self, layout.STAGES[stage].resources)
 
 
 class Toleration(BaseModel):
