@@ -219,8 +219,7 @@ class Analyzer:
             max_side=settings.detector.max_side,
             threads=torch.get_num_threads(),
         )
-        trained = self.card.get("training", {}).get("faces", {}).get("image_size")
-        self.face_size = int(trained) if trained else settings.image_size  # the face size the model trained on
+        self.face_size = self.card.face_size or settings.image_size  # the face size the model trained on
         if ingest is not None and ingest.image_size != self.face_size:
             log.warning(
                 "%s was trained on %d px faces: aligning to %d px, not the given %d",

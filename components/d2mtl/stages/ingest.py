@@ -49,7 +49,6 @@ from d2mtl.tasks import TASKS
 log = logging.getLogger(__name__)
 
 LABEL_COLUMNS = tuple(contracts.LABEL_SCHEMA.names[1:])
-FACE_TEMPLATE = "tight_5pt_v1"  # face-table metadata: the alignment template of the faces
 OUTPUT_NEUTRAL = {"workers", "chunk_size", "scratch_dir", "shuffle_rows"}  # settings that never change the output
 REJECT_EXAMPLES_MD = 5  # per dataset x reason in report.md; report.json lists every rejected row
 
@@ -532,8 +531,8 @@ def run(cfg: IngestConfig, out: str, shard: tuple[int, int] = (0, 1)) -> dict:
             layout.faces(out),
             cfg.shard_rows,
             metadata={
-                "image_size": str(cfg.image_size),
-                "template": FACE_TEMPLATE,
+                contracts.IMAGE_SIZE: str(cfg.image_size),
+                contracts.TEMPLATE: contracts.FACE_TEMPLATE_NAME,
                 contracts.EVALUATE_ONLY: json.dumps(cfg.evaluate_only),
             },
         )
