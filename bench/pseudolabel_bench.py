@@ -65,7 +65,7 @@ def bare_inference_seconds(teacher: str, faces: str, transforms: list[str], batc
     ]
     batches = []
     for start in range(0, len(jpegs), batch_size):
-        x = data.preprocess(jpegs[start : start + batch_size], card)
+        x = data.preprocess(jpegs[start : start + batch_size], card.input_size, card.mean, card.std)
         views = pseudolabel.make_views(x, transforms)
         batches.append(
             [torch.cat([v for v in views if v.shape == shape]) for shape in dict.fromkeys(v.shape for v in views)]

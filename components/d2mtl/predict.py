@@ -287,7 +287,13 @@ class Analyzer:
         parts: list[tuple[torch.Tensor, ...]] = []
         with torch.inference_mode():
             for start in range(0, len(jpegs), self.batch_size):
-                x = data.preprocess(jpegs[start : start + self.batch_size], self.card, self.device)
+                x = data.preprocess(
+                    jpegs[start : start + self.batch_size],
+                    self.card.input_size,
+                    self.card.mean,
+                    self.card.std,
+                    self.device,
+                )
                 x = x.contiguous(memory_format=torch.channels_last)
                 parts.append(tuple(t.cpu() for t in self.graph(x)))
         return {name: torch.cat([part[i] for part in parts]).numpy() for i, name in enumerate(names)}

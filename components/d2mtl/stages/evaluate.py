@@ -91,11 +91,11 @@ def default_name(uri: str) -> str:
     return parts[-1] if parts else uri
 
 
-def role_of(name: str, card: ModelCard, cfg: EvaluateConfig) -> Role | None:
+def role_of(name: str, card_role: str | None, cfg: EvaluateConfig) -> Role | None:
     """From the config's role mapping (``none``: no role), else the model name, else the card's ``role``."""
     if cfg.roles.get(name) == NO_ROLE:
         return None
-    for text in (cfg.roles.get(name), name, card.role):
+    for text in (cfg.roles.get(name), name, card_role):
         if text:
             role = parse_role(str(text))
             if role is not None:
@@ -113,7 +113,7 @@ def load_models(items: list[str], cfg: EvaluateConfig, device: torch.device) -> 
         name = name or default_name(uri)
         if any(m.name == name for m in loaded):
             raise UserError(f"two models are named {name!r}; name them apart with NAME=URI")
-        loaded.append(EvalModel(name, uri, role_of(name, card, cfg), net, card))
+        loaded.append(EvalModel(name, uri, role_of(name, card.role, cfg), net, card))
         log.info("model %s (%s): %s, tasks %s", name, loaded[-1].role or "no role", uri, ", ".join(card.tasks))
     unknown = sorted(set(cfg.roles) - {m.name for m in loaded})
     if unknown:
