@@ -107,7 +107,7 @@ def build_backbone(name: str, weights: str | None) -> tuple[nn.Module, int]:
         raise ModelError(
             f"cannot load {name} weights {weights}: not in the torch cache ({_weights_cache_path(spec)}) and the "
             f"download failed ({err}). Set TORCH_HOME (now {os.environ.get('TORCH_HOME', 'unset')}) to a folder "
-            f"holding hub/checkpoints/{_weights_cache_path(spec).name}, or use weights: none"
+            f"holding hub/checkpoints/{_weights_cache_path(spec).name}, or set model.weights: none"
         ) from None
     head = model.get_submodule(backbone.classifier)
     linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
