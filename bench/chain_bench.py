@@ -43,7 +43,6 @@ from d2mtl import claims, contracts, layout, store
 from d2mtl.config import ExperimentConfig, load_experiment
 from d2mtl.config.train import TrainConfig
 from d2mtl.data import FaceIndex
-from d2mtl.models import read_card
 from d2mtl.stages import evaluate, ingest, pseudolabel, student, teacher
 from d2mtl.tasks import TASKS
 
@@ -66,8 +65,8 @@ SMOKE_OVERRIDES = [
         f"{section}.{setting}"
         for section in ("teacher", "student")
         for setting in (
-            "weights=none",
-            "input_size=32",
+            "model.weights=none",
+            "model.input_size=32",
             "epochs=1",
             "batch_size=16",
             "lr.range_test=false",
@@ -145,7 +144,7 @@ def train_share(cfg: TrainConfig, faces: str, labels: str, fraction: float, pseu
 
 
 def pseudo_labels(cfg: ExperimentConfig, model: str, faces: str, labels: str, out: str, timer: Timer, name: str) -> str:
-    settings = cfg.pseudolabel.model_copy(update={"tasks": read_card(model)["tasks"]})
+    settings = cfg.pseudolabel.model_copy(update={"tasks": contracts.read_model_card(model).tasks})
     table = store.join(out, layout.PSEUDO_FILE)
     timer(
         name,

@@ -32,8 +32,8 @@ from train_bench import add_table_arguments  # bench/ is on sys.path when run as
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE_SETTINGS = [
-    "teacher.weights=none",
-    "teacher.input_size=64",
+    "teacher.model.weights=none",
+    "teacher.model.input_size=64",
     "teacher.batch_size=32",
     "teacher.epochs=2",
     "teacher.num_workers=0",

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from d2mtl import faces
+from d2mtl.config.train import ModelConfig
 from d2mtl.models import ModelSpec, MultiTaskNet, save_model
 from d2mtl.predict import Analyzer
 from d2mtl.tasks import TASKS
@@ -65,12 +66,20 @@ def build_models(work: Path, backbone: str, input_size: int) -> tuple[str, list[
     """The multi-task model folder and one single-task folder per task, same architecture."""
     torch.manual_seed(0)
     multi = str(work / "multi")
-    save_model(MultiTaskNet(ModelSpec(backbone=backbone, input_size=input_size), weights=None), multi)
+    save_model(
+        MultiTaskNet(
+            ModelSpec.from_config(ModelConfig(backbone=backbone, input_size=input_size), tuple(TASKS)), weights=None
+        ),
+        multi,
+    )
     singles = []
     for task in TASKS:
         singles.append(str(work / f"single_{task}"))
         save_model(
-            MultiTaskNet(ModelSpec(backbone=backbone, tasks=(task,), input_size=input_size), weights=None), singles[-1]
+            MultiTaskNet(
+                ModelSpec.from_config(ModelConfig(backbone=backbone, input_size=input_size), (task,)), weights=None
+            ),
+            singles[-1],
         )
     return multi, singles
 

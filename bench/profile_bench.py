@@ -20,11 +20,10 @@ import json
 import logging
 import sys
 
-from d2mtl import layout, store
+from d2mtl import contracts, layout, store
 from d2mtl.claims import headline
 from d2mtl.config import load_experiment
 from d2mtl.metrics import error_of
-from d2mtl.models import read_card
 from d2mtl.roles import NO_ROLE
 from d2mtl.stages import evaluate, teacher
 
@@ -40,11 +39,11 @@ def train_variants(args: argparse.Namespace) -> dict[str, dict]:
     faces, labels = layout.faces(args.ingest), layout.labels(args.ingest)
     results = {}
     for name, uri in map(evaluate.split_model_arg, args.model):
-        training = read_card(uri)["training"]
+        training = contracts.read_model_card(uri).training
         results[name or uri] = {
             "out": uri,
             "settings": [],
-            "minutes_per_epoch": training["train_seconds"] / 60 / max(training["epochs"], 1),
+            "minutes_per_epoch": training.train_seconds / 60 / max(training.epochs, 1),
         }
     for name, settings in map(parse_variant, args.variant):
         cfg = load_experiment(args.config, [*args.overrides, *settings]).teacher

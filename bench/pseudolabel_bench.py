@@ -50,7 +50,7 @@ def subset_faces(ingest: str, out: str, per_dataset: int, shard_rows: int) -> st
 
 def untrained_teacher(cfg, out: str) -> str:
     """A teacher of the profile's architecture with untrained weights (speed does not depend on them)."""
-    net = models.MultiTaskNet(models.ModelSpec.from_config(cfg.teacher), weights="none")
+    net = models.MultiTaskNet(models.ModelSpec.from_config(cfg.teacher.model, cfg.teacher.task_names), weights="none")
     models.save_model(net.eval(), out, role="teacher")
     return out
 
@@ -65,7 +65,7 @@ def bare_inference_seconds(teacher: str, faces: str, transforms: list[str], batc
     ]
     batches = []
     for start in range(0, len(jpegs), batch_size):
-        x = data.preprocess(jpegs[start : start + batch_size], card)
+        x = data.preprocess(jpegs[start : start + batch_size], card.input_size, card.mean, card.std)
         views = pseudolabel.make_views(x, transforms)
         batches.append(
             [torch.cat([v for v in views if v.shape == shape]) for shape in dict.fromkeys(v.shape for v in views)]
@@ -92,11 +92,11 @@ def speed(args: argparse.Namespace) -> None:
         begin = time.perf_counter()
         pseudolabel.run(cfg, [teacher], faces, labels, store.join(args.work, "out"))
         stage.append(time.perf_counter() - begin)
-    card = models.read_card(teacher)
+    card = contracts.read_model_card(teacher)
     k = len(cfg.transforms)
     ratio = min(bare) / min(stage)
     print(
-        f"\n{count} faces ({args.faces_per_dataset} per dataset), {card['backbone']} {card['input_size']} px, "
+        f"\n{count} faces ({args.faces_per_dataset} per dataset), {card.backbone} {card.input_size} px, "
         f"K={k} transforms {cfg.transforms}, batch {cfg.batch_size}, {torch.get_num_threads()} threads, "
         f"best of {args.repeats}"
     )

@@ -182,13 +182,15 @@ def main(args: argparse.Namespace) -> dict:
         model = args.model
         if model is None:
             model = str(work / "student")
-            save_model(MultiTaskNet(ModelSpec.from_config(cfg.student), weights=None), model)
+            save_model(
+                MultiTaskNet(ModelSpec.from_config(cfg.student.model, cfg.student.task_names), weights=None), model
+            )
         report: dict = {
             "images": len(images),
             "threads": args.threads,
             "cpus": os.cpu_count(),
             "backend": args.backend,
-            "model": args.model or f"untrained {cfg.student.backbone} {cfg.student.input_size} px",
+            "model": args.model or f"untrained {cfg.student.model.backbone} {cfg.student.model.input_size} px",
         }
         analyzer = load_analyzer(model, device="cpu", ingest=cfg.ingest, backend=args.backend)
         analyzer.analyze(images[:3])

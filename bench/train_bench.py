@@ -47,7 +47,7 @@ def add_table_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="config override, e.g. --set teacher.input_size=96 (repeatable)",
+        help="config override, e.g. --set teacher.model.input_size=96 (repeatable)",
     )
 
 
@@ -97,10 +97,10 @@ def bench(cfg, faces: str, labels: str, steps: int, rounds: int) -> dict:
             )
     ratios = [s / b for s, b in zip(stage, bare)]
     return {
-        "backbone": cfg.backbone,
-        "input_size": cfg.input_size,
+        "backbone": cfg.model.backbone,
+        "input_size": cfg.model.input_size,
         "batch_size": cfg.batch_size,
-        "freeze_stages": cfg.freeze_stages,
+        "freeze_stages": cfg.model.freeze_stages,
         "num_workers": cfg.num_workers,
         "threads": cfg.threads,
         "bare_img_s": round(statistics.median(bare), 1),
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
         tables = make_tiny_tables(Path(tempfile.mkdtemp(prefix="train-bench-data-")), per_dataset=96)
         faces, labels = tables["faces"], tables["labels"]
-        overrides += ["teacher.weights=none", "teacher.input_size=32", "teacher.batch_size=16"]
+        overrides += ["teacher.model.weights=none", "teacher.model.input_size=32", "teacher.batch_size=16"]
     elif not (args.faces and args.labels):
         raise SystemExit("give --faces and --labels (an ingest output), or --smoke")
     else:

@@ -115,16 +115,35 @@ def tiny_tables(tmp_path: Path) -> dict[str, str]:
     return make_tiny_tables(tmp_path / "ingest")
 
 
+def training_record(**fields) -> dict:
+    """A model card's ``training`` section (contracts.TrainingRecord) as a training run writes it, with ``fields``
+    replaced; for models saved without training."""
+    from d2mtl.config.train import TrainConfig
+
+    return {
+        "config": TrainConfig().model_dump(mode="json"),
+        "data": {"train": {}, "val": {}, "test": {}, "unmatched_labels": 0},
+        "faces": {},
+        "inputs": {},
+        "epochs": 1,
+        "peak_lr": None,
+        "train_seconds": 0.0,
+        **fields,
+    }
+
+
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> str:
     """A tiny untrained model folder with every task (32 px input)."""
     import torch
 
+    from d2mtl.config.train import ModelConfig
     from d2mtl.models import ModelSpec, MultiTaskNet, save_model
+    from d2mtl.tasks import TASKS
 
     torch.manual_seed(0)
     out = str(tmp_path_factory.mktemp("model") / "student")
-    save_model(MultiTaskNet(ModelSpec(input_size=32), weights=None), out)
+    save_model(MultiTaskNet(ModelSpec.from_config(ModelConfig(input_size=32), TASKS), weights=None), out)
     return out
 
 

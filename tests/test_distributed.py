@@ -36,8 +36,7 @@ LOSS_RTOL = 1e-5  # measured: max relative difference ~1e-7 (summation order of 
 
 def frozen_config(**overrides) -> TrainConfig:
     settings = dict(
-        weights="none",
-        input_size=32,
+        model={"weights": "none", "input_size": 32, "dropout": 0.0, "freeze_stages": 19},
         batch_size=8,
         epochs=2,
         num_workers=0,
@@ -45,8 +44,6 @@ def frozen_config(**overrides) -> TrainConfig:
         threads=1,
         checkpoint_every=3,
         deterministic=True,
-        dropout=0.0,
-        freeze_stages=19,
         weighting="uncertainty",
         lr={"range_steps": 6, "plateau_patience": 1},
     )

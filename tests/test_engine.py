@@ -33,8 +33,7 @@ TASK_NAMES = ("age", "gender", "race", "expression")
 
 def tiny_config(**overrides) -> TrainConfig:
     settings = dict(
-        weights="none",
-        input_size=32,
+        model={"weights": "none", "input_size": 32},
         batch_size=8,
         epochs=2,
         num_workers=0,
@@ -59,7 +58,7 @@ def test_decode_gives_three_channels_and_bad_bytes_a_user_error():
     assert image.shape == (3, 20, 30) and image.dtype == torch.uint8
     with pytest.raises(UserError, match="not a decodable JPEG"):
         decode_jpeg(b"not a jpeg")
-    batch = preprocess([gray.tobytes()] * 2, {"input_size": 16, "mean": [0.5] * 3, "std": [0.25] * 3})
+    batch = preprocess([gray.tobytes()] * 2, 16, [0.5] * 3, [0.25] * 3)
     assert batch.shape == (2, 3, 16, 16) and batch.dtype == torch.float32
     assert batch.mean().item() == pytest.approx((128 / 255 - 0.5) / 0.25, abs=0.05)
 
@@ -205,12 +204,12 @@ def test_teacher_writes_a_complete_model_folder(tiny_tables, tmp_path):
         layout.LR_RANGE_PLOT,
     }
     net, card = load_model(str(out))
-    assert card["role"] == "teacher" and card["training"]["data"]["train"]["utk"]["age"] == 18
-    assert card["training"]["faces"]["image_size"] == "32"  # the face table's settings, for predict
-    assert set(card["metrics"]["test"]) >= {"age_mae", "gender_acc", "race_acc", "expression_acc"}
+    assert card.role == "teacher" and card.training.data.train["utk"]["age"] == 18
+    assert card.training.faces["image_size"] == "32"  # the face table's settings, for predict
+    assert set(card.metrics["test"]) >= {"age_mae", "gender_acc", "race_acc", "expression_acc"}
     metrics = json.loads((out / layout.TRAIN_METRICS).read_text())
     assert [h["epoch"] for h in metrics["history"]] == [1, 2] and len(metrics["lr"]["trace"]) == 10  # 36: 4 x 8 + 4
-    assert metrics["lr"]["range_test"]["lrs"] and result["test"] == card["metrics"]["test"]
+    assert metrics["lr"]["range_test"]["lrs"] and result["test"] == card.metrics["test"]
     assert (out / layout.TRAIN_CURVES).read_bytes()[:4] == b"\x89PNG"
     checkpoint = torch.load(out / layout.CHECKPOINT_FILE, weights_only=True)
     assert checkpoint["progress"]["epoch"] == 2
@@ -260,7 +259,7 @@ def test_single_task_baseline_trains_on_that_task_only(tiny_tables, tmp_path):
     )
     net, card = load_model(str(tmp_path / "base"))
     assert result["role"] == "baseline:expression" and list(net.heads) == ["expression"]
-    assert set(card["training"]["data"]["train"]) == {"fer"} and set(result["test"]) >= {"expression_acc"}
+    assert set(card.training.data.train) == {"fer"} and set(result["test"]) >= {"expression_acc"}
     assert not (tmp_path / "base" / layout.LR_RANGE_PLOT).exists()
 
 
@@ -272,6 +271,6 @@ def test_teacher_reads_and_writes_s3(tiny_tables, s3_env):
     tables = {"faces": "s3://bucket/ingest/faces", "labels": "s3://bucket/ingest/labels.parquet"}
     result = _train(tables, "s3://bucket/teacher", tiny_config(epochs=1, checkpoint_every=0))
     net, card = load_model("s3://bucket/teacher")
-    assert card["metrics"]["test"] == result["test"]
+    assert card.metrics["test"] == result["test"]
     state = torch.load(io.BytesIO(store.read_bytes("s3://bucket/teacher/" + layout.CHECKPOINT_FILE)), weights_only=True)
     assert state["progress"]["epoch"] == 1

@@ -6,10 +6,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import torch
-from conftest import make_tiny_tables
+from conftest import make_tiny_tables, training_record
 
 from d2mtl import contracts, data, layout, models, store
 from d2mtl.config import EvaluateConfig
+from d2mtl.config.train import ModelConfig
 from d2mtl.errors import UserError
 from d2mtl.roles import Role
 from d2mtl.stages import evaluate
@@ -21,7 +22,7 @@ def _tiny_model(out: str, tasks: tuple[str, ...], seed: int, **card) -> str:
     """An untrained 32 px network whose BatchNorm statistics come from one random batch, so that (unlike a
     freshly initialised one) its predictions vary with the input."""
     torch.manual_seed(seed)
-    net = models.MultiTaskNet(models.ModelSpec(tasks=tasks, input_size=32), weights="none")
+    net = models.MultiTaskNet(models.ModelSpec.from_config(ModelConfig(input_size=32), tasks), weights="none")
     with torch.no_grad():
         net.train()(torch.randn(16, 3, 32, 32) * 2)
     models.save_model(net.eval(), out, **card)
@@ -54,7 +55,9 @@ def _direct_age_mae(model_dir: str, faces: str, labels: str, dataset: str, split
     table = pa.Table.from_batches(list(contracts.iter_face_batches(faces)))
     table = table.filter(pc.and_(pc.equal(table["dataset"], dataset), pc.equal(table["split"], split)))
     ages = {row["sample_id"]: row["age"] for row in contracts.read_table(labels, contracts.LABELS).to_pylist()}
-    predicted = net.predict(data.preprocess(table["image"].to_pylist(), card))["age"].numpy()
+    predicted = net.predict(data.preprocess(table["image"].to_pylist(), card.input_size, card.mean, card.std))[
+        "age"
+    ].numpy()
     truth = np.array([ages[s] for s in table["sample_id"].to_pylist()])
     return float(np.abs(predicted - truth).mean())
 
@@ -121,8 +124,14 @@ def test_split_model_arg():
 
 
 def test_coverage_from_ground_truth_cards_not_students(tables, tmp_path):
-    train = {"data": {"train": {"utk": {"rows": 10, "age": 10, "gender": 10}, "fer": {"rows": 5, "age": 0}}}}
-    student_train = {"data": {"train": {"fer": {"rows": 5, "age": 5}}}}  # pseudo-labels: not ground truth
+    data = {
+        "train": {"utk": {"rows": 10, "age": 10, "gender": 10}, "fer": {"rows": 5, "age": 0}},
+        "val": {},
+        "test": {},
+    }
+    train = training_record(data={**data, "unmatched_labels": 0})
+    student_data = {"train": {"fer": {"rows": 5, "age": 5}}, "val": {}, "test": {}, "unmatched_labels": 0}
+    student_train = training_record(data=student_data)  # pseudo-labels: not ground truth
     teacher = _tiny_model(str(tmp_path / "teacher"), ("age", "gender"), 0, role="teacher", training=train)
     student = _tiny_model(str(tmp_path / "student"), ("age", "gender"), 0, role="student", training=student_train)
     loaded = evaluate.load_models([teacher, student], _cfg(), torch.device("cpu"))
@@ -195,8 +204,8 @@ def test_role_none_scores_a_model_outside_the_claims():
     from d2mtl.config import load_experiment
 
     cfg = load_experiment("cpu", ["evaluate.roles={variant_a: none}"]).evaluate
-    assert evaluate.role_of("variant_a", {"role": "teacher"}, cfg) is None
-    assert str(evaluate.role_of("variant_b", {"role": "teacher"}, cfg)) == "teacher"
+    assert evaluate.role_of("variant_a", "teacher", cfg) is None
+    assert str(evaluate.role_of("variant_b", "teacher", cfg)) == "teacher"
 
 
 def test_view_makes_gray_low_resolution_faces_of_the_same_size():

@@ -15,6 +15,7 @@ from conftest import make_tiny_tables
 from d2mtl import contracts, layout, models, store
 from d2mtl.config.ingest import IngestConfig, UTKFaceSpec
 from d2mtl.config.pseudolabel import PseudoLabelConfig
+from d2mtl.config.train import ModelConfig
 from d2mtl.data import FaceIndex
 from d2mtl.stages import ingest, pseudolabel
 
@@ -52,7 +53,7 @@ def test_pseudo_labels_fill_the_unlabelled_domain_and_are_measured_on_its_labels
     torch.manual_seed(0)
     teacher = str(tmp_path / "teacher")
     models.save_model(
-        models.MultiTaskNet(models.ModelSpec(tasks=TASKS, input_size=32), weights="none").eval(),
+        models.MultiTaskNet(models.ModelSpec.from_config(ModelConfig(input_size=32), TASKS), weights="none").eval(),
         teacher,
         role="teacher",
     )
@@ -102,7 +103,7 @@ def test_a_target_dataset_can_have_its_own_rule(tmp_path):
     torch.manual_seed(0)
     teacher = str(tmp_path / "teacher")
     models.save_model(
-        models.MultiTaskNet(models.ModelSpec(tasks=TASKS, input_size=32), weights="none").eval(),
+        models.MultiTaskNet(models.ModelSpec.from_config(ModelConfig(input_size=32), TASKS), weights="none").eval(),
         teacher,
         role="teacher",
     )

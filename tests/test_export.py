@@ -18,10 +18,12 @@ import torch
 
 from d2mtl import layout, store
 from d2mtl.cli import main
+from d2mtl.config.train import ModelConfig
 from d2mtl.errors import UserError
 from d2mtl.export import export_model
 from d2mtl.inference import InferenceModel
 from d2mtl.models import ModelSpec, MultiTaskNet, load_model, save_model
+from d2mtl.tasks import TASKS
 
 PROB_ATOL, YEARS_ATOL = 2e-4, 2e-2
 
@@ -33,7 +35,7 @@ def model_dir(tmp_path_factory) -> str:
     At initialisation MobileNetV2's features barely depend on the input: BatchNorm statistics are measured on
     random batches first, and the heads scaled up."""
     torch.manual_seed(0)
-    net = MultiTaskNet(ModelSpec(input_size=32), weights=None).train()
+    net = MultiTaskNet(ModelSpec.from_config(ModelConfig(input_size=32), TASKS), weights=None).train()
     with torch.no_grad():
         for module in net.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
@@ -128,7 +130,7 @@ def test_the_card_travels_with_each_export(model_dir, exported):
 
 
 def test_single_task_model_exported_to_s3_through_the_cli(s3_env, tmp_path, capsys):
-    net = MultiTaskNet(ModelSpec(tasks=("age",), age_head="l1", input_size=32), weights=None)
+    net = MultiTaskNet(ModelSpec.from_config(ModelConfig(age_head="l1", input_size=32), ("age",)), weights=None)
     save_model(net, str(tmp_path / "m"))
     assert (
         main(["export", "--model", str(tmp_path / "m"), "--format", "torchscript", "--out", "s3://bucket/exports/ts"])

@@ -27,8 +27,7 @@ from d2mtl.models import load_model
 from d2mtl.stages import student, teacher
 
 TINY_TRAINING = {
-    "weights": "none",
-    "input_size": 32,
+    "model": {"weights": "none", "input_size": 32},
     "batch_size": 8,
     "epochs": 3,
     "num_workers": 0,
@@ -216,8 +215,7 @@ def test_store_stopped_during_upload_fails_cleanly_and_rerun_completes(tiny_tabl
 
     monkeypatch.setattr(Minio, "put_object", stop_mid_weights)
     cfg = TrainConfig(
-        weights="none",
-        input_size=32,
+        model={"weights": "none", "input_size": 32},
         batch_size=8,
         epochs=1,
         num_workers=0,
@@ -240,7 +238,7 @@ def test_store_stopped_during_upload_fails_cleanly_and_rerun_completes(tiny_tabl
     assert not list(stoppable_s3.root.rglob(layout.WEIGHTS_FILE))  # no partial object on the server's disk either
     result = teacher.run(cfg, tiny_tables["faces"], tiny_tables["labels"], out)  # resumes from the epoch checkpoint
     net, card = load_model(out)
-    assert card["metrics"]["test"] == result["test"] and store.exists(f"{out}/{layout.TRAIN_METRICS}")
+    assert card.metrics["test"] == result["test"] and store.exists(f"{out}/{layout.TRAIN_METRICS}")
 
 
 def test_a_retried_write_sends_the_whole_object_again(stoppable_s3, monkeypatch):

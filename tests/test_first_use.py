@@ -39,7 +39,7 @@ def test_teacher_tasks_are_validated_as_the_config_is(tasks, tiny_tables, tmp_pa
         [
             "teacher",
             "--set",
-            "teacher.weights=none",
+            "teacher.model.weights=none",
             "--faces",
             tiny_tables["faces"],
             "--labels",
@@ -203,9 +203,9 @@ def test_compile_creates_the_folder_or_writes_to_object_storage(s3_env, tmp_path
 
 TINY_TRAINING = [
     "--set",
-    "teacher.weights=none",
+    "teacher.model.weights=none",
     "--set",
-    "teacher.input_size=32",
+    "teacher.model.input_size=32",
     "--set",
     "teacher.batch_size=8",
     "--set",

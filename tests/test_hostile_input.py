@@ -249,8 +249,7 @@ def malicious_pickle(marker: Path) -> bytes:
 
 def tiny_config(**overrides) -> TrainConfig:
     return TrainConfig(
-        weights="none",
-        input_size=32,
+        model={"weights": "none", "input_size": 32},
         batch_size=8,
         epochs=1,
         num_workers=0,
@@ -282,7 +281,7 @@ def test_malicious_pickle_checkpoint_is_one_line_through_the_cli(tiny_tables, tm
         [
             "teacher",
             "--set",
-            "teacher.weights=none",
+            "teacher.model.weights=none",
             "--set",
             "teacher.progress=false",
             "--faces",

@@ -20,9 +20,11 @@ LAYERS = {
     "d2mtl": (
         ("errors", "tasks", "lr", "configs"),  # the error type, the task registry, LR schedules; the YAML profiles
         ("store", "devices", "roles", "metrics", "plots"),  # storage, devices; functions and figures over the registry
-        ("layout", "contracts", "upload", "claims"),  # where outputs live and what they hold; the claims
-        ("config", "models", "data", "losses", "distill", "distributed", "report"),  # configs; network, data, maths
-        ("sources", "faces", "deploy", "engine", "inference"),  # adapters, detection + alignment, training, graph
+        ("layout", "upload", "claims"),  # where outputs live; the claims
+        ("contracts",),  # what the outputs hold: the Parquet tables, the model card
+        ("config", "data", "losses", "distill", "distributed", "report"),  # configs; data, maths, the report
+        ("models", "sources", "faces", "deploy"),  # the network; dataset adapters; detection + alignment; serving
+        ("engine", "inference"),  # training; the deployable graph
         ("predict", "export"),  # what a trained model is used for
         ("serve", "stages"),
         ("cli",),  # the stage and user commands

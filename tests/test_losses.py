@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from d2mtl.config.train import TrainConfig
+from d2mtl.config.train import ModelConfig, TrainConfig
 from d2mtl.data import empty_targets
 from d2mtl.losses import (
     MaskedTaskLoss,
@@ -41,7 +41,7 @@ def make_targets(n: int, **labels) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def net():
     torch.manual_seed(0)
-    return build_model(TrainConfig(weights="none", input_size=32, dropout=0.0)).train()
+    return build_model(TrainConfig(model=ModelConfig(weights="none", input_size=32, dropout=0.0))).train()
 
 
 def backward(net, targets, weighting=None):

@@ -7,9 +7,11 @@ import urllib.error
 
 import pytest
 import torch
+from pydantic import ValidationError
 
-from d2mtl import layout
-from d2mtl.config.train import TrainConfig
+from d2mtl import contracts, layout
+from d2mtl.config.train import ModelConfig, TrainConfig
+from d2mtl.contracts import ContractError
 from d2mtl.models import (
     AGE_BINS,
     BACKBONES,
@@ -23,14 +25,16 @@ from d2mtl.models import (
 from d2mtl.tasks import AGE_MAX, AGE_MIN, TASKS
 
 
-def tiny(**overrides) -> MultiTaskNet:
-    return build_model(TrainConfig(weights="none", input_size=32, **overrides))
+def tiny(tasks: list[str] | None = None, **overrides) -> MultiTaskNet:
+    return build_model(TrainConfig(tasks=tasks, model=ModelConfig(weights="none", input_size=32, **overrides)))
 
 
 def test_every_backbone_builds_and_gives_one_head_per_task():
     for name in BACKBONES:
         with torch.device("meta"):  # shapes only: no weight init, no compute
-            net = MultiTaskNet(ModelSpec(backbone=name, input_size=32), weights=None).eval()
+            net = MultiTaskNet(
+                ModelSpec.from_config(ModelConfig(backbone=name, input_size=32), TASKS), weights=None
+            ).eval()
             out = net(torch.randn(2, 3, 32, 32))
         assert set(out) == set(TASKS), name
         assert out["age"].shape == (2, AGE_BINS) and out["expression"].shape == (2, 7), name
@@ -41,7 +45,7 @@ def test_unknown_backbone_and_weights_are_user_errors():
     with pytest.raises(ModelError, match="unknown backbone 'vgg'"):
         tiny(backbone="vgg")
     with pytest.raises(ModelError, match="no weights 'IMAGENET9'"):
-        build_model(TrainConfig(weights="IMAGENET9"))
+        build_model(TrainConfig(model=ModelConfig(weights="IMAGENET9")))
 
 
 def test_unavailable_weights_offline_give_a_clear_error(monkeypatch, tmp_path):
@@ -53,7 +57,7 @@ def test_unavailable_weights_offline_give_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     expected = r"resnet18 weights IMAGENET1K_V1: not in the torch cache .*resnet18-f37072fd"
     with pytest.raises(ModelError, match=expected) as err:
-        build_model(TrainConfig(backbone="resnet18", weights="IMAGENET1K_V1"))
+        build_model(TrainConfig(model=ModelConfig(backbone="resnet18", weights="IMAGENET1K_V1")))
     assert f"Set TORCH_HOME (now {tmp_path}) to a folder holding hub/checkpoints/resnet18-f37072fd" in str(err.value)
 
 
@@ -63,7 +67,7 @@ def test_mobilenet_imagenet_weights_load_from_the_shared_cache():
     if not Path(torch.hub.get_dir(), "checkpoints", "mobilenet_v2-b0353104.pth").exists():
         pytest.skip("MobileNetV2 ImageNet weights not in TORCH_HOME")
     reference = __import__("torchvision").models.mobilenet_v2(weights="IMAGENET1K_V1")
-    net = build_model(TrainConfig(weights="IMAGENET1K_V1"))
+    net = build_model(TrainConfig(model=ModelConfig(weights="IMAGENET1K_V1")))
     assert torch.equal(net.backbone.features[0][0].weight, reference.features[0][0].weight)
 
 
@@ -113,8 +117,64 @@ def test_save_and_load_round_trip(tmp_path):
     for key, value in net.predict(x).items():
         assert torch.equal(value, loaded.predict(x)[key]), key
     assert loaded_card == card
-    assert card["input_size"] == 32 and card["classes"]["gender"] == ["male", "female"]
-    assert card["tasks"] == list(TASKS) and card["mean"] == [0.485, 0.456, 0.406]
+    assert card.input_size == 32 and card.classes["gender"] == ["male", "female"]
+    assert card.tasks == list(TASKS) and card.mean == (0.485, 0.456, 0.406)
+
+
+def test_model_card_round_trip(tmp_path):
+    training = {
+        "config": TrainConfig().model_dump(mode="json"),
+        "data": {"train": {"utk": {"rows": 3, "age": 3}}, "val": {}, "test": {}, "unmatched_labels": 0},
+        "faces": {"image_size": "32", "template": contracts.FACE_TEMPLATE_NAME},
+        "inputs": {"faces": "f" * 64, "labels": "l" * 64},
+        "epochs": 1,
+        "peak_lr": None,
+        "train_seconds": 1.5,
+    }
+    card = save_model(
+        tiny(tasks=["age"]),
+        str(tmp_path / "m"),
+        role="teacher",
+        training=training,
+        metrics={"val": {}, "test": {"age_mae": 3.5, "age_n": 4, "loss_mean": float("nan")}},
+        sources={"faces": "f", "labels": "l"},
+    )
+    written = json.loads((tmp_path / "m" / layout.MODEL_CARD).read_text())
+    assert written["format"] == contracts.MODEL_CARD_FORMAT == "d2mtl-model/1"
+    assert written["training"] == training and written["sources"] == {"faces": "f", "labels": "l"}
+    assert "processes" not in written["training"] and "pseudo_labels" not in written and "export" not in written
+    assert written["metrics"]["test"]["age_n"] == 4 and isinstance(written["metrics"]["test"]["age_n"], int)
+    read = contracts.read_model_card(str(tmp_path / "m"))
+    assert read.model_dump(exclude={"metrics"}) == card.model_dump(exclude={"metrics"}) and read.face_size == 32
+    assert contracts.model_card_json(read) == (tmp_path / "m" / layout.MODEL_CARD).read_text()
+
+
+def test_a_card_of_another_version_or_missing_a_field_is_refused(tmp_path):
+    folder = tmp_path / "m"
+    save_model(tiny(tasks=["age"]), str(folder))
+    card_file = str(folder / layout.MODEL_CARD)
+    _rewrite_card(folder, format="d2mtl-model/2")
+    with pytest.raises(ContractError, match=f"{card_file}: model card format 'd2mtl-model/2' is not supported"):
+        load_model(str(folder))
+    fields = json.loads((folder / layout.MODEL_CARD).read_text())
+    del fields["format"]
+    (folder / layout.MODEL_CARD).write_text(json.dumps(fields))
+    with pytest.raises(ContractError, match="model card format None is not supported"):
+        contracts.read_model_card(str(folder))
+    _rewrite_card(folder, format=contracts.MODEL_CARD_FORMAT)
+    fields = json.loads((folder / layout.MODEL_CARD).read_text())
+    del fields["input_size"]
+    (folder / layout.MODEL_CARD).write_text(json.dumps(fields))
+    with pytest.raises(
+        ContractError, match=f"{card_file}: not a valid d2mtl-model/1 model card \\(input_size: Field required\\)"
+    ):
+        load_model(str(folder))
+    (folder / layout.MODEL_CARD).write_text("{not json")
+    with pytest.raises(ContractError, match=f"{card_file}: not a JSON model card"):
+        load_model(str(folder))
+    card = save_model(tiny(tasks=["age"]), str(tmp_path / "other"))
+    with pytest.raises(ValidationError, match="format"):  # validated on write, also after model_copy
+        contracts.model_card_json(card.model_copy(update={"format": "d2mtl-model/2"}))
 
 
 def _rewrite_card(folder, **changes):
@@ -145,11 +205,11 @@ def test_a_model_with_other_classes_or_tasks_is_refused(tmp_path):
     save_model(tiny(tasks=["gender"]), str(other))
     with pytest.raises(ModelError, match="differ from the configured tasks"):
         load_model(str(other), tasks=list(TASKS))
-    assert load_model(str(other), tasks=["gender"])[1]["tasks"] == ["gender"]
+    assert load_model(str(other), tasks=["gender"])[1].tasks == ["gender"]
 
 
 def test_missing_folder_and_mismatched_weights_are_user_errors(tmp_path):
-    with pytest.raises(ModelError, match="not a model folder"):
+    with pytest.raises(ContractError, match="not a model folder"):
         load_model(str(tmp_path / "nothing"))
     folder = tmp_path / "m"
     save_model(tiny(tasks=["gender"]), str(folder))

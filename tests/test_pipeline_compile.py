@@ -533,11 +533,12 @@ def artifact(path: Path):
 
 
 def test_gather_names_each_output_by_its_task(tmp_path):
+    from d2mtl.config.train import ModelConfig
+    from d2mtl.models import ModelSpec, MultiTaskNet, save_model
     from d2mtl_pipeline import steps
 
-    for name, card in (("m1", {"tasks": ["age"]}), ("m2", {"tasks": ["race"]}), ("mtl", {"tasks": ["age", "race"]})):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "model_card.json").write_text(json.dumps(card))
+    for name, tasks in (("m1", ["age"]), ("m2", ["race"]), ("mtl", ["age", "race"])):
+        save_model(MultiTaskNet(ModelSpec.from_config(ModelConfig(), tasks), weights=None), str(tmp_path / name))
     (tmp_path / "p1").mkdir()
     (tmp_path / "p1" / "report.json").write_text(json.dumps({"tasks": ["gender"]}))
     steps.gather([artifact(tmp_path / n) for n in ("m1", "m2", "p1")], artifact(tmp_path / "out"))

@@ -18,8 +18,7 @@ from d2mtl_pipeline import cli, local
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = {
-    "weights": "none",
-    "input_size": 32,
+    "model": {"weights": "none", "input_size": 32},
     "epochs": 1,
     "batch_size": 16,
     "num_workers": 0,

@@ -10,11 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import training_record
 from PIL import Image
 
 from d2mtl import data, faces, layout, store
 from d2mtl.cli import main
 from d2mtl.config.ingest import IngestConfig
+from d2mtl.config.train import ModelConfig
 from d2mtl.errors import UserError
 from d2mtl.inference import InferenceModel, output_names
 from d2mtl.models import ModelSpec, MultiTaskNet, save_model
@@ -69,7 +71,7 @@ def side_by_side(left: np.ndarray, right: np.ndarray) -> np.ndarray:
 
 def test_one_pass_gives_what_net_predict_gives():
     torch.manual_seed(0)
-    net = MultiTaskNet(ModelSpec(input_size=32), weights=None).eval()
+    net = MultiTaskNet(ModelSpec.from_config(ModelConfig(input_size=32), TASKS), weights=None).eval()
     graph = InferenceModel(net).eval()
     x = torch.randn(3, 3, 32, 32)
     outputs = dict(zip(graph.output_names, graph(x)))
@@ -82,7 +84,7 @@ def test_one_pass_gives_what_net_predict_gives():
 
 
 def test_age_interval_is_the_10th_to_90th_percentile_of_the_distribution():
-    net = MultiTaskNet(ModelSpec(tasks=("age",), input_size=32), weights=None).eval()
+    net = MultiTaskNet(ModelSpec.from_config(ModelConfig(input_size=32), ("age",)), weights=None).eval()
     head = net.heads["age"]
     logits = torch.full((head.out_features,), -1e4)
     logits[20 - AGE_MIN : 25 - AGE_MIN] = 0.0  # uniform over 20..24: CDF 0.2, 0.4, ..., 1.0
@@ -98,7 +100,9 @@ def test_age_interval_is_the_10th_to_90th_percentile_of_the_distribution():
 
 
 def test_l1_age_head_interval_is_the_point_estimate():
-    net = MultiTaskNet(ModelSpec(tasks=("age", "gender"), age_head="l1", input_size=32), weights=None).eval()
+    net = MultiTaskNet(
+        ModelSpec.from_config(ModelConfig(age_head="l1", input_size=32), ("age", "gender")), weights=None
+    ).eval()
     outputs = dict(zip(output_names(net), InferenceModel(net)(torch.randn(2, 3, 32, 32))))
     assert torch.equal(outputs["age_low"], outputs["age"]) and torch.equal(outputs["age_high"], outputs["age"])
     assert torch.equal(outputs["age_std"], torch.zeros(2))
@@ -116,7 +120,11 @@ def test_bad_age_interval_and_batch_size_are_user_errors(model_dir):
 
 def test_faces_are_aligned_at_the_size_the_model_trained_on(analyzer, tmp_path, caplog):
     out = str(tmp_path / "model")
-    save_model(MultiTaskNet(ModelSpec(input_size=32), weights=None), out, training={"faces": {"image_size": "96"}})
+    save_model(
+        MultiTaskNet(ModelSpec.from_config(ModelConfig(input_size=32), TASKS), weights=None),
+        out,
+        training=training_record(faces={"image_size": "96"}),
+    )
     assert Analyzer(out).face_size == 96
     assert Analyzer(out, ingest=IngestConfig(image_size=112)).face_size == 96
     assert "trained on 96 px faces" in caplog.text
@@ -206,7 +214,9 @@ def test_the_face_is_aligned_as_ingest_aligns_it(analyzer, utk_faces):
     detection = analyzer.detector.main_face(utk_faces[0])
     ingest_jpeg = faces.encode_jpeg(faces.align(utk_faces[0], detection.landmarks, 112), 95)
     assert located.jpegs == [ingest_jpeg]
-    expected = analyzer.net.predict(data.preprocess([ingest_jpeg], analyzer.card))
+    expected = analyzer.net.predict(
+        data.preprocess([ingest_jpeg], analyzer.card.input_size, analyzer.card.mean, analyzer.card.std)
+    )
     face = analyzer.analyze(utk_faces[0])[0].faces[0]
     for task in CLASS_TASKS:
         assert list(face.classes[task].probabilities.values()) == pytest.approx(expected[task][0].tolist(), abs=1e-5)

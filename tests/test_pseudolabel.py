@@ -11,6 +11,7 @@ import torch
 from d2mtl import contracts, data, layout, models, store
 from d2mtl.cli import main
 from d2mtl.config.pseudolabel import PseudoLabelConfig
+from d2mtl.config.train import ModelConfig
 from d2mtl.errors import UserError
 from d2mtl.stages import pseudolabel
 
@@ -19,7 +20,7 @@ ALL_TASKS = ("age", "gender", "race", "expression")
 
 def _teacher(out: str, tasks=ALL_TASKS, seed: int = 0, input_size: int = 32, **card) -> str:
     torch.manual_seed(seed)
-    net = models.MultiTaskNet(models.ModelSpec(tasks=tasks, input_size=input_size), weights="none")
+    net = models.MultiTaskNet(models.ModelSpec.from_config(ModelConfig(input_size=input_size), tasks), weights="none")
     models.save_model(net.eval(), out, role="teacher", **card)
     return out
 
@@ -88,7 +89,7 @@ def test_ground_truth_is_never_overwritten_and_gaps_are_filled(tables, tmp_path)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(probs.max(axis=1), pseudo.column("race_confidence").to_numpy(), rtol=1e-6)
 
-    meta = json.loads(contracts.table_metadata(result["pseudo"])[pseudolabel.PROVENANCE_KEY])
+    meta = json.loads(contracts.table_metadata(result["pseudo"])[contracts.PSEUDO_PROVENANCE_KEY])
     assert meta["transforms"] == ["identity", "hflip", "crop:0.8", "scale:1.25"]
     assert meta["teachers"][0]["uri"] == teacher and len(meta["teachers"][0]["weights_sha256"]) == 64
     report = json.loads(store.read_text(result["report"]))
@@ -188,7 +189,8 @@ def test_single_task_ensemble_fills_only_its_task(tables, tmp_path):
 
 
 def model_input(teacher: str, jpeg: bytes) -> torch.Tensor:
-    return data.preprocess([jpeg], models.read_card(teacher))
+    card = contracts.read_model_card(teacher)
+    return data.preprocess([jpeg], card.input_size, card.mean, card.std)
 
 
 def test_views_are_batched_and_grouped_by_size(tmp_path):
@@ -196,7 +198,7 @@ def test_views_are_batched_and_grouped_by_size(tmp_path):
     images = torch.randint(0, 256, (5, 3, 40, 40), dtype=torch.uint8)
     members = pseudolabel.predict_members([teacher], images, ["identity", "hflip", "scale:1.5"], torch.device("cpu"))
     assert members["gender"].shape == (3, 5, 2) and members["age"].shape == (3, 5)
-    x = data.normalize(data.eval_transform(32)(images), teacher.card["mean"], teacher.card["std"])
+    x = data.normalize(data.eval_transform(32)(images), teacher.card.mean, teacher.card.std)
     np.testing.assert_allclose(members["race"][1], teacher.net.predict(x.flip(-1))["race"].numpy(), atol=1e-5)
     scaled, flipped_crop, crop = pseudolabel.make_views(x, ["scale:1.5", "hflip+crop:0.5", "crop:0.5"])
     assert scaled.shape[-1] == 48 and flipped_crop.shape == x.shape

@@ -18,8 +18,7 @@ from d2mtl.tasks import TASKS
 
 def student_config(**overrides) -> StudentConfig:
     settings = dict(
-        weights="none",
-        input_size=32,
+        model={"weights": "none", "input_size": 32},
         batch_size=8,
         epochs=1,
         num_workers=0,
@@ -96,8 +95,8 @@ def test_student_trains_on_ground_truth_and_pseudo_labels(tiny_tables, tmp_path)
         student_config(), tiny_tables["faces"], tiny_tables["labels"], pseudo_uri, str(tmp_path / "student")
     )
     net, card = load_model(str(tmp_path / "student"))
-    assert result["role"] == "student" and card["pseudo_labels"]["expression"]["used"] == 18
-    assert card["sources"]["pseudo"] == pseudo_uri
+    assert result["role"] == "student" and card.pseudo_labels["expression"].used == 18
+    assert card.sources.pseudo == pseudo_uri
     assert result["test"]["gender_n"] == 3  # ground truth only: the 3 utk test faces
 
 

@@ -259,7 +259,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     cfg = load_config(args)
     card = export.export_model(_model_or_latest(args.model, cfg), args.format, args.out)
-    print(f"wrote {store.join(args.out, card['export']['file'])} (outputs: {', '.join(card['export']['outputs'])})")
+    print(f"wrote {store.join(args.out, card.export.file)} (outputs: {', '.join(card.export.outputs)})")
 
 
 def cmd_serve(args: argparse.Namespace) -> None:

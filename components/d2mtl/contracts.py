@@ -1,8 +1,9 @@
-"""The Parquet contracts between stages: face table, label table, pseudo-label table.
+"""The contracts between stages: the Parquet tables (face table, label table, pseudo-label table) with their
+metadata keys, the face alignment template, and the model card.
 
-Documented for humans in docs/contracts.md; this module is the executable form. Every file
-carries ``d2mtl.schema`` = ``<table>/<version>`` in its Parquet metadata and readers refuse
-a table or version they do not know.
+Documented for humans in docs/contracts.md; this module is the executable form. Every table file
+carries ``d2mtl.schema`` = ``<table>/<version>`` in its Parquet metadata, every model card its ``format``,
+and readers refuse a table, card or version they do not know.
 
 The face table is sharded: ``<faces>/part-00000-<sha256 prefix>.parquet``, ... plus
 ``<faces>/_manifest.json``, written last, which lists the shards, their row counts and content
@@ -17,13 +18,15 @@ import io
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from d2mtl import store
+from d2mtl import layout, store
 from d2mtl.errors import UserError
 from d2mtl.tasks import TASKS
 
@@ -31,7 +34,19 @@ SCHEMA_KEY = b"d2mtl.schema"
 FACES, LABELS, PSEUDO, PSEUDO_PART = "faces", "labels", "pseudo", "pseudo_part"
 VERSIONS = {FACES: 1, LABELS: 1, PSEUDO: 1, PSEUDO_PART: 1}
 MANIFEST = "_manifest.json"
-EVALUATE_ONLY = "evaluate_only"  # face-manifest metadata: JSON list of the datasets whose labels only evaluation reads
+# face-manifest metadata, which training copies into the model card (ModelCard.training.faces)
+IMAGE_SIZE = "image_size"  # side in pixels of the stored faces, which predict aligns new faces to
+TEMPLATE = "template"  # the alignment template of the faces: FACE_TEMPLATE_NAME
+EVALUATE_ONLY = "evaluate_only"  # JSON list of the datasets whose labels only evaluation reads
+# pseudo-label stage metadata
+PSEUDO_PART_KEY = "d2mtl.pseudo.part"  # part-table metadata: shard, provenance
+PSEUDO_PROVENANCE_KEY = "d2mtl.pseudo"  # pseudo-table metadata: teachers, transforms, rules, holdout
+HOLDOUT_KEY = "d2mtl.holdout"  # label-table metadata of write_holdout_labels: which labels it hides
+
+# The face alignment template: ingest aligns the training faces to it, predict and serve align new faces to it.
+# 112 x 112: left eye, right eye, nose tip, left and right mouth corner (image left / right); see d2mtl.faces.
+FACE_TEMPLATE_NAME = "tight_5pt_v1"
+FACE_TEMPLATE_112 = np.array([[34.8, 38.0], [77.2, 38.0], [56.0, 63.0], [38.5, 80.5], [73.5, 80.5]], dtype=np.float32)
 
 SPLITS = ("train", "val", "test")
 
@@ -287,3 +302,154 @@ def training_labels(
     hidden_ids = meta.filter(pc.is_in(meta.column("dataset"), pa.array(datasets, pa.string()))).column("sample_id")
     rows = pc.is_in(labels.column("sample_id"), hidden_ids.combine_chunks()).to_numpy(zero_copy_only=False)
     return split_label_cells(labels, dict.fromkeys(labels.column_names, rows))
+
+
+# ---- the model card (layout.MODEL_CARD in every model folder, and inside exported files) ---------------------
+
+MODEL_CARD_FORMAT = "d2mtl-model/1"
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TrainingData(_Record):
+    """Per split: per dataset its rows and labelled rows per task (``FaceIndex.summary``)."""
+
+    train: dict[str, dict[str, int]]
+    val: dict[str, dict[str, int]]
+    test: dict[str, dict[str, int]]
+    unmatched_labels: int  # label rows whose sample_id is not in the face table
+
+
+class TrainingRecord(_Record):
+    """How the model was trained."""
+
+    config: dict  # the TrainConfig as JSON, as that d2mtl version shaped it
+    data: TrainingData
+    faces: dict[str, str]  # the face table's manifest metadata: IMAGE_SIZE, TEMPLATE, EVALUATE_ONLY where set
+    inputs: dict[str, str]  # input name -> content_hash: a resume needs the same
+    epochs: int
+    peak_lr: float | None
+    train_seconds: float
+    processes: int | None = None  # data-parallel processes, under torchrun only
+
+
+class Sources(_Record):
+    """The URIs the model was trained from."""
+
+    faces: str
+    labels: str
+    pseudo: str | None = None  # students
+    teacher: str | None = None  # students: the teacher folder when init is teacher
+
+
+class PseudoLabelUse(_Record):
+    used: int  # pseudo-labels that trained the student
+    ignored_ground_truth: int  # kept pseudo-labels not used because the ground truth has the label
+
+
+class ExportInput(_Record):
+    name: str
+    dtype: str
+    shape: list[str | int]
+    preprocessing: str
+
+
+class ExportRecord(_Record):
+    """What a consumer of an exported file (d2mtl export, serve) needs to feed it and read it."""
+
+    format: str
+    file: str
+    source: str
+    torch: str
+    opset: int | None
+    input: ExportInput
+    outputs: dict[str, list[str | int]]  # output name -> shape
+    age_interval: float
+
+
+class ModelCard(_Record):
+    """The model card. The first fields are the architecture the network is rebuilt from (models.ModelSpec);
+    the optional ones are absent from a model saved outside a training run and from a card before export."""
+
+    format: Literal["d2mtl-model/1"]
+    backbone: str
+    tasks: list[str]
+    age_head: Literal["dex", "l1"]
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    dropout: float
+    classes: dict[str, list[str]]  # per classification task its class names, in code order
+    age_range: tuple[int, int]
+    weights_sha256: str
+    role: str | None = None  # teacher, student, baseline:<task>, student_single:<task>
+    training: TrainingRecord | None = None
+    metrics: dict[str, dict[str, float | int]] | None = None  # "val", "test": the final metrics
+    sources: Sources | None = None
+    pseudo_labels: dict[str, PseudoLabelUse] | None = None  # students: per task
+    export: ExportRecord | None = None
+
+    @property
+    def face_size(self) -> int | None:
+        """The side of the faces the model was trained on; None when its face table did not record it."""
+        size = self.training.faces.get(IMAGE_SIZE) if self.training else None
+        return int(size) if size else None
+
+    def identity(self) -> dict:
+        """What names the model in provenance records (pseudo-label metadata)."""
+        role = {"role": self.role} if self.role is not None else {}
+        return {
+            **role,
+            "backbone": self.backbone,
+            "tasks": self.tasks,
+            "age_head": self.age_head,
+            "input_size": self.input_size,
+            "weights_sha256": self.weights_sha256,
+        }
+
+
+def model_card_json(card: ModelCard) -> str:
+    """The one writer of a card: validated again (``model_copy(update=...)`` skips validation); the fields a card
+    does not have stay out of it."""
+    fields = card.model_dump(mode="json", exclude_unset=True)
+    return json.dumps(ModelCard.model_validate(fields).model_dump(mode="json", exclude_unset=True), indent=1)
+
+
+def parse_model_card(text: str | bytes, where: str) -> ModelCard:
+    """The one reader of a card (a model folder's file, an exported file's metadata): refuses another format
+    and a card that does not follow this one, naming ``where``."""
+    try:
+        fields = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ContractError(f"{where}: not a JSON model card ({err})") from None
+    found = fields.get("format") if isinstance(fields, dict) else None
+    if found != MODEL_CARD_FORMAT:
+        raise ContractError(
+            f"{where}: model card format {found!r} is not supported (this d2mtl reads {MODEL_CARD_FORMAT!r}); "
+            "retrain, or use the d2mtl version that wrote this model"
+        )
+    try:
+        return ModelCard.model_validate(fields)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise ContractError(f"{where}: not a valid {MODEL_CARD_FORMAT} model card ({problems})") from None
+
+
+def read_model_card(model: str) -> ModelCard:
+    """The card of the model folder ``model``."""
+    if not store.is_remote(model) and Path(model).is_file():
+        inside = Path(model).name in (layout.MODEL_CARD, layout.WEIGHTS_FILE)
+        raise ContractError(
+            f"{model} is a file; expected a model folder (holding {layout.MODEL_CARD} and "
+            f"{layout.WEIGHTS_FILE})" + (f": {Path(model).parent}" if inside else "")
+        )
+    uri = store.join(model, layout.MODEL_CARD)
+    try:
+        text = store.read_text(uri)
+    except FileNotFoundError:
+        raise ContractError(
+            f"{model}: no {layout.MODEL_CARD}; not a model folder (teacher/student/baseline output)"
+        ) from None
+    return parse_model_card(text, uri)

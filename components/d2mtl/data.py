@@ -83,11 +83,17 @@ def normalize(
     return ((images.float() - mean_t) / std_t).contiguous(memory_format=memory_format)
 
 
-def preprocess(jpegs: Sequence[bytes], card: dict, device: torch.device | str = "cpu") -> torch.Tensor:
-    """JPEG bytes -> the normalised (B, 3, S, S) input of the model described by ``card``."""
-    resize = eval_transform(int(card["input_size"]))
+def preprocess(
+    jpegs: Sequence[bytes],
+    input_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """JPEG bytes -> the normalised (B, 3, S, S) input of a model (its card's input_size, mean, std)."""
+    resize = eval_transform(input_size)
     images = torch.stack([resize(decode_jpeg(data)) for data in jpegs])
-    return normalize(images, card["mean"], card["std"], device)
+    return normalize(images, mean, std, device)
 
 
 # ---- targets -----------------------------------------------------------------------------------

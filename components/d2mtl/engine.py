@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from d2mtl import layout, plots, store
+from d2mtl.contracts import PseudoLabelUse, Sources, TrainingData, TrainingRecord
 from d2mtl.data import EpochSampler, FaceDataset, FaceIndex, make_loader, normalize
 from d2mtl.distributed import Distributed
 from d2mtl.errors import UserError
@@ -112,13 +113,14 @@ class Trainer:
         out: str,
         net: MultiTaskNet,
         role: str = "teacher",
-        card_extra: dict | None = None,
+        sources: Sources | None = None,
+        pseudo_labels: dict[str, PseudoLabelUse] | None = None,
         dist: Distributed | None = None,
         inputs: dict[str, str] | None = None,
     ):
         self.cfg, self.index, self.out, self.role = cfg, index, out, role
         self.inputs = inputs or {}  # input name -> content hash (contracts.content_hash): a resume needs the same
-        self.card_extra = card_extra or {}
+        self.sources, self.pseudo_labels = sources, pseudo_labels  # for the model card
         self.dist = dist or Distributed()
         self.device = self.dist.device(cfg.device)
         self.cuda = self.device.type == "cuda"
@@ -134,13 +136,13 @@ class Trainer:
             )
             torch.manual_seed(self.dist.seed(cfg.seed))  # the same weights everywhere, dropout of each rank's own
         self.tasks = net.tasks
-        self.loss_fn = MaskedTaskLoss(self.tasks, cfg.age_head, cfg.age_sigma, cfg.age_l1_weight).to(self.device)
+        self.loss_fn = MaskedTaskLoss(self.tasks, cfg.model.age_head, cfg.age_sigma, cfg.age_l1_weight).to(self.device)
         self.train_rows, self.val_rows, self.test_rows = (index.rows(s) for s in ("train", "val", "test"))
         self.weighting = TaskWeighting(
             self.tasks,
             *task_weighting(cfg, index.summary(self.train_rows), self.tasks),
             cfg.dwa_temperature,
-            cfg.age_head,
+            cfg.model.age_head,
         ).to(self.device)
         if not len(self.train_rows):
             raise UserError(f"no train faces labelled for {', '.join(self.tasks)}: check the label table and tasks")
@@ -153,8 +155,8 @@ class Trainer:
             )
         if index.label_mismatch:
             log.warning("%s", index.label_mismatch)
-        self.train_data = FaceDataset(index, cfg.input_size, cfg.augment, cfg.shard_window)
-        self.eval_data = FaceDataset(index, cfg.input_size, None, cfg.shard_window)
+        self.train_data = FaceDataset(index, cfg.model.input_size, cfg.augment, cfg.shard_window)
+        self.eval_data = FaceDataset(index, cfg.model.input_size, None, cfg.shard_window)
         self.sampler = EpochSampler(
             index,
             self.train_rows,
@@ -184,7 +186,7 @@ class Trainer:
     # ---- one step / one epoch / evaluation ----------------------------------------------------------
 
     def _inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        images = normalize(batch["image"], self.cfg.mean, self.cfg.std, self.device, self.memory_format)
+        images = normalize(batch["image"], self.cfg.model.mean, self.cfg.model.std, self.device, self.memory_format)
         targets = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if k not in ("image", "row")}
         return images, targets
 
@@ -515,37 +517,37 @@ class Trainer:
             "val": val,
             "test": test,
         }
-        training = {
-            "config": self.cfg.model_dump(mode="json"),
-            "data": {
-                "train": self.index.summary(self.train_rows),
-                "val": self.index.summary(self.val_rows),
-                "test": self.index.summary(self.test_rows),
-                "unmatched_labels": self.index.unmatched_labels,
-            },
-            "faces": self.index.face_settings,
-            "inputs": self.inputs,
-            "epochs": progress.epoch,
-            "peak_lr": progress.peak_lr,
-            "train_seconds": result["train_seconds"],
-        }
-        if self.dist.enabled:
-            training["processes"] = self.dist.world_size
+        training = TrainingRecord(
+            config=self.cfg.model_dump(mode="json"),
+            data=TrainingData(
+                train=self.index.summary(self.train_rows),
+                val=self.index.summary(self.val_rows),
+                test=self.index.summary(self.test_rows),
+                unmatched_labels=self.index.unmatched_labels,
+            ),
+            faces=self.index.face_settings,
+            inputs=self.inputs,
+            epochs=progress.epoch,
+            peak_lr=progress.peak_lr,
+            train_seconds=result["train_seconds"],
+            **({"processes": self.dist.world_size} if self.dist.enabled else {}),
+        )
         if self.dist.is_main:
             self._write_model_folder(result, training)
         self.dist.barrier()
         log.info("%s done: val %s | test %s", self.role, _fmt(val), _fmt(test))
         return result
 
-    def _write_model_folder(self, result: dict, training: dict) -> None:
+    def _write_model_folder(self, result: dict, training: TrainingRecord) -> None:
         progress = self.progress
+        optional = {"sources": self.sources, "pseudo_labels": self.pseudo_labels}
         save_model(
             self.net,
             self.out,
             role=self.role,
             training=training,
             metrics={"val": result["val"], "test": result["test"]},
-            **self.card_extra,
+            **{name: value for name, value in optional.items() if value is not None},
         )
         lr_info = {
             "schedule": self.cfg.lr.schedule,

@@ -11,7 +11,6 @@ travels inside the graph file (ONNX metadata, TorchScript extra file), so the fi
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import tempfile
 import warnings
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 
 from d2mtl import layout, store
+from d2mtl.contracts import ExportInput, ExportRecord, ModelCard, model_card_json
 from d2mtl.errors import UserError
 from d2mtl.inference import AGE_INTERVAL, InferenceModel
 from d2mtl.models import load_model
@@ -40,28 +40,25 @@ def output_shapes(graph: InferenceModel) -> dict[str, list[str | int]]:
     return shapes
 
 
-def export_card(card: dict, graph: InferenceModel, fmt: str, source: str) -> dict:
+def export_card(card: ModelCard, graph: InferenceModel, fmt: str, source: str) -> ModelCard:
     """The model card plus what a consumer of the exported file needs to feed it and read it."""
-    size = int(card["input_size"])
-    return {
-        **card,
-        "export": {
-            "format": fmt,
-            "file": FORMATS[fmt],
-            "source": source,
-            "torch": torch.__version__,
-            "opset": ONNX_OPSET if fmt == "onnx" else None,
-            "input": {
-                "name": INPUT_NAME,
-                "dtype": "float32",
-                "shape": ["batch", 3, size, size],
-                "preprocessing": "aligned face (d2mtl.faces template), resized to input_size, RGB, "
-                "(pixel / 255 - mean) / std",
-            },
-            "outputs": output_shapes(graph),
-            "age_interval": graph.age_interval,
-        },
-    }
+    size = card.input_size
+    section = ExportRecord(
+        format=fmt,
+        file=FORMATS[fmt],
+        source=source,
+        torch=torch.__version__,
+        opset=ONNX_OPSET if fmt == "onnx" else None,
+        input=ExportInput(
+            name=INPUT_NAME,
+            dtype="float32",
+            shape=["batch", 3, size, size],
+            preprocessing="aligned face (d2mtl.faces template), resized to input_size, RGB, (pixel / 255 - mean) / std",
+        ),
+        outputs=output_shapes(graph),
+        age_interval=graph.age_interval,
+    )
+    return card.model_copy(update={"export": section})
 
 
 @contextlib.contextmanager
@@ -78,7 +75,7 @@ def quiet_loggers(*names: str, level: int = logging.WARNING) -> Iterator[None]:
             logger.setLevel(old)
 
 
-def onnx_bytes(graph: InferenceModel, example: torch.Tensor, card: dict) -> bytes:
+def onnx_bytes(graph: InferenceModel, example: torch.Tensor, card: ModelCard) -> bytes:
     batch = torch.export.Dim("batch", min=1)
     with quiet_loggers("onnx_ir", "onnxscript"):
         program = torch.onnx.export(
@@ -93,32 +90,32 @@ def onnx_bytes(graph: InferenceModel, example: torch.Tensor, card: dict) -> byte
         )
     proto = program.model_proto
     entry = proto.metadata_props.add()
-    entry.key, entry.value = layout.MODEL_CARD, json.dumps(card)
+    entry.key, entry.value = layout.MODEL_CARD, model_card_json(card)
     return proto.SerializeToString()
 
 
-def torchscript_bytes(graph: InferenceModel, example: torch.Tensor, card: dict) -> bytes:
+def torchscript_bytes(graph: InferenceModel, example: torch.Tensor, card: ModelCard) -> bytes:
     with warnings.catch_warnings():
         # torch.jit is deprecated for new code, but TorchScript is still the format LibTorch (C++) deployments load
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
         traced = torch.jit.trace(graph, example)
         with tempfile.TemporaryDirectory(prefix="d2mtl-export-") as tmp:
             path = Path(tmp, layout.TORCHSCRIPT_FILE)
-            torch.jit.save(traced, str(path), _extra_files={layout.MODEL_CARD: json.dumps(card)})
+            torch.jit.save(traced, str(path), _extra_files={layout.MODEL_CARD: model_card_json(card)})
             return path.read_bytes()
 
 
-def export_model(model: str, fmt: str, out: str, age_interval: float = AGE_INTERVAL) -> dict:
+def export_model(model: str, fmt: str, out: str, age_interval: float = AGE_INTERVAL) -> ModelCard:
     """Write ``model`` (a model folder) as ``fmt`` into the folder ``out``; returns the exported card."""
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; known: {', '.join(FORMATS)}")
     net, card = load_model(model, "cpu")
     graph = InferenceModel(net, age_interval).eval()
-    size = int(card["input_size"])
+    size = card.input_size
     example = torch.randn(TRACE_BATCH, 3, size, size, generator=torch.Generator().manual_seed(0))
     card = export_card(card, graph, fmt, model)
     with torch.no_grad():
         data = onnx_bytes(graph, example, card) if fmt == "onnx" else torchscript_bytes(graph, example, card)
     store.write_bytes(store.join(out, FORMATS[fmt]), data)
-    store.write_text(store.join(out, layout.MODEL_CARD), json.dumps(card, indent=1))
+    store.write_text(store.join(out, layout.MODEL_CARD), model_card_json(card))
     return card

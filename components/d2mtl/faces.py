@@ -25,9 +25,7 @@ import simplejpeg
 from PIL import Image, ImageOps
 
 from d2mtl.config.ingest import DetectorConfig
-
-# 112 x 112 template: left eye, right eye, nose tip, left and right mouth corner (image left / right).
-TEMPLATE_112 = np.array([[34.8, 38.0], [77.2, 38.0], [56.0, 63.0], [38.5, 80.5], [73.5, 80.5]], dtype=np.float32)
+from d2mtl.contracts import FACE_TEMPLATE_112
 
 
 class UnreadableImage(ValueError):
@@ -131,8 +129,8 @@ def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
 
 
 def template(size: int) -> np.ndarray:
-    """The 5-point template for a ``size`` x ``size`` output."""
-    return TEMPLATE_112 * (size / 112.0)
+    """The 5-point template (contracts.FACE_TEMPLATE_112) for a ``size`` x ``size`` output."""
+    return FACE_TEMPLATE_112 * (size / 112.0)
 
 
 def similarity_matrix(landmarks: np.ndarray, size: int) -> np.ndarray:

@@ -4,15 +4,14 @@ Age is either a DEX head (Rothe et al., "Deep EXpectation of apparent age", ICCV
 over integer ages whose expected value is the prediction) or a plain L1 regression head.
 
 A model folder holds ``layout.WEIGHTS_FILE`` (safetensors: loads without executing code) and
-``layout.MODEL_CARD`` (JSON: the architecture spec the network is rebuilt from, the class names,
-normalisation, training data summary and metrics). ``load_model`` refuses a folder whose tasks or
+``layout.MODEL_CARD`` (``contracts.ModelCard``: the architecture spec the network is rebuilt from, the class
+names, normalisation, training data summary and metrics). ``load_model`` refuses a folder whose tasks or
 classes differ from the task registry.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -28,11 +27,12 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from d2mtl import layout, store
+from d2mtl.config.train import ModelConfig
+from d2mtl.contracts import MODEL_CARD_FORMAT, ModelCard, model_card_json, read_model_card
 from d2mtl.devices import resolve_device
 from d2mtl.errors import UserError
 from d2mtl.tasks import AGE_MAX, AGE_MIN, TASKS
 
-CARD_FORMAT = "d2mtl-model/1"
 AGE_BINS = AGE_MAX - AGE_MIN + 1  # DEX: one class per integer age
 
 
@@ -107,7 +107,7 @@ def build_backbone(name: str, weights: str | None) -> tuple[nn.Module, int]:
         raise ModelError(
             f"cannot load {name} weights {weights}: not in the torch cache ({_weights_cache_path(spec)}) and the "
             f"download failed ({err}). Set TORCH_HOME (now {os.environ.get('TORCH_HOME', 'unset')}) to a folder "
-            f"holding hub/checkpoints/{_weights_cache_path(spec).name}, or use weights: none"
+            f"holding hub/checkpoints/{_weights_cache_path(spec).name}, or set model.weights: none"
         ) from None
     head = model.get_submodule(backbone.classifier)
     linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
@@ -123,37 +123,37 @@ def build_backbone(name: str, weights: str | None) -> tuple[nn.Module, int]:
 class ModelSpec:
     """Everything needed to rebuild the network; stored in the model card."""
 
-    backbone: str = "mobilenet_v2"
-    tasks: tuple[str, ...] = tuple(TASKS)
-    age_head: Literal["dex", "l1"] = "dex"
-    input_size: int = 64
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    dropout: float = 0.2
+    backbone: str
+    tasks: tuple[str, ...]
+    age_head: Literal["dex", "l1"]
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    dropout: float
 
     @classmethod
-    def from_config(cls, cfg) -> ModelSpec:
-        """From a TrainConfig."""
+    def from_config(cls, model: ModelConfig, tasks: tuple[str, ...] | list[str]) -> ModelSpec:
+        """From a TrainConfig's ``model`` section and the tasks."""
         return cls(
-            backbone=cfg.backbone,
-            tasks=cfg.task_names,
-            age_head=cfg.age_head,
-            input_size=cfg.input_size,
-            mean=tuple(cfg.mean),
-            std=tuple(cfg.std),
-            dropout=cfg.dropout,
+            backbone=model.backbone,
+            tasks=tuple(tasks),
+            age_head=model.age_head,
+            input_size=model.input_size,
+            mean=model.mean,
+            std=model.std,
+            dropout=model.dropout,
         )
 
     @classmethod
-    def from_card(cls, card: dict) -> ModelSpec:
+    def from_card(cls, card: ModelCard) -> ModelSpec:
         return cls(
-            backbone=card["backbone"],
-            tasks=tuple(card["tasks"]),
-            age_head=card["age_head"],
-            input_size=int(card["input_size"]),
-            mean=tuple(card["mean"]),
-            std=tuple(card["std"]),
-            dropout=float(card.get("dropout", 0.0)),
+            backbone=card.backbone,
+            tasks=tuple(card.tasks),
+            age_head=card.age_head,
+            input_size=card.input_size,
+            mean=card.mean,
+            std=card.std,
+            dropout=card.dropout,
         )
 
     def head_size(self, task: str) -> int:
@@ -235,10 +235,11 @@ class MultiTaskNet(nn.Module):
 
 
 def build_model(cfg, weights: str | None = None) -> MultiTaskNet:
-    """A network for a TrainConfig; ``weights`` overrides cfg.weights (e.g. "none")."""
-    net = MultiTaskNet(ModelSpec.from_config(cfg), cfg.weights if weights is None else weights)
-    if cfg.freeze_stages:
-        net.freeze_stages(cfg.freeze_stages)
+    """A network for a TrainConfig; ``weights`` overrides cfg.model.weights (e.g. "none")."""
+    spec = ModelSpec.from_config(cfg.model, cfg.task_names)
+    net = MultiTaskNet(spec, cfg.model.weights if weights is None else weights)
+    if cfg.model.freeze_stages:
+        net.freeze_stages(cfg.model.freeze_stages)
     return net
 
 
@@ -249,73 +250,58 @@ def class_names(tasks: tuple[str, ...] | list[str]) -> dict[str, list[str]]:
     return {t: list(TASKS[t].classes) for t in tasks if TASKS[t].kind == "classification"}
 
 
-def make_card(spec: ModelSpec, **extra) -> dict:
-    """The model card: the spec (flat: backbone, tasks, input_size, mean, std, ...), class names, extras."""
-    card = {"format": CARD_FORMAT, **asdict(spec), "classes": class_names(spec.tasks), "age_range": [AGE_MIN, AGE_MAX]}
-    card["tasks"], card["mean"], card["std"] = list(spec.tasks), list(spec.mean), list(spec.std)
-    card.update(extra)
-    return card
-
-
 def weights_bytes(net: nn.Module) -> bytes:
     state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
     return save_safetensors(state)
 
 
-def save_model(net: MultiTaskNet, out: str, **card_extra) -> dict:
-    """Write the weights and the card into the model folder ``out``; returns the card."""
+def save_model(net: MultiTaskNet, out: str, **records) -> ModelCard:
+    """Write the weights and the card into the model folder ``out``; returns the card. ``records``: the card's
+    optional fields (role, training, metrics, sources, pseudo_labels)."""
     data = weights_bytes(net)
-    card = make_card(net.spec, weights_sha256=hashlib.sha256(data).hexdigest(), **card_extra)
+    spec = net.spec
+    card = ModelCard(
+        format=MODEL_CARD_FORMAT,
+        **asdict(spec),
+        classes=class_names(spec.tasks),
+        age_range=(AGE_MIN, AGE_MAX),
+        weights_sha256=hashlib.sha256(data).hexdigest(),
+        **records,
+    )
+    text = model_card_json(card)
     store.write_bytes(store.join(out, layout.WEIGHTS_FILE), data)
-    store.write_text(store.join(out, layout.MODEL_CARD), json.dumps(card, indent=1))
+    store.write_text(store.join(out, layout.MODEL_CARD), text)
     return card
 
 
-def check_card(card: dict, where: str, tasks: tuple[str, ...] | list[str] | None = None) -> None:
-    """Refuse a card of another format, with tasks/classes unlike the registry, or tasks unlike ``tasks``."""
-    if card.get("format") != CARD_FORMAT:
-        raise ModelError(f"{where}: model card format {card.get('format')!r} is not {CARD_FORMAT!r}")
-    unknown = [t for t in card["tasks"] if t not in TASKS]
+def check_card(card: ModelCard, where: str, tasks: tuple[str, ...] | list[str] | None = None) -> None:
+    """Refuse a card with tasks/classes unlike the registry, or tasks unlike ``tasks``."""
+    unknown = [t for t in card.tasks if t not in TASKS]
     if unknown:
         raise ModelError(
             f"{where}: trained for task(s) {', '.join(unknown)} that the task registry does not know "
             f"(known: {', '.join(TASKS)})"
         )
-    expected = class_names(card["tasks"])
-    for task, names in card.get("classes", {}).items():
+    expected = class_names(card.tasks)
+    for task, names in card.classes.items():
         if names != expected.get(task):
             raise ModelError(
                 f"{where}: {task} classes {names} differ from the registry's {expected.get(task)}; "
                 "retrain, or use the d2mtl version that wrote this model"
             )
-    if tuple(card.get("age_range", (AGE_MIN, AGE_MAX))) != (AGE_MIN, AGE_MAX):
-        raise ModelError(f"{where}: age range {card['age_range']} differs from the registry's {[AGE_MIN, AGE_MAX]}")
-    if tasks is not None and set(tasks) != set(card["tasks"]):
+    if card.age_range != (AGE_MIN, AGE_MAX):
+        raise ModelError(f"{where}: age range {list(card.age_range)} differs from the registry's {[AGE_MIN, AGE_MAX]}")
+    if tasks is not None and set(tasks) != set(card.tasks):
         raise ModelError(
-            f"{where}: model tasks {', '.join(card['tasks'])} differ from the configured tasks {', '.join(tasks)}"
+            f"{where}: model tasks {', '.join(card.tasks)} differ from the configured tasks {', '.join(tasks)}"
         )
-
-
-def read_card(uri: str) -> dict:
-    if not store.is_remote(uri) and Path(uri).is_file():
-        inside = Path(uri).name in (layout.MODEL_CARD, layout.WEIGHTS_FILE)
-        raise ModelError(
-            f"{uri} is a file; expected a model folder (holding {layout.MODEL_CARD} and "
-            f"{layout.WEIGHTS_FILE})" + (f": {Path(uri).parent}" if inside else "")
-        )
-    try:
-        return json.loads(store.read_text(store.join(uri, layout.MODEL_CARD)))
-    except FileNotFoundError:
-        raise ModelError(
-            f"{uri}: no {layout.MODEL_CARD}; not a model folder (teacher/student/baseline output)"
-        ) from None
 
 
 def load_model(
     uri: str, device: str | torch.device = "cpu", tasks: tuple[str, ...] | list[str] | None = None
-) -> tuple[MultiTaskNet, dict]:
+) -> tuple[MultiTaskNet, ModelCard]:
     """The network (eval mode, on ``device``) and its card from a model folder; ``tasks`` must match if given."""
-    card = read_card(uri)
+    card = read_model_card(uri)
     check_card(card, uri, tasks)
     net = MultiTaskNet(ModelSpec.from_card(card), weights=None)
     try:

@@ -162,8 +162,7 @@ class Analyzer:
         self.graph = InferenceModel(self.net, age_interval).to(self.device, memory_format=torch.channels_last).eval()
         settings = ingest or IngestConfig()
         self.detector = FaceDetector(settings.detector, threads=torch.get_num_threads())
-        trained = self.card.get("training", {}).get("faces", {}).get("image_size")
-        self.face_size = int(trained) if trained else settings.image_size  # the face size the model trained on
+        self.face_size = self.card.face_size or settings.image_size  # the face size the model trained on
         if ingest is not None and ingest.image_size != self.face_size:
             log.warning(
                 "%s was trained on %d px faces: aligning to %d px, not the given %d",
@@ -231,7 +230,13 @@ class Analyzer:
         parts: list[tuple[torch.Tensor, ...]] = []
         with torch.inference_mode():
             for start in range(0, len(jpegs), self.batch_size):
-                x = data.preprocess(jpegs[start : start + self.batch_size], self.card, self.device)
+                x = data.preprocess(
+                    jpegs[start : start + self.batch_size],
+                    self.card.input_size,
+                    self.card.mean,
+                    self.card.std,
+                    self.device,
+                )
                 x = x.contiguous(memory_format=torch.channels_last)
                 parts.append(tuple(t.cpu() for t in self.graph(x)))
         return {name: torch.cat([part[i] for part in parts]).numpy() for i, name in enumerate(names)}

@@ -36,6 +36,7 @@ from starlette.exceptions import HTTPException
 
 from d2mtl import export
 from d2mtl.config.ingest import IngestConfig
+from d2mtl.contracts import ModelCard
 from d2mtl.errors import UserError
 from d2mtl.inference import InferenceModel
 from d2mtl.predict import Analyzer, ImageResult
@@ -112,10 +113,10 @@ class OnnxGraph:
     batch of normalised faces in, its named outputs out. On CPU ~10x faster than torch at batch 1 and ~2x at
     batch 16 here (bench/serve_bench.py)."""
 
-    def __init__(self, graph: InferenceModel, card: dict, threads: int):
+    def __init__(self, graph: InferenceModel, card: ModelCard, threads: int):
         import onnxruntime as ort
 
-        size = int(card["input_size"])
+        size = card.input_size
         example = torch.randn(export.TRACE_BATCH, 3, size, size, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             model = export.onnx_bytes(graph, example, export.export_card(card, graph, "onnx", "d2mtl serve"))

@@ -79,10 +79,10 @@ def log_confusion(artifact, categories: list[str], matrix: list[list[int]]) -> N
 
 def model_metadata(model) -> None:
     """Tasks and architecture from the model card, on the ``Model`` artifact (shown in the KFP UI)."""
-    card = json.loads(store.read_text(store.join(model.path, layout.MODEL_CARD)))
-    for key in ("tasks", "backbone", "input_size", "name", "role"):
-        if card.get(key) is not None:
-            model.metadata[key] = card[key]
+    card = contracts.read_model_card(model.path)
+    model.metadata.update(tasks=card.tasks, backbone=card.backbone, input_size=card.input_size)
+    if card.role is not None:
+        model.metadata["role"] = card.role
 
 
 @contextlib.contextmanager
@@ -236,14 +236,15 @@ def student_single(config: str, task: str, faces, labels, pseudo, baselines, mod
 
 def single_task(path: str) -> str:
     """The one task of a single-task model folder (its card) or pseudo-label folder (its report)."""
-    for name in (layout.MODEL_CARD, layout.PSEUDO_REPORT):
-        uri = store.join(path, name)
-        if store.exists(uri):
-            tasks = json.loads(store.read_text(uri))["tasks"]
-            if len(tasks) != 1:
-                raise UserError(f"{path} is not single-task (tasks {', '.join(tasks)})")
-            return tasks[0]
-    raise UserError(f"{path} has neither {layout.MODEL_CARD} nor {layout.PSEUDO_REPORT}")
+    if store.exists(store.join(path, layout.MODEL_CARD)):
+        tasks = contracts.read_model_card(path).tasks
+    elif store.exists(store.join(path, layout.PSEUDO_REPORT)):
+        tasks = json.loads(store.read_text(store.join(path, layout.PSEUDO_REPORT)))["tasks"]
+    else:
+        raise UserError(f"{path} has neither {layout.MODEL_CARD} nor {layout.PSEUDO_REPORT}")
+    if len(tasks) != 1:
+        raise UserError(f"{path} is not single-task (tasks {', '.join(tasks)})")
+    return tasks[0]
 
 
 def gather(items: list, folder) -> None:

@@ -9,8 +9,23 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from d2mtl.config.fields import Threads
 from d2mtl.tasks import TASKS, TaskList, TaskMap
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the normalisation torchvision's ImageNet weights were trained with
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ModelConfig(BaseModel):
+    """The network (models.ModelSpec is built from it and the tasks) and how its backbone starts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backbone: str = "mobilenet_v2"  # models.BACKBONES: mobilenet_v2, resnet18, resnet50, efficientnet_b0, convnext_tiny
+    weights: str = "IMAGENET1K_V1"  # torchvision weights name of the backbone, DEFAULT, or none
+    freeze_stages: int = 0  # leading backbone stages kept frozen (fewer to train: faster on CPU)
+    dropout: float = 0.2  # before the task heads
+    age_head: Literal["dex", "l1"] = "dex"  # dex: softmax over integer ages, expected value; l1: regression
+    input_size: int = 64  # network input side in pixels (faces are stored larger)
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # input normalisation, stored with the model
+    std: tuple[float, float, float] = IMAGENET_STD
 
 
 class AugmentConfig(BaseModel):
@@ -52,17 +67,9 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     tasks: TaskList | None = None  # None: every task in the registry; [age]: a single-task baseline
-    # model
-    backbone: str = "mobilenet_v2"  # models.BACKBONES: mobilenet_v2, resnet18, resnet50, efficientnet_b0, convnext_tiny
-    weights: str = "IMAGENET1K_V1"  # torchvision weights name of the backbone, DEFAULT, or none
-    freeze_stages: int = 0  # leading backbone stages kept frozen (fewer to train: faster on CPU)
-    dropout: float = 0.2  # before the task heads
-    age_head: Literal["dex", "l1"] = "dex"  # dex: softmax over integer ages, expected value; l1: regression
+    model: ModelConfig = Field(default_factory=ModelConfig)
     age_sigma: float = 2.0  # dex: std (years) of the soft target around the label / interval
     age_l1_weight: float = 0.1  # dex: weight of the L1 term on the expected age
-    input_size: int = 64  # network input side in pixels (faces are stored larger)
-    mean: tuple[float, float, float] = IMAGENET_MEAN  # input normalisation, stored with the model
-    std: tuple[float, float, float] = IMAGENET_STD
     # data
     batch_size: int = 64  # the global batch: under torchrun each of N processes trains batch_size / N of it
     # how datasets share each epoch: proportional (every face alike), dataset (equal shares), task, or
@@ -95,8 +102,8 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
-        if self.input_size < 16 or self.batch_size < 1 or self.epochs < 1:
-            raise ValueError("input_size >= 16, batch_size >= 1 and epochs >= 1 are required")
+        if self.model.input_size < 16 or self.batch_size < 1 or self.epochs < 1:
+            raise ValueError("model.input_size >= 16, batch_size >= 1 and epochs >= 1 are required")
         return self
 
     @property

@@ -34,6 +34,7 @@ from torchvision.transforms.v2 import functional as F
 
 from d2mtl import claims, contracts, data, layout, metrics, plots, report, store
 from d2mtl.config.evaluate import DomainView, EvaluateConfig
+from d2mtl.contracts import ModelCard
 from d2mtl.devices import resolve_device
 from d2mtl.errors import UserError
 from d2mtl.models import load_model
@@ -52,7 +53,7 @@ class EvalModel:
     uri: str
     role: Role | None
     net: torch.nn.Module
-    card: dict
+    card: ModelCard
 
 
 @dataclass
@@ -83,21 +84,19 @@ def split_model_arg(item: str) -> tuple[str | None, str]:
     return None, item
 
 
-def default_name(uri: str, card: dict) -> str:
-    """The card's name, else the folder name; ``baselines/age`` becomes ``baselines_age``."""
-    if card.get("name"):
-        return str(card["name"])
+def default_name(uri: str) -> str:
+    """The folder name; ``baselines/age`` becomes ``baselines_age``."""
     parts = PurePosixPath(uri.rstrip("/").replace("\\", "/")).parts
     if len(parts) >= 2 and parts[-1] in TASKS:
         return f"{parts[-2]}_{parts[-1]}"
     return parts[-1] if parts else uri
 
 
-def role_of(name: str, card: dict, cfg: EvaluateConfig) -> Role | None:
+def role_of(name: str, card_role: str | None, cfg: EvaluateConfig) -> Role | None:
     """From the config's role mapping (``none``: no role), else the model name, else the card's ``role``."""
     if cfg.roles.get(name) == NO_ROLE:
         return None
-    for text in (cfg.roles.get(name), name, card.get("role")):
+    for text in (cfg.roles.get(name), name, card_role):
         if text:
             role = parse_role(str(text))
             if role is not None:
@@ -112,11 +111,11 @@ def load_models(items: list[str], cfg: EvaluateConfig, device: torch.device) -> 
     for item in items:
         name, uri = split_model_arg(item)
         net, card = load_model(uri, device)
-        name = name or default_name(uri, card)
+        name = name or default_name(uri)
         if any(m.name == name for m in loaded):
             raise UserError(f"two models are named {name!r}; name them apart with NAME=URI")
-        loaded.append(EvalModel(name, uri, role_of(name, card, cfg), net, card))
-        log.info("model %s (%s): %s, tasks %s", name, loaded[-1].role or "no role", uri, ", ".join(card["tasks"]))
+        loaded.append(EvalModel(name, uri, role_of(name, card.role, cfg), net, card))
+        log.info("model %s (%s): %s, tasks %s", name, loaded[-1].role or "no role", uri, ", ".join(card.tasks))
     unknown = sorted(set(cfg.roles) - {m.name for m in loaded})
     if unknown:
         raise UserError(
@@ -150,12 +149,12 @@ def _resize(images: list[torch.Tensor], size: int) -> torch.Tensor:
 def _predict(models: list[EvalModel], images: list[torch.Tensor], device: torch.device, collected: Collected) -> None:
     resized: dict[int, torch.Tensor] = {}
     for model in models:
-        size = int(model.card["input_size"])
+        size = model.card.input_size
         if size not in resized:
             resized[size] = _resize(images, size)
-        outputs = model.net.predict(data.normalize(resized[size], model.card["mean"], model.card["std"], device))
+        outputs = model.net.predict(data.normalize(resized[size], model.card.mean, model.card.std, device))
         store_to = collected.predictions.setdefault(model.name, {})
-        for task in model.card["tasks"]:
+        for task in model.card.tasks:
             value = outputs[task]
             value = value.argmax(dim=1) if TASKS[task].kind == "classification" else value
             store_to.setdefault(task, []).append(value.cpu().numpy())
@@ -246,12 +245,13 @@ def check_labels_fit(faces: str, labels: str, label_table: pa.Table) -> None:
         log.warning("%s; only the %d faces with a label row are scored", problem, matched)
 
 
-def _card_coverage(card: dict) -> dict[str, set[str]] | None:
-    """task -> datasets with training labels, from the card's ``training.data.train`` ({dataset: {task: n}})."""
-    summary = (card.get("training") or {}).get("data", {}).get("train")
-    if not isinstance(summary, dict) or not all(isinstance(v, dict) for v in summary.values()):
+def _card_coverage(card: ModelCard) -> dict[str, set[str]] | None:
+    """task -> datasets with training labels, from the card's ``training.data.train`` ({dataset: {task: n}});
+    None for a model saved outside a training run."""
+    if card.training is None:
         return None
-    return {task: {ds for ds, counts in summary.items() if counts.get(task, 0) > 0} for task in card["tasks"]}
+    summary = card.training.data.train
+    return {task: {ds for ds, counts in summary.items() if counts.get(task, 0) > 0} for task in card.tasks}
 
 
 _GROUND_TRUTH_ROLES = ("teacher", "baseline")  # trained on ground truth only: their cards count real labels
@@ -441,9 +441,9 @@ def run(
             "name": m.name,
             "role": str(m.role) if m.role else None,
             "uri": m.uri,
-            "tasks": m.card["tasks"],
-            "backbone": m.card.get("backbone"),
-            "input_size": m.card.get("input_size"),
+            "tasks": m.card.tasks,
+            "backbone": m.card.backbone,
+            "input_size": m.card.input_size,
         }
         for m in loaded
     ]

@@ -42,7 +42,6 @@ from d2mtl.stages.ingest_workers import AlignedFace, ordered_parallel, worker_co
 log = logging.getLogger(__name__)
 
 LABEL_COLUMNS = tuple(contracts.LABEL_SCHEMA.names[1:])
-FACE_TEMPLATE = "tight_5pt_v1"  # face-table metadata: the alignment template of the faces
 
 
 class DatasetNotFound(UserError):
@@ -157,8 +156,8 @@ def run(cfg: IngestConfig, out: str, shard: tuple[int, int] = (0, 1)) -> dict:
             layout.faces(out),
             cfg.shard_rows,
             metadata={
-                "image_size": str(cfg.image_size),
-                "template": FACE_TEMPLATE,
+                contracts.IMAGE_SIZE: str(cfg.image_size),
+                contracts.TEMPLATE: contracts.FACE_TEMPLATE_NAME,
                 contracts.EVALUATE_ONLY: json.dumps(cfg.evaluate_only),
             },
         )

@@ -35,17 +35,14 @@ from tqdm import tqdm
 
 from d2mtl import contracts, data, distill, layout, plots, store
 from d2mtl.config.pseudolabel import RULE_PARAMETER, RULES_BY_KIND, PseudoLabelConfig, TaskRule, parse_transform
+from d2mtl.contracts import ModelCard
 from d2mtl.devices import resolve_device
 from d2mtl.errors import UserError
-from d2mtl.models import MultiTaskNet, load_model, read_card
+from d2mtl.models import MultiTaskNet, load_model
 from d2mtl.tasks import TASKS
 
 log = logging.getLogger(__name__)
 
-PART_KEY = "d2mtl.pseudo.part"  # part-table metadata: shard, provenance
-PROVENANCE_KEY = "d2mtl.pseudo"  # pseudo-table metadata: teachers, transforms, rules, holdout
-HOLDOUT_KEY = "d2mtl.holdout"  # label-table metadata of write_holdout_labels: which labels it hides
-CARD_IDENTITY = ("name", "role", "backbone", "tasks", "age_head", "input_size", "weights_sha256")
 AGE_BAND = 10  # years per age band in the retention report
 
 
@@ -56,10 +53,10 @@ AGE_BAND = 10  # years per age band in the retention report
 class Teacher:
     uri: str
     net: MultiTaskNet
-    card: dict
+    card: ModelCard
 
     def identity(self) -> dict:
-        return {"uri": self.uri, **{key: self.card[key] for key in CARD_IDENTITY if key in self.card}}
+        return {"uri": self.uri, **self.card.identity()}
 
 
 def load_teachers(uris: list[str], tasks: tuple[str, ...], device: torch.device) -> list[Teacher]:
@@ -67,7 +64,7 @@ def load_teachers(uris: list[str], tasks: tuple[str, ...], device: torch.device)
     if not uris:
         raise UserError("pseudolabel needs at least one teacher model folder")
     for uri in uris:
-        found = read_card(uri)["tasks"]
+        found = contracts.read_model_card(uri).tasks
         if set(found) != set(tasks):
             raise UserError(
                 f"teacher {uri} predicts {', '.join(found)} but pseudolabel.tasks is "
@@ -115,8 +112,8 @@ def predict_members(
     members: dict[str, list[torch.Tensor]] = {}
     images = images.to(device)
     for teacher in teachers:
-        resized = data.eval_transform(int(teacher.card["input_size"]))(images)
-        x = data.normalize(resized, teacher.card["mean"], teacher.card["std"], device)  # (B, 3, S, S)
+        resized = data.eval_transform(teacher.card.input_size)(images)
+        x = data.normalize(resized, teacher.card.mean, teacher.card.std, device)  # (B, 3, S, S)
         views = make_views(x, transforms)
         outputs: list[dict[str, torch.Tensor] | None] = [None] * len(views)
         for shape in dict.fromkeys(v.shape for v in views):
@@ -125,7 +122,7 @@ def predict_members(
             for k, i in enumerate(chosen):
                 outputs[i] = {task: value[k * len(x) : (k + 1) * len(x)] for task, value in predicted.items()}
         for output in outputs:
-            for task in teacher.card["tasks"]:
+            for task in teacher.card.tasks:
                 members.setdefault(task, []).append(output[task])
     return {task: torch.stack(values).float().cpu().numpy() for task, values in members.items()}
 
@@ -187,7 +184,7 @@ def infer(
             progress.update(len(batch["sample_id"]))
     keys = pa.table({"sample_id": pa.array(ids, pa.string()), "dataset": pa.array(datasets, pa.string())})
     predictions = {}
-    for task in teachers[0].card["tasks"]:
+    for task in teachers[0].card.tasks:
         no_rows = (1, 0, TASKS[task].num_classes) if TASKS[task].kind == "classification" else (1, 0)
         predictions[task] = distill.concatenate(chunks.get(task) or [_aggregate(task, np.zeros(no_rows))])
     return keys, predictions
@@ -221,9 +218,9 @@ def check_holdout_teachers(cfg: PseudoLabelConfig, teachers: list[Teacher]) -> N
     """
     expected = cfg.holdout.model_dump_json(include={"fraction", "tasks", "seed"})
     for teacher in teachers:
-        labels = teacher.card.get("sources", {}).get("labels")
+        labels = teacher.card.sources.labels if teacher.card.sources else None
         try:
-            found = contracts.table_metadata(labels).get(HOLDOUT_KEY) if labels else None
+            found = contracts.table_metadata(labels).get(contracts.HOLDOUT_KEY) if labels else None
         except (FileNotFoundError, UserError):
             found = "unreadable"
         if found == "unreadable" or labels is None:
@@ -488,7 +485,10 @@ def run(
     }
     part_uri = store.join(out, layout.pseudo_shard(index, count))
     contracts.write_table(
-        part, part_uri, contracts.PSEUDO_PART, {PART_KEY: json.dumps({"shard": index, **provenance}, sort_keys=True)}
+        part,
+        part_uri,
+        contracts.PSEUDO_PART,
+        {contracts.PSEUDO_PART_KEY: json.dumps({"shard": index, **provenance}, sort_keys=True)},
     )
     if count == 1:
         return merge(cfg, [part_uri], out)
@@ -515,9 +515,9 @@ def read_parts(parts: list[str]) -> tuple[pa.Table, dict]:
     tables, provenance, seen = [], None, {}
     for uri in [f for item in parts for f in _part_files(item)]:
         try:
-            meta = json.loads(contracts.table_metadata(uri)[PART_KEY])
+            meta = json.loads(contracts.table_metadata(uri)[contracts.PSEUDO_PART_KEY])
         except KeyError:
-            raise UserError(f"{uri}: not a pseudo-label part (no {PART_KEY} metadata)") from None
+            raise UserError(f"{uri}: not a pseudo-label part (no {contracts.PSEUDO_PART_KEY} metadata)") from None
         shard = meta.pop("shard")
         if provenance is not None and meta != provenance:
             changed = sorted(k for k in meta if meta[k] != provenance.get(k))
@@ -573,7 +573,9 @@ def merge(cfg: PseudoLabelConfig, parts: list[str], out: str) -> dict:
         "evaluate_only": provenance["evaluate_only"],
     }
     pseudo_uri, report_uri = store.join(out, layout.PSEUDO_FILE), store.join(out, layout.PSEUDO_REPORT)
-    contracts.write_table(pseudo, pseudo_uri, contracts.PSEUDO, {PROVENANCE_KEY: json.dumps(meta, sort_keys=True)})
+    contracts.write_table(
+        pseudo, pseudo_uri, contracts.PSEUDO, {contracts.PSEUDO_PROVENANCE_KEY: json.dumps(meta, sort_keys=True)}
+    )
     report = {
         **meta,
         "rows": part.num_rows,
@@ -604,7 +606,7 @@ def write_holdout_labels(cfg: PseudoLabelConfig, faces: str, labels: str, out: s
             "pseudolabel.holdout.fraction is 0: nothing to hide (e.g. --set pseudolabel.holdout.fraction=0.2)"
         )
     record, hidden, _ = labels_of_record(cfg, faces, contracts.read_table(labels, contracts.LABELS))
-    setting = {HOLDOUT_KEY: cfg.holdout.model_dump_json(include={"fraction", "tasks", "seed"})}
+    setting = {contracts.HOLDOUT_KEY: cfg.holdout.model_dump_json(include={"fraction", "tasks", "seed"})}
     train_uri, truth_uri = store.join(out, layout.HOLDOUT_LABELS_FILE), store.join(out, layout.HOLDOUT_TRUTH_FILE)
     contracts.write_table(record, train_uri, contracts.LABELS, setting)
     contracts.write_table(hidden, truth_uri, contracts.LABELS, setting)

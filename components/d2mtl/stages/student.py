@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from d2mtl import contracts, distributed
 from d2mtl.config.train import StudentConfig
+from d2mtl.contracts import PseudoLabelUse, Sources
 from d2mtl.data import FaceIndex, column_at, positions_in, values_at
 from d2mtl.engine import Trainer, setup_run
 from d2mtl.errors import UserError
@@ -73,10 +74,10 @@ def initial_network(cfg: StudentConfig, teacher: str | None) -> MultiTaskNet:
     if not teacher:
         raise UserError("student init: teacher needs the teacher model folder (--teacher)")
     teacher_net, card = load_model(teacher, tasks=cfg.task_names)
-    if (card["backbone"], card["age_head"]) != (cfg.backbone, cfg.age_head):
+    if (card.backbone, card.age_head) != (cfg.model.backbone, cfg.model.age_head):
         raise UserError(
-            f"student init: teacher {teacher} is a {card['backbone']} with a {card['age_head']} age head; "
-            f"the student config asks for {cfg.backbone} with {cfg.age_head}"
+            f"student init: teacher {teacher} is a {card.backbone} with a {card.age_head} age head; "
+            f"the student config asks for {cfg.model.backbone} with {cfg.model.age_head}"
         )
     net = build_model(cfg, weights="none")
     net.load_state_dict(teacher_net.state_dict())
@@ -117,7 +118,8 @@ def run(
             initial_network(cfg, teacher),
             role=role,
             dist=dist,
-            card_extra={"sources": {**inputs, "teacher": teacher}, "pseudo_labels": used},
+            sources=Sources(**inputs, teacher=teacher),
+            pseudo_labels={task: PseudoLabelUse(**counts) for task, counts in used.items()},
             inputs={name: contracts.content_hash(uri) for name, uri in inputs.items()},
         )
         result = trainer.fit(restart)

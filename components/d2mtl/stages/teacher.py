@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from d2mtl import contracts, distributed
 from d2mtl.config.train import TrainConfig
+from d2mtl.contracts import Sources
 from d2mtl.data import FaceIndex
 from d2mtl.engine import Trainer, setup_run
 from d2mtl.models import build_model
@@ -22,15 +23,15 @@ def run(cfg: TrainConfig, faces: str, labels: str, out: str, restart: bool = Fal
         setup_run(cfg)
         index = FaceIndex.load(faces, labels, cfg.task_names)
         role = "teacher" if cfg.tasks is None or len(cfg.task_names) > 1 else f"baseline:{cfg.task_names[0]}"
-        sources = {"faces": faces, "labels": labels}
+        sources = Sources(faces=faces, labels=labels)
         trainer = Trainer(
             cfg,
             index,
             out,
             build_model(cfg),
             role=role,
-            card_extra={"sources": sources},
+            sources=sources,
             dist=dist,
-            inputs={name: contracts.content_hash(uri) for name, uri in sources.items()},
+            inputs={"faces": contracts.content_hash(faces), "labels": contracts.content_hash(labels)},
         )
         return trainer.fit(restart)
