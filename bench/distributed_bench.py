@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     overrides = list(args.overrides)
     if args.smoke:
         sys.path.insert(0, str(REPO / "tests"))
-        from conftest import make_tiny_tables
+        from generated.tables import make_tiny_tables
 
         tables = make_tiny_tables(work / "ingest", per_dataset=256, image_size=64)
         args.faces, args.labels = tables["faces"], tables["labels"]

@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 def kills(args: argparse.Namespace) -> dict:
     import torch
-    from conftest import make_tiny_tables
+    from generated.tables import make_tiny_tables
     from safetensors.torch import load_file
     from test_faults import kill_after_checkpoint, overrides, write_pseudo_table
 
@@ -100,7 +100,7 @@ def kills(args: argparse.Namespace) -> dict:
 BOMB_PROBE = """
 import resource, sys, time
 sys.path.insert(0, {tests!r})
-from test_hostile_input import jpeg_claiming, png_claiming
+from generated.images import jpeg_claiming, png_claiming
 from d2mtl.faces import ImageTooLarge, decode_rgb
 data = {{"png": png_claiming(30000, 30000), "jpeg": jpeg_claiming(30000, 30000)}}[sys.argv[1]]
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

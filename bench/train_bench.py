@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides)
     if args.smoke:
         sys.path.insert(0, str(REPO / "tests"))
-        from conftest import make_tiny_tables
+        from generated.tables import make_tiny_tables
 
         tables = make_tiny_tables(Path(tempfile.mkdtemp(prefix="train-bench-data-")), per_dataset=96)
         faces, labels = tables["faces"], tables["labels"]

@@ -13,8 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import REPO
-from test_containers import IMAGE_TARGETS, tool
+from conftest import IMAGE_TARGETS, REPO, tool
 
 SCRIPTS = REPO / "scripts"
 ENTRY_POINTS = ("kind-up", "images", "kind-load", "upload-data", "submit", "kind-down")

@@ -20,7 +20,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import yaml
-from conftest import REPO, _free_port, make_tiny_tables
+from conftest import REPO, _free_port
+from generated.tables import make_tiny_tables
 from safetensors.torch import load_file
 
 from d2mtl import distributed, layout, store

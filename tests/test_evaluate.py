@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import torch
-from conftest import make_tiny_tables
+from generated.tables import make_tiny_tables
 
 from d2mtl import contracts, data, layout, models, store
 from d2mtl.config import EvaluateConfig

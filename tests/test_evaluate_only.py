@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 
-import ingest_layouts as layouts
 import numpy as np
 import pyarrow.compute as pc
 import pytest
 import torch
-from conftest import make_tiny_tables
+from generated import layouts
+from generated.tables import make_tiny_tables
 
 from d2mtl import contracts, layout, models, store
 from d2mtl.config.ingest import IngestConfig, UTKFaceSpec

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import cv2
-import ingest_layouts as layouts
 import numpy as np
 import pytest
+from generated import layouts
 
 from d2mtl.faces import (
     FaceDetector,

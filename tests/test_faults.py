@@ -17,7 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from conftest import REPO, _free_port, make_tiny_tables, run_cli, start_s3_server
+from conftest import REPO, _free_port, run_cli, start_s3_server
+from generated.tables import make_tiny_tables
 from safetensors.torch import load_file
 
 from d2mtl import contracts, layout, store
@@ -374,7 +375,7 @@ def test_two_runs_publish_under_their_own_run_ids_at_once(tmp_path):
 def test_two_ingests_give_identical_content_hashes(tmp_path):
     from hashlib import sha256
 
-    import ingest_layouts as layouts
+    from generated import layouts
 
     from d2mtl.config.ingest import FER2013FolderSpec, IngestConfig, UTKFaceSpec
     from d2mtl.stages import ingest

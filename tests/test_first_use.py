@@ -9,10 +9,11 @@ import sys
 import warnings
 from pathlib import Path
 
-import ingest_layouts as layouts
 import pyarrow as pa
 import pytest
-from conftest import make_tiny_tables, run_cli
+from conftest import run_cli
+from generated import layouts
+from generated.tables import make_tiny_tables
 
 from d2mtl import cli, contracts, layout, predict, store
 from d2mtl.config import ConfigError, TrainConfig, load_experiment, updated

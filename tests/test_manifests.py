@@ -12,8 +12,7 @@ import tomllib
 
 import pytest
 import yaml
-from conftest import REPO
-from test_containers import tool
+from conftest import REPO, tool
 
 MANIFESTS = REPO / "manifests"
 REMOTE = re.compile(r"^(https?://|github\.com/)")

@@ -35,7 +35,7 @@ def one_thread():
 
 @pytest.fixture
 def tables(tmp_path):
-    from conftest import make_tiny_tables
+    from generated.tables import make_tiny_tables
 
     return make_tiny_tables(tmp_path / "ingest", per_dataset=20)  # 40 faces in 4 face shards of 10
 

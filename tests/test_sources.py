@@ -8,8 +8,8 @@ import tarfile
 import zipfile
 from pathlib import Path
 
-import ingest_layouts as layouts
 import pytest
+from generated import layouts
 
 from d2mtl import store
 from d2mtl.config.ingest import (

@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-import ingest_layouts as layouts
 import pytest
-from test_ingest import config, read_output
+from conftest import read_ingest_output, trusted_ingest_config
+from generated import layouts
 
 from d2mtl.config.ingest import AAFSpec, APPARealSpec, CsvManifestSpec, IngestConfig, RAFDBSpec
 from d2mtl.errors import UserError
@@ -199,8 +199,8 @@ def test_bad_input_stays_report_rows_through_the_stage(tmp_path):
     layouts.appa_real(tmp_path)
     layouts.appa_manifest(tmp_path)
     specs = [RAFDBSpec(), AAFSpec(), APPARealSpec(name="appa_real"), APPA_MANIFEST]
-    summary = ingest.run(config(tmp_path, specs), str(tmp_path / "out"))
-    faces, labels, report = read_output(str(tmp_path / "out"))
+    summary = ingest.run(trusted_ingest_config(tmp_path, specs), str(tmp_path / "out"))
+    faces, labels, report = read_ingest_output(str(tmp_path / "out"))
     by_reason = {name: ds["rejected_by_reason"] for name, ds in report["datasets"].items()}
     assert by_reason == {
         "rafdb": {

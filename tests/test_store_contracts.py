@@ -26,7 +26,7 @@ def test_bytes_round_trip_and_listing(root):
 
 
 def test_face_table_round_trip(root, tmp_path):
-    from conftest import make_tiny_tables
+    from generated.tables import make_tiny_tables
 
     local = make_tiny_tables(tmp_path / "gen", per_dataset=10)
     writer = contracts.FaceTableWriter(store.join(root, "faces"), shard_rows=7)
