@@ -211,10 +211,10 @@ def comparison_markdown(evaluation_out: str) -> str:
     doc = claims_doc(evaluation_out)
     header, rows = doc["comparison"]["header"], doc["comparison"]["rows"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        lines.append(
-            "| " + " | ".join("-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in row) + " |"
-        )
+    lines += [
+        "| " + " | ".join("-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in row) + " |"
+        for row in rows
+    ]
     return "\n".join(lines)
 
 

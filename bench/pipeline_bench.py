@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"running: {shown}\nlog: {run_root / 'run.log'}", flush=True)
     with open(run_root / "run.log", "w") as log:
         start = time.perf_counter()
-        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
         wall = time.perf_counter() - start
     if code:
         print(f"d2mtl run failed (exit {code}); see {run_root / 'run.log'}", file=sys.stderr)

@@ -110,8 +110,13 @@ try:
     outcome = "decoded"
 except ImageTooLarge as err:
     outcome = f"refused: {{err}}"
-print(round((time.perf_counter() - started) * 1e3, 2), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024,
-      len(data), outcome, sep="\\t")
+print(
+    round((time.perf_counter() - started) * 1e3, 2),
+    (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024,
+    len(data),
+    outcome,
+    sep="\\t",
+)
 """
 
 

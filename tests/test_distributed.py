@@ -36,21 +36,21 @@ LOSS_RTOL = 1e-5  # measured: max relative difference ~1e-7 (summation order of 
 
 
 def frozen_config(**overrides) -> TrainConfig:
-    settings = dict(
-        weights="none",
-        input_size=32,
-        batch_size=8,
-        epochs=2,
-        num_workers=0,
-        progress=False,
-        threads=1,
-        checkpoint_every=3,
-        deterministic=True,
-        dropout=0.0,
-        freeze_stages=19,
-        weighting="uncertainty",
-        lr={"range_steps": 6, "plateau_patience": 1},
-    )
+    settings = {
+        "weights": "none",
+        "input_size": 32,
+        "batch_size": 8,
+        "epochs": 2,
+        "num_workers": 0,
+        "progress": False,
+        "threads": 1,
+        "checkpoint_every": 3,
+        "deterministic": True,
+        "dropout": 0.0,
+        "freeze_stages": 19,
+        "weighting": "uncertainty",
+        "lr": {"range_steps": 6, "plateau_patience": 1},
+    }
     settings.update(overrides)
     return TrainConfig(**settings)
 
@@ -120,7 +120,7 @@ def test_two_processes_follow_the_single_process_loss_trajectory(two_process_run
     single = runs["single"]
     assert straight[0] == straight[1]  # every rank logs the all-reduced global-batch losses
     assert len(straight[0]) == len(single) == 10 and set(single[0]) == {"age", "gender", "race", "expression"}
-    for step, (ddp, one) in enumerate(zip(straight[0], single)):
+    for step, (ddp, one) in enumerate(zip(straight[0], single, strict=True)):
         assert ddp.keys() == one.keys(), step
         assert [ddp[t] for t in one] == pytest.approx([one[t] for t in one], rel=LOSS_RTOL), step
     ddp_weights = load_file(Path(runs["straight"], layout.WEIGHTS_FILE))
@@ -164,7 +164,9 @@ def test_ranks_share_each_global_batch(tiny_tables):
         sampler.set_epoch(1, start=1)
     batches = [list(s) for s in shares]
     assert all([len(items) for items in b] == [4, 4, 4, 2] for b in batches)  # 36 rows: the last batch of 4 split
-    assert [a + b for a, b in zip(*batches)] == list(single)  # rank 0 then rank 1: the single process's batch
+    assert [a + b for a, b in zip(*batches, strict=True)] == list(
+        single
+    )  # rank 0 then rank 1: the single process's batch
     small = EpochSampler(index, rows[:5], 8, seed=0, rank=1, world_size=WORLD)  # one partial batch of 5
     assert len(next(iter(small))) == 2
     with pytest.raises(UserError, match="multiple of the 3 training processes"):
@@ -194,7 +196,7 @@ def test_pytorchjob_manifest_runs_torchrun_on_the_cuda_image():
     pipeline = load_experiment("gpu").pipeline
     specs = job["spec"]["pytorchReplicaSpecs"]
     assert set(specs) == {"Master", "Worker"}
-    for role, replica in specs.items():
+    for replica in specs.values():
         pod = replica["template"]["spec"]
         (container,) = pod["containers"]
         assert container["name"] == "pytorch"  # the operator finds the training container by this name

@@ -125,5 +125,5 @@ def test_a_target_dataset_can_have_its_own_rule(tmp_path):
     report = json.loads(store.read_text(result["report"]))
     assert report["selection"]["gender"]["thresholds"]["by_dataset"] == {"fer": {"rule": "fixed", "threshold": 1.0}}
     assert report["dataset_rules"] == {"fer": {"gender": {"rule": "fixed", "threshold": 1.0}}}
-    with pytest.raises(ValueError, match="dataset_rules.fer.age: rule 'fixed' does not fit"):
+    with pytest.raises(ValueError, match=r"dataset_rules\.fer\.age: rule 'fixed' does not fit"):
         PseudoLabelConfig(dataset_rules={"fer": {"age": {"rule": "fixed"}}})

@@ -60,7 +60,7 @@ def write_pseudo_table(tables: dict[str, str], uri: str) -> None:
             "expression_probs": probs.tolist(),
             "expression_kept": True,
         }
-        for sid, ds in zip(faces.column("sample_id").to_pylist(), faces.column("dataset").to_pylist())
+        for sid, ds in zip(faces.column("sample_id").to_pylist(), faces.column("dataset").to_pylist(), strict=True)
     ]
     contracts.write_table(pa.Table.from_pylist(rows, schema=contracts.PSEUDO_SCHEMA), uri, contracts.PSEUDO)
 
@@ -140,7 +140,7 @@ def test_sigkilled_student_resumes_to_the_same_weights(tmp_path):
 
 
 def test_two_cpu_training_runs_give_identical_metrics_and_weights(tiny_tables, tmp_path):
-    cfg = load_experiment("cpu", overrides("teacher") + ["teacher.epochs=1"]).teacher
+    cfg = load_experiment("cpu", [*overrides("teacher"), "teacher.epochs=1"]).teacher
     results = [
         teacher.run(cfg, tiny_tables["faces"], tiny_tables["labels"], str(tmp_path / run)) for run in ("one", "two")
     ]
@@ -240,7 +240,7 @@ def test_store_stopped_during_upload_fails_cleanly_and_rerun_completes(tiny_tabl
     assert [uri.rsplit("/", 1)[-1] for uri in store.list_files(out)] == [layout.CHECKPOINT_FILE]
     assert not list(stoppable_s3.root.rglob(layout.WEIGHTS_FILE))  # no partial object on the server's disk either
     result = teacher.run(cfg, tiny_tables["faces"], tiny_tables["labels"], out)  # resumes from the epoch checkpoint
-    net, card = load_model(out)
+    _net, card = load_model(out)
     assert card["metrics"]["test"] == result["test"] and store.exists(f"{out}/{layout.TRAIN_METRICS}")
 
 
@@ -364,7 +364,7 @@ def test_two_runs_publish_under_their_own_run_ids_at_once(tmp_path):
             pool.map(lambda run: steps.publish(settings, sources[run], prefix, run, "ingest", "faces"), sources)
         )
     assert len(set(published)) == 2
-    for run, uri in zip(sources, published):
+    for run, uri in zip(sources, published, strict=True):
         assert uri.startswith(str(Path(prefix, run)))
         assert contracts.read_manifest(uri) == contracts.read_manifest(sources[run].path)
 

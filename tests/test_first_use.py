@@ -115,8 +115,8 @@ def test_an_unknown_profile_lists_the_known_ones():
     [
         (
             ["predict", "--model", "{model}/model.safetensors", "{tmp}/face.jpg"],
-            "{model}/model.safetensors is a file; expected a model folder (holding model_card.json and model.safetensors): "
-            "{model}",
+            "{model}/model.safetensors is a file; expected a model folder "
+            "(holding model_card.json and model.safetensors): {model}",
         ),
         (
             ["export", "--model", "{model}/model.safetensors", "--format", "onnx", "--out", "{tmp}/export"],

@@ -59,7 +59,7 @@ def every_layout(tmp_path_factory):
 
 
 def test_report_adds_up_for_every_layout(every_layout):
-    summary, faces, labels, report, _ = every_layout
+    summary, faces, _labels, report, _ = every_layout
     assert summary["inputs"] == summary["written"] + summary["rejected"] == 7 + 14 + 3 + 12 + 5 + 5 + 4 + 3 + 3
     for name, ds in report["datasets"].items():
         assert ds["inputs"] == ds["written"] + ds["rejected"] == ds["listed"], name
@@ -86,7 +86,7 @@ def test_face_rows_follow_the_contract(every_layout):
 
 def test_labels_land_in_their_columns(every_layout):
     _, faces, labels, _, root = every_layout
-    by_uri = {face["source_uri"][len(str(root)) :]: label for face, label in zip(faces, labels)}
+    by_uri = {face["source_uri"][len(str(root)) :]: label for face, label in zip(faces, labels, strict=True)}
     assert by_uri["/utkface/25_0_2_20170116174525125.jpg.chip.jpg"] == {
         "sample_id": ingest.sample_id("utkface", "25_0_2_20170116174525125.jpg.chip.jpg"),
         "age": 25.0,
@@ -194,7 +194,7 @@ def test_cli_missing_data_root_is_one_line(tmp_path, capsys):
 def test_config_names_the_bad_dataset_field():
     with pytest.raises(ConfigError, match=r"ingest\.datasets\.0\.adience: .*val_folds and test_folds overlap"):
         load_experiment("cpu", ["ingest.datasets=[{format: adience, val_folds: [4], test_folds: [4]}]"])
-    with pytest.raises(ConfigError, match="ingest.datasets.0"):
+    with pytest.raises(ConfigError, match=r"ingest\.datasets\.0"):
         load_experiment("cpu", ["ingest.datasets=[{format: celeba}]"])
 
 
@@ -206,7 +206,7 @@ def test_s3_round_trip(s3_env, tmp_path):
     store.upload_file(tmp_path / "local" / "fer2013.csv", "s3://bucket/data/ferzip/fer2013.csv")
     cfg = trusted_ingest_config("s3://bucket/data", [UTKFaceSpec(), FER2013CsvSpec(path="ferzip")])
     summary = ingest.run(cfg, "s3://bucket/out/ingest")
-    faces, labels, report = read_ingest_output("s3://bucket/out/ingest")
+    faces, labels, _report = read_ingest_output("s3://bucket/out/ingest")
     assert summary["written"] == len(faces) == len(labels) == 5 + 3
     assert faces[0]["source_uri"].startswith("s3://bucket/data/utkface/")
     assert store.exists("s3://bucket/out/ingest/report.md")
@@ -228,6 +228,6 @@ def test_real_faces_are_detected_and_aligned(shared_data, tmp_path):
     aligned = [f for f in faces if f["alignment"] == "aligned"]
     assert all(f["det_score"] >= 0.9 and len(f["landmarks"]) == 10 for f in aligned)
     assert decode_rgb(aligned[0]["image"]).shape == (112, 112, 3)
-    utk = [label for face, label in zip(faces, labels) if face["dataset"] == "utkface"]
+    utk = [label for face, label in zip(faces, labels, strict=True) if face["dataset"] == "utkface"]
     assert all(label["age"] is not None and label["expression"] is None for label in utk)
     assert np.mean([f["split"] == "train" for f in faces]) > 0.6

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -78,7 +79,7 @@ def test_parts_add_up_and_each_is_a_complete_output(data, tmp_path):
     reports = [read_ingest_report(Path(p)) for p in parts]
     whole = sum(r["inputs"] for r in reports)
     assert whole == 7 + 28 + 3  # every listed input of the three datasets, in exactly one part
-    for part, r in zip(parts, reports):
+    for part, r in zip(parts, reports, strict=True):
         assert r["inputs"] == r["written"] + r["rejected"]
         assert abs(r["inputs"] - whole / 3) < 1  # consecutive, equal parts of the plan
         labels = contracts.read_table(layout.labels(part), contracts.LABELS)
@@ -91,7 +92,7 @@ def test_rows_are_in_the_seeded_shuffled_order(data, one_pass, tmp_path):
     ids = [row["sample_id"] for row in rows]
     assert ids == sorted(ids, key=lambda sid: (ingest.row_key(sid, 0), sid))
     datasets = [row["dataset"] for row in rows]
-    changes = sum(a != b for a, b in zip(datasets, datasets[1:]))
+    changes = sum(a != b for a, b in itertools.pairwise(datasets))
     assert changes > 2 * len(set(datasets)), "datasets interleave, not one block each"
     splits = [row["split"] for row in rows]
     assert splits != sorted(splits) and splits != sorted(splits, reverse=True)

@@ -8,6 +8,7 @@ import json
 import threading
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import yaml
@@ -58,8 +59,10 @@ class Compiled:
             t
             for t in self.tasks().values()
             if self.component_of(t) == component
-            or (self.component_of(t).startswith(f"{component}-")
-            and self.component_of(t).removeprefix(f"{component}-").isdigit())
+            or (
+                self.component_of(t).startswith(f"{component}-")
+                and self.component_of(t).removeprefix(f"{component}-").isdigit()
+            )
         ]
 
     def executor(self, task: dict) -> dict:
@@ -361,7 +364,7 @@ def test_check_published_lists_what_is_missing(tmp_path):
     for uri in expected[1:]:
         Path(uri).parent.mkdir(parents=True, exist_ok=True)
         Path(uri).write_text("{}")
-    with pytest.raises(UserError, match="missing .*_manifest.json"):
+    with pytest.raises(UserError, match=r"missing .*_manifest\.json"):
         compile_module.check_published(cfg, reuse, [])
     Path(expected[0]).parent.mkdir(parents=True, exist_ok=True)
     Path(expected[0]).write_text("{}")
@@ -396,7 +399,7 @@ def test_params_are_typed_and_checked():
 class FakeClient:
     """Stands in for kfp.Client: records the submission."""
 
-    calls: list[dict] = []
+    calls: ClassVar[list[dict]] = []
 
     def __init__(self, host, namespace):
         self.host = host
@@ -499,7 +502,7 @@ def test_steps_import_no_torch():
     import sys
 
     code = "import sys, d2mtl_pipeline.steps, d2mtl_pipeline.components; sys.exit('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
 # ---- the steps' glue ------------------------------------------------------------------------------
@@ -520,7 +523,7 @@ def test_gather_names_each_output_by_its_task(tmp_path):
     steps.gather([artifact(tmp_path / n) for n in ("m1", "m2", "p1")], artifact(tmp_path / "out"))
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["age", "gender", "race"]
     assert steps.member(str(tmp_path / "out"), "race") == str(tmp_path / "out" / "race")
-    with pytest.raises(UserError, match="no 'expression' in .* holds age, gender, race"):
+    with pytest.raises(UserError, match=r"no 'expression' in .* holds age, gender, race"):
         steps.member(str(tmp_path / "out"), "expression")
     with pytest.raises(UserError, match="not single-task"):
         steps.gather([artifact(tmp_path / "mtl")], artifact(tmp_path / "out2"))

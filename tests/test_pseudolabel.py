@@ -163,7 +163,7 @@ def test_teacher_with_other_tasks_is_a_clear_error(tables, tmp_path):
     with pytest.raises(UserError, match=r"predicts age but pseudolabel.tasks is age, gender, race, expression"):
         pseudolabel.run(_config(), [age_teacher], tables["faces"], tables["labels"], str(tmp_path / "out"))
     full = _teacher(str(tmp_path / "full"))
-    with pytest.raises(UserError, match="predicts age, gender, race, expression but pseudolabel.tasks is age"):
+    with pytest.raises(UserError, match=r"predicts age, gender, race, expression but pseudolabel\.tasks is age"):
         pseudolabel.run(
             _config(tasks=["age"]), [age_teacher, full], tables["faces"], tables["labels"], str(tmp_path / "out")
         )

@@ -81,7 +81,7 @@ def test_rafdb_path_may_name_basic_itself(tmp_path):
 
 def test_rafdb_without_label_file_says_what_to_download(tmp_path):
     (tmp_path / "rafdb").mkdir()
-    with pytest.raises(UserError, match="list_patition_label.txt.*whdeng"):
+    with pytest.raises(UserError, match=r"list_patition_label\.txt.*whdeng"):
         listing(RAFDBSpec(), tmp_path / "rafdb")
 
 
@@ -200,7 +200,7 @@ def test_bad_input_stays_report_rows_through_the_stage(tmp_path):
     layouts.appa_manifest(tmp_path)
     specs = [RAFDBSpec(), AAFSpec(), APPARealSpec(name="appa_real"), APPA_MANIFEST]
     summary = ingest.run(trusted_ingest_config(tmp_path, specs), str(tmp_path / "out"))
-    faces, labels, report = read_ingest_output(str(tmp_path / "out"))
+    faces, _labels, report = read_ingest_output(str(tmp_path / "out"))
     by_reason = {name: ds["rejected_by_reason"] for name, ds in report["datasets"].items()}
     assert by_reason == {
         "rafdb": {
