@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO
 from generated import layouts
 
 from d2mtl import cli, contracts, layout, store
 from d2mtl.config import load_experiment
 from d2mtl_pipeline import local
 
-REPO = Path(__file__).resolve().parents[1]
 TRAIN = {
     "weights": "none",
     "input_size": 32,

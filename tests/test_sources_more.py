@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import read_ingest_output, trusted_ingest_config
+from conftest import SHARED_DATA, read_ingest_output, trusted_ingest_config
 from generated import layouts
 
 from d2mtl.config.ingest import AAFSpec, APPARealSpec, CsvManifestSpec, IngestConfig, RAFDBSpec
@@ -16,7 +16,6 @@ from d2mtl.sources import SOURCES, TRAINVAL, open_tree
 from d2mtl.stages import ingest
 from d2mtl.tasks import TASKS
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 EXPRESSION = TASKS["expression"].code_of
 APPA_MANIFEST = CsvManifestSpec(
     name="appa", path="appa", split_column="split", split_map={"val": "test", "train": "trainval"}
