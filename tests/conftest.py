@@ -62,6 +62,50 @@ def read_ingest_output(out) -> tuple[list[dict], list[dict], dict]:
     return faces, labels, read_ingest_report(out)
 
 
+TINY_TRAINING = {
+    "weights": "none",
+    "input_size": 32,
+    "batch_size": 8,
+    "epochs": 3,
+    "num_workers": 0,
+    "progress": "false",
+    "threads": 1,
+    "checkpoint_every": 2,
+    "deterministic": "true",
+    "lr.range_steps": 8,
+    "epoch_samples": "null",
+}  # each train face once, not the profile's 40k
+
+
+def tiny_training_overrides(section: str) -> list[str]:
+    """``--set`` overrides that give config ``section`` (teacher, student) ``TINY_TRAINING``."""
+    return [f"{section}.{key}={value}" for key, value in TINY_TRAINING.items()]
+
+
+def kill_after_checkpoint(command: list[str], checkpoint: Path, first_step: int, rng) -> int:
+    """Run ``command``; once its checkpoint reaches ``first_step``, SIGKILL it a random fraction of a step
+    later. Returns the step of the checkpoint it left."""
+    import torch
+
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    seen = None
+    try:
+        while proc.poll() is None:
+            stamp = checkpoint.stat().st_mtime_ns if checkpoint.exists() else None
+            if stamp is not None and stamp != seen:
+                seen = stamp
+                if torch.load(checkpoint, weights_only=True)["progress"]["global_step"] >= first_step:
+                    time.sleep(rng.uniform(0, 0.1))
+                    proc.kill()
+                    break
+            time.sleep(0.01)
+    finally:
+        proc.kill()
+        stderr = proc.communicate()[1].decode()
+    assert proc.returncode == -9, f"the run ended before the kill:\n{stderr[-2000:]}"
+    return torch.load(checkpoint, weights_only=True)["progress"]["global_step"]
+
+
 def run_cli(argv: list[str], capsys) -> tuple[int, str]:
     """(exit code, stderr) of ``d2mtl ARGV`` run in this process; the store settings are reset afterwards."""
     from d2mtl import cli, store

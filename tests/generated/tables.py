@@ -74,3 +74,22 @@ def make_tiny_tables(
     writer.close()
     contracts.write_table(pa.Table.from_pylist(label_rows), labels_uri, contracts.LABELS)
     return {"faces": faces_uri, "labels": labels_uri}
+
+
+def write_pseudo_table(tables: dict[str, str], uri: str) -> None:
+    """The expression pseudo-label 'happy' (p 0.6) kept on every face: the student's extra labels."""
+    faces = contracts.read_face_columns(tables["faces"], ["sample_id", "dataset"])
+    probs = np.full(7, 0.4 / 6, np.float32)
+    probs[3] = 0.6
+    rows = [
+        {
+            "sample_id": sid,
+            "dataset": ds,
+            "expression": 3,
+            "expression_confidence": 0.6,
+            "expression_probs": probs.tolist(),
+            "expression_kept": True,
+        }
+        for sid, ds in zip(faces.column("sample_id").to_pylist(), faces.column("dataset").to_pylist(), strict=True)
+    ]
+    contracts.write_table(pa.Table.from_pylist(rows, schema=contracts.PSEUDO_SCHEMA), uri, contracts.PSEUDO)
