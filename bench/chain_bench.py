@@ -18,6 +18,8 @@ of its own labelled train faces, so all models get the same share of an epoch of
     .venv/bin/python bench/chain_bench.py --data-root ../shared/data --ingest /work/runs/ingest-full
     .venv/bin/python bench/chain_bench.py --smoke     # generated tiny data in the real layouts, ~a minute
 
+(``--smoke`` data: tests/generated/layouts.py, the generator the pipeline tests use.)
+
 A rerun with the same ``--out`` continues: finished training runs are kept (the engine resumes from its
 checkpoints), finished pseudo-label tables are reused; evaluate always runs again. With
 ``pseudolabel.holdout.fraction > 0`` every network trains on the label table minus the hidden labels, and
@@ -36,7 +38,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from d2mtl import claims, contracts, layout, store
@@ -44,7 +45,6 @@ from d2mtl.config import ExperimentConfig, load_experiment
 from d2mtl.config.train import TrainConfig
 from d2mtl.data import FaceIndex
 from d2mtl.stages import evaluate, ingest, pseudolabel, student, teacher
-from d2mtl.tasks import TASKS
 
 log = logging.getLogger("chain_bench")
 REPO = Path(__file__).resolve().parents[1]
@@ -78,28 +78,6 @@ SMOKE_OVERRIDES = [
     ),
     "evaluate.fairness_min_group=2",
 ]
-
-
-def make_smoke_data(root: Path, per_dataset: int = 64, seed: int = 0) -> Path:
-    """UTKFace and FER2013 folder layouts of generated faces whose brightness carries the labels."""
-    rng = np.random.default_rng(seed)
-    for i in range(per_dataset):
-        age, gender, race = int(rng.integers(1, 90)), int(rng.integers(0, 2)), int(rng.integers(0, 5))
-        face = rng.normal(40 + 150 * gender + age / 3, 20, (200, 200, 3))
-        _write(root / "utkface" / f"{age}_{gender}_{race}_2017010{i % 10}1{i:08d}.jpg.chip.jpg", face)
-    emotions = TASKS["expression"].classes
-    for i in range(per_dataset):
-        code = int(rng.integers(0, len(emotions)))
-        part, prefix = ("test", "PublicTest") if i % 5 == 0 else ("train", "Training")
-        face = np.repeat(rng.normal(30 + 28 * code, 20, (48, 48, 1)), 3, axis=2)
-        _write(root / "fer2013" / part / emotions[code] / f"{prefix}_{i:06d}.jpg", face)
-    return root
-
-
-def _write(path: Path, image: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), np.clip(image, 0, 255).astype(np.uint8)):
-        raise OSError(f"could not write {path}")
 
 
 class Timer:
@@ -232,10 +210,10 @@ def comparison_markdown(evaluation_out: str) -> str:
     doc = claims_doc(evaluation_out)
     header, rows = doc["comparison"]["header"], doc["comparison"]["rows"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        lines.append(
-            "| " + " | ".join("-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in row) + " |"
-        )
+    lines += [
+        "| " + " | ".join("-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in row) + " |"
+        for row in rows
+    ]
     return "\n".join(lines)
 
 
@@ -326,7 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides)
     data_root = args.data_root
     if args.smoke:
-        data_root = str(make_smoke_data(Path(out) / "data"))
+        sys.path.insert(0, str(REPO / "tests"))
+        from generated.layouts import learnable_utkface_fer
+
+        data_root = str(learnable_utkface_fer(Path(out) / "data"))
         overrides = SMOKE_OVERRIDES + overrides
     fraction = (
         args.train_fraction if args.train_fraction is not None else (1.0 if args.smoke else DEFAULT_TRAIN_FRACTION)

@@ -74,7 +74,7 @@ def timed_run(command: list[str], out: Path) -> dict:
 
 def largest_difference(a: list[dict], b: list[dict]) -> float:
     """The largest |a - b| over the epochs' train losses and validation metrics."""
-    pairs = [(x["train"], y["train"]) for x, y in zip(a, b)] + [(x["val"], y["val"]) for x, y in zip(a, b)]
+    pairs = [(x[part], y[part]) for part in ("train", "val") for x, y in zip(a, b, strict=True)]
     return max(abs(float(p[k]) - float(q[k])) for p, q in pairs for k in p.keys() & q.keys())
 
 
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     overrides = list(args.overrides)
     if args.smoke:
         sys.path.insert(0, str(REPO / "tests"))
-        from conftest import make_tiny_tables
+        from generated.tables import make_tiny_tables
 
         tables = make_tiny_tables(work / "ingest", per_dataset=256, image_size=64)
         args.faces, args.labels = tables["faces"], tables["labels"]
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         args.faces,
         "--labels",
         args.labels,
-        *(f"--set={item}" for item in overrides + ["teacher.progress=false"]),
+        *(f"--set={item}" for item in [*overrides, "teacher.progress=false"]),
     ]
     bin_dir = Path(sys.executable).parent
     runs: dict[str, list[dict]] = {"single": [], "data_parallel": []}

@@ -56,7 +56,7 @@ def chosen_payloads(cfg: IngestConfig) -> tuple[list[tuple[str, Payload]], float
         sources = open_sources(cfg, stack)
         planned = [plan_dataset(index, spec, source, IngestReport()) for index, (spec, source) in enumerate(sources)]
         listing_s = time.perf_counter() - started
-        for (spec, source), dataset_plan in zip(sources, planned):
+        for (spec, source), dataset_plan in zip(sources, planned, strict=True):
             readable = [p.entry for p in dataset_plan if not p.entry.reject]
             chosen += [
                 (spec.name, payload) for payload in source.payloads(readable) if not isinstance(payload, Rejected)
@@ -97,7 +97,7 @@ def detector_only(cfg: IngestConfig, chosen: list[tuple[str, Payload]], workers:
     and ms per image by dataset."""
     chunks = [(cfg, chosen[i::workers]) for i in range(workers)]
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        busy, cpu_s = zip(*pool.map(_detect_chunk, chunks))
+        busy, cpu_s = zip(*pool.map(_detect_chunk, chunks), strict=True)
     images, seconds = Counter(), defaultdict(float)
     for worker in busy:
         for dataset, (count, spent) in worker.items():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import filecmp
 import time
+from functools import partial
 from pathlib import Path
 
 from d2mtl import layout
@@ -53,7 +54,7 @@ def main() -> None:
     parts, part_s = [], []
     for i in range(args.shards):
         parts.append(str(out / f"part-{i}"))
-        part_s.append(timed(lambda: ingest.run(cfg, parts[-1], shard=(i, args.shards)))[1])
+        part_s.append(timed(partial(ingest.run, cfg, parts[-1], shard=(i, args.shards)))[1])
     merged, merge_s = timed(lambda: ingest.merge(parts, str(out / "merged")))
     identical = same_tables(out / "one-pass", out / "merged")
     print(f"## Ingest: {args.shards} shards + merge vs one pass\n")

@@ -7,7 +7,7 @@ d2mtl_pipeline.steps) is read back from the run folder. Goal: wall / sum of stag
     python bench/pipeline_bench.py --data-root ../shared/data                      # the CPU profile (~1 h here)
     python bench/pipeline_bench.py --data-root ../shared/data --append BENCHMARKS.md
     python bench/pipeline_bench.py --config my.yaml --data-root /data                # any experiment
-    python bench/pipeline_bench.py --smoke         # generated tiny data (chain_bench's), 32 px: a few minutes
+    python bench/pipeline_bench.py --smoke         # generated tiny data (chain_bench --smoke's), 32 px: a few minutes
 
 The run's log goes to <run root>/run.log. Also printed: the student's test metrics from the evaluate stage.
 """
@@ -79,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--run-root", default=None, help="a fresh folder for the run (default runs/bench-<time>)")
     parser.add_argument("--append", metavar="FILE", help="append the markdown section to FILE (e.g. BENCHMARKS.md)")
-    parser.add_argument("--smoke", action="store_true", help="generated tiny data and networks (chain_bench.py's)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="generated tiny data and networks (chain_bench.py --smoke's)"
+    )
     args = parser.parse_args(argv)
 
     run_root = Path(args.run_root or f"runs/bench-{datetime.now():%Y%m%d-%H%M%S}").resolve()
@@ -88,10 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     run_root.mkdir(parents=True, exist_ok=True)
     overrides, data_root = args.overrides, args.data_root
     if args.smoke:
-        from chain_bench import SMOKE_OVERRIDES, make_smoke_data  # bench/ is on sys.path when run as a script
+        from chain_bench import SMOKE_OVERRIDES  # bench/ is on sys.path when run as a script
+
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from generated.layouts import learnable_utkface_fer
 
         overrides = [*SMOKE_OVERRIDES, *overrides]
-        data_root = str(make_smoke_data(run_root.with_name(run_root.name + "-data")))
+        data_root = str(learnable_utkface_fer(run_root.with_name(run_root.name + "-data")))
     command = [
         sys.executable,
         "-m",
@@ -109,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"running: {shown}\nlog: {run_root / 'run.log'}", flush=True)
     with open(run_root / "run.log", "w") as log:
         start = time.perf_counter()
-        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
         wall = time.perf_counter() - start
     if code:
         print(f"d2mtl run failed (exit {code}); see {run_root / 'run.log'}", file=sys.stderr)

@@ -23,6 +23,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -94,8 +95,8 @@ def compare(multi: Analyzer, singles: list[Analyzer], jpegs: list[bytes], batch_
     multi_ms, singles_ms, ratios = [], [], []
     for _ in range(rounds):
         for chunk in chunks:
-            one = timed(lambda: multi.predict_faces(chunk))
-            four = timed(lambda: [single.predict_faces(chunk) for single in singles])
+            one = timed(partial(multi.predict_faces, chunk))
+            four = timed(lambda chunk=chunk: [single.predict_faces(chunk) for single in singles])
             multi_ms.append(1000 * one / len(chunk))
             singles_ms.append(1000 * four / len(chunk))
             ratios.append(four / one)
@@ -129,11 +130,11 @@ def markdown(result: dict) -> str:
         "speed-up (goal >= 3.5x) |",
         "|---|---|---|---|",
     ]
-    for run in result["runs"]:
-        rows.append(
-            f"| {run['batch_size']} | {run['multi_ms_per_face']:.2f} ({run['multi_ms_fastest']:.2f}) | "
-            f"{run['singles_ms_per_face']:.2f} ({run['singles_ms_fastest']:.2f}) | {run['speedup']:.2f}x |"
-        )
+    rows += [
+        f"| {run['batch_size']} | {run['multi_ms_per_face']:.2f} ({run['multi_ms_fastest']:.2f}) | "
+        f"{run['singles_ms_per_face']:.2f} ({run['singles_ms_fastest']:.2f}) | {run['speedup']:.2f}x |"
+        for run in result["runs"]
+    ]
     one, batched = result["runs"]
     lines = [
         f"Command: `{result['command']}`",

@@ -109,7 +109,7 @@ def speed(args: argparse.Namespace) -> None:
     print(f"| stage / bare | {ratio:.2f} (goal >= 0.9) | |")
     print(
         "stage / bare of each repeat (the load moves between runs): "
-        + ", ".join(f"{b / s:.2f}" for b, s in zip(bare, stage))
+        + ", ".join(f"{b / s:.2f}" for b, s in zip(bare, stage, strict=True))
     )
 
 

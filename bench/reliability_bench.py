@@ -33,9 +33,9 @@ sys.path.insert(0, str(REPO / "tests"))
 
 def kills(args: argparse.Namespace) -> dict:
     import torch
-    from conftest import make_tiny_tables
+    from conftest import kill_after_checkpoint, tiny_training_overrides
+    from generated.tables import make_tiny_tables, write_pseudo_table
     from safetensors.torch import load_file
-    from test_faults import kill_after_checkpoint, overrides, write_pseudo_table
 
     from d2mtl import layout
     from d2mtl.config import load_experiment
@@ -52,7 +52,7 @@ def kills(args: argparse.Namespace) -> dict:
             "student": ["--faces", tables["faces"], "--labels", tables["labels"], "--pseudo", pseudo],
         }
         for stage in ("teacher", "student"):
-            cfg = getattr(load_experiment("cpu", overrides(stage)), stage)
+            cfg = getattr(load_experiment("cpu", tiny_training_overrides(stage)), stage)
             straight = root / stage / "straight"
             if stage == "teacher":
                 teacher.run(cfg, tables["faces"], tables["labels"], str(straight))
@@ -65,7 +65,7 @@ def kills(args: argparse.Namespace) -> dict:
                 rng = np.random.default_rng(100 + trial)
                 out = root / stage / f"trial{trial}"
                 command = [sys.executable, "-m", "d2mtl.cli", stage, *inputs[stage], "--out", str(out)]
-                for item in overrides(stage):
+                for item in tiny_training_overrides(stage):
                     command += ["--set", item]
                 killed_at, step = [], 0
                 started = time.perf_counter()
@@ -100,7 +100,7 @@ def kills(args: argparse.Namespace) -> dict:
 BOMB_PROBE = """
 import resource, sys, time
 sys.path.insert(0, {tests!r})
-from test_hostile_input import jpeg_claiming, png_claiming
+from generated.images import jpeg_claiming, png_claiming
 from d2mtl.faces import ImageTooLarge, decode_rgb
 data = {{"png": png_claiming(30000, 30000), "jpeg": jpeg_claiming(30000, 30000)}}[sys.argv[1]]
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -110,8 +110,13 @@ try:
     outcome = "decoded"
 except ImageTooLarge as err:
     outcome = f"refused: {{err}}"
-print(round((time.perf_counter() - started) * 1e3, 2), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024,
-      len(data), outcome, sep="\\t")
+print(
+    round((time.perf_counter() - started) * 1e3, 2),
+    (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024,
+    len(data),
+    outcome,
+    sep="\\t",
+)
 """
 
 

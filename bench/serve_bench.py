@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -134,8 +135,8 @@ def forward_backends(model: str, work: Path, batch_size: int, calls: int) -> dic
         x = torch.randn(batch, 3, size, size)
         channels_last = x.contiguous(memory_format=torch.channels_last)
         runs = {
-            "torch": lambda: analyzer_graph(channels_last),
-            "onnxruntime": lambda: session.run(None, {export.INPUT_NAME: x.numpy()}),
+            "torch": partial(analyzer_graph, channels_last),
+            "onnxruntime": lambda x=x: session.run(None, {export.INPUT_NAME: x.numpy()}),
         }
         with torch.inference_mode():
             for name, run in runs.items():

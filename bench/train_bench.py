@@ -33,6 +33,7 @@ from d2mtl.engine import Trainer, setup_run
 from d2mtl.lr import DynamicLR
 from d2mtl.models import build_model
 
+log = logging.getLogger("train_bench")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -88,14 +89,14 @@ def bench(cfg, faces: str, labels: str, steps: int, rounds: int) -> dict:
             started = time.perf_counter()
             trainer.train_one_epoch(round_)  # a fresh epoch plan each round: shards are read anew
             stage.append(steps * cfg.batch_size / (time.perf_counter() - started))
-            logging.info(
+            log.info(
                 "round %d: bare %.1f img/s, stage %.1f img/s, ratio %.3f",
                 round_ + 1,
                 bare[-1],
                 stage[-1],
                 stage[-1] / bare[-1],
             )
-    ratios = [s / b for s, b in zip(stage, bare)]
+    ratios = [s / b for s, b in zip(stage, bare, strict=True)]
     return {
         "backbone": cfg.model.backbone,
         "input_size": cfg.model.input_size,
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides)
     if args.smoke:
         sys.path.insert(0, str(REPO / "tests"))
-        from conftest import make_tiny_tables
+        from generated.tables import make_tiny_tables
 
         tables = make_tiny_tables(Path(tempfile.mkdtemp(prefix="train-bench-data-")), per_dataset=96)
         faces, labels = tables["faces"], tables["labels"]

@@ -1,4 +1,6 @@
-"""Shared fixtures: tiny generated face/label tables and a real S3 server on loopback."""
+"""Fixtures and helpers shared by the test modules: tiny generated data (made by the ``generated`` package), the
+ingest stage's settings and outputs, the CLI in-process, linters of the dev extras, and real S3 and ``d2mtl serve``
+servers on loopback. Test modules import helpers from here, never from one another."""
 
 from __future__ import annotations
 
@@ -10,9 +12,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
 import pytest
+from generated.faces import drawn_face
+from generated.tables import make_tiny_tables
+
+if TYPE_CHECKING:
+    from d2mtl.config import IngestConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -29,73 +36,74 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-def make_tiny_tables(
-    root: Path, per_dataset: int = 24, image_size: int = 32, seed: int = 0, evaluate_only: tuple[str, ...] = ()
-) -> dict[str, str]:
-    """Two datasets with disjoint labels, like UTKFace (age, gender, race) and FER2013 (expression); the
-    datasets named in ``evaluate_only`` are marked so in the face manifest, as ``use: evaluate`` does.
+def trusted_ingest_config(root, datasets, **overrides) -> IngestConfig:
+    """An ``IngestConfig`` over ``datasets`` (specs) under ``root`` with every alignment ``trust_crop`` and tiny
+    settings (32 px, one worker, 8-row shards); ``overrides`` replace any field."""
+    from d2mtl.config import IngestConfig
 
-    Images are random but carry a learnable signal: the mean brightness encodes the labels.
-    Returns {"faces": uri, "labels": uri}.
-    """
-    import cv2
-    import pyarrow as pa
+    trusted = [spec.model_copy(update={"alignment": "trust_crop"}) for spec in datasets]
+    fields = {"data_root": str(root), "image_size": 32, "workers": 1, "chunk_size": 4, "shard_rows": 8}
+    return IngestConfig(datasets=trusted, **(fields | overrides))
 
-    from d2mtl import contracts
 
-    rng = np.random.default_rng(seed)
-    faces_uri, labels_uri = str(root / "faces"), str(root / "labels.parquet")
-    writer = contracts.FaceTableWriter(
-        faces_uri,
-        shard_rows=max(8, per_dataset // 2),
-        metadata={"image_size": str(image_size), contracts.EVALUATE_ONLY: json.dumps(list(evaluate_only))},
-    )
-    label_rows = []
-    splits = ["train"] * 6 + ["val", "test"]
-    for dataset, domain in (("utk", "color"), ("fer", "gray")):
-        for i in range(per_dataset):
-            sample_id = f"{dataset}-{i:04d}"
-            label = {
-                "sample_id": sample_id,
-                "age": None,
-                "gender": None,
-                "race": None,
-                "expression": None,
-                "age_low": None,
-                "age_high": None,
-            }
-            if dataset == "utk":
-                label.update(
-                    age=float(rng.integers(1, 90)), gender=int(rng.integers(0, 2)), race=int(rng.integers(0, 5))
-                )
-                level = 40 + 150 * label["gender"]
-            else:
-                label.update(expression=int(rng.integers(0, 7)))
-                level = 30 + 28 * label["expression"]
-            image = np.clip(rng.normal(level, 20, (image_size, image_size, 3)), 0, 255).astype(np.uint8)
-            if domain == "gray":
-                image[:] = image.mean(axis=2, keepdims=True).astype(np.uint8)
-            ok, encoded = cv2.imencode(".jpg", image[:, :, ::-1])
-            assert ok
-            writer.write(
-                {
-                    "sample_id": sample_id,
-                    "dataset": dataset,
-                    "domain": domain,
-                    "split": splits[i % len(splits)],
-                    "subject": None,
-                    "image": encoded.tobytes(),
-                    "source_uri": f"generated://{dataset}/{i}",
-                    "det_score": None,
-                    "box": None,
-                    "landmarks": None,
-                    "alignment": "trusted_crop",
-                }
-            )
-            label_rows.append(label)
-    writer.close()
-    contracts.write_table(pa.Table.from_pylist(label_rows), labels_uri, contracts.LABELS)
-    return {"faces": faces_uri, "labels": labels_uri}
+def read_ingest_report(out) -> dict:
+    """The JSON report of the ingest output at ``out`` (a folder or URI)."""
+    from d2mtl import layout, store
+
+    return json.loads(store.read_text(store.join(str(out), layout.INGEST_REPORT_JSON)))
+
+
+def read_ingest_output(out) -> tuple[list[dict], list[dict], dict]:
+    """(face rows, label rows, report) of the ingest output at ``out``."""
+    from d2mtl import contracts, layout
+
+    faces = [row for batch in contracts.iter_face_batches(layout.faces(out)) for row in batch.to_pylist()]
+    labels = contracts.read_table(layout.labels(out), contracts.LABELS).to_pylist()
+    return faces, labels, read_ingest_report(out)
+
+
+TINY_TRAINING = {
+    "model.weights": "none",
+    "model.input_size": 32,
+    "batch_size": 8,
+    "epochs": 3,
+    "num_workers": 0,
+    "progress": "false",
+    "threads": 1,
+    "checkpoint_every": 2,
+    "deterministic": "true",
+    "lr.range_steps": 8,
+    "epoch_samples": "null",
+}  # each train face once, not the profile's 40k
+
+
+def tiny_training_overrides(section: str) -> list[str]:
+    """``--set`` overrides that give config ``section`` (teacher, student) ``TINY_TRAINING``."""
+    return [f"{section}.{key}={value}" for key, value in TINY_TRAINING.items()]
+
+
+def kill_after_checkpoint(command: list[str], checkpoint: Path, first_step: int, rng) -> int:
+    """Run ``command``; once its checkpoint reaches ``first_step``, SIGKILL it a random fraction of a step
+    later. Returns the step of the checkpoint it left."""
+    import torch
+
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    seen = None
+    try:
+        while proc.poll() is None:
+            stamp = checkpoint.stat().st_mtime_ns if checkpoint.exists() else None
+            if stamp is not None and stamp != seen:
+                seen = stamp
+                if torch.load(checkpoint, weights_only=True)["progress"]["global_step"] >= first_step:
+                    time.sleep(rng.uniform(0, 0.1))
+                    proc.kill()
+                    break
+            time.sleep(0.01)
+    finally:
+        proc.kill()
+        stderr = proc.communicate()[1].decode()
+    assert proc.returncode == -9, f"the run ended before the kill:\n{stderr[-2000:]}"
+    return torch.load(checkpoint, weights_only=True)["progress"]["global_step"]
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str]:
@@ -147,25 +155,6 @@ def model_dir(tmp_path_factory) -> str:
     return out
 
 
-def drawn_face(shift: int = 0) -> np.ndarray:
-    """A cartoon face, RGB 240 x 240, that the RetinaFace detector finds (score ~0.998); ``shift`` moves the
-    features so that drawn faces differ."""
-    import cv2
-
-    image = np.full((240, 240, 3), (200, 210, 220), np.uint8)
-    cv2.ellipse(image, (120, 125), (70, 92), 0, 0, 360, (224, 172, 140), -1)  # face
-    cv2.ellipse(image, (120, 60), (74, 45), 0, 180, 360, (60, 40, 30), -1)  # hair
-    for x in (92 - shift, 148 + shift):  # eyes and brows
-        cv2.ellipse(image, (x, 112), (15, 8), 0, 0, 360, (250, 250, 250), -1)
-        cv2.circle(image, (x, 112), 6, (60, 40, 30), -1)
-        cv2.circle(image, (x, 112), 3, (10, 10, 10), -1)
-        cv2.line(image, (x - 16, 94), (x + 16, 92), (70, 50, 40), 4)
-    cv2.line(image, (120, 115), (114, 150), (180, 120, 100), 3)  # nose
-    cv2.line(image, (114, 150), (126, 152), (180, 120, 100), 3)
-    cv2.ellipse(image, (120, 176 + shift), (24, 9), 0, 0, 180, (170, 60, 60), -1)  # mouth
-    return cv2.GaussianBlur(image, (5, 5), 0)
-
-
 @pytest.fixture(scope="session")
 def face_photos(tmp_path_factory) -> list[Path]:
     """Three face photo files: UTKFace images from ../shared/data, or drawn faces where it is absent."""
@@ -178,6 +167,18 @@ def face_photos(tmp_path_factory) -> list[Path]:
     for shift in range(3):
         Image.fromarray(drawn_face(3 * shift)).save(root / f"drawn-{shift}.png")
     return sorted(root.glob("*.png"))
+
+
+IMAGE_TARGETS = ("ingest", "train-cpu", "train-cuda", "serve")  # the final stages of docker/Dockerfile
+
+
+def tool(name: str, package: str) -> str:
+    """A linter installed with the dev extras (next to this interpreter, or on PATH)."""
+    beside = Path(sys.executable).with_name(name)
+    found = str(beside) if beside.exists() else shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} not found: install the dev extras (pip install -e '.[dev]', wheel {package})")
+    return found
 
 
 def _free_port() -> int:

@@ -113,8 +113,8 @@ def test_hide_labels_hides_the_fraction_and_returns_the_truth():
     assert train.column("expression").null_count == labels.column("expression").null_count + 20
     assert train.column("gender").to_pylist() == labels.column("gender").to_pylist()  # not a holdout task
     assert truth.num_rows == 40 and truth.column("gender").null_count == 40
-    original = dict(zip(labels.column("sample_id").to_pylist(), labels.column("age").to_pylist()))
-    for sample_id, age in zip(truth.column("sample_id").to_pylist(), truth.column("age").to_pylist()):
+    original = dict(zip(labels.column("sample_id").to_pylist(), labels.column("age").to_pylist(), strict=True))
+    for sample_id, age in zip(truth.column("sample_id").to_pylist(), truth.column("age").to_pylist(), strict=True):
         if age is not None:
             assert original[sample_id] == age
 

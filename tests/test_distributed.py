@@ -20,7 +20,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import yaml
-from conftest import REPO, _free_port, make_tiny_tables
+from conftest import REPO, _free_port
+from generated.tables import make_tiny_tables
 from safetensors.torch import load_file
 
 from d2mtl import distributed, layout, store
@@ -35,18 +36,18 @@ LOSS_RTOL = 1e-5  # measured: max relative difference ~1e-7 (summation order of 
 
 
 def frozen_config(**overrides) -> TrainConfig:
-    settings = dict(
-        model={"weights": "none", "input_size": 32, "dropout": 0.0, "freeze_stages": 19},
-        batch_size=8,
-        epochs=2,
-        num_workers=0,
-        progress=False,
-        threads=1,
-        checkpoint_every=3,
-        deterministic=True,
-        weighting="uncertainty",
-        lr={"range_steps": 6, "plateau_patience": 1},
-    )
+    settings = {
+        "model": {"weights": "none", "input_size": 32, "dropout": 0.0, "freeze_stages": 19},
+        "batch_size": 8,
+        "epochs": 2,
+        "num_workers": 0,
+        "progress": False,
+        "threads": 1,
+        "checkpoint_every": 3,
+        "deterministic": True,
+        "weighting": "uncertainty",
+        "lr": {"range_steps": 6, "plateau_patience": 1},
+    }
     settings.update(overrides)
     return TrainConfig(**settings)
 
@@ -116,7 +117,7 @@ def test_two_processes_follow_the_single_process_loss_trajectory(two_process_run
     single = runs["single"]
     assert straight[0] == straight[1]  # every rank logs the all-reduced global-batch losses
     assert len(straight[0]) == len(single) == 10 and set(single[0]) == {"age", "gender", "race", "expression"}
-    for step, (ddp, one) in enumerate(zip(straight[0], single)):
+    for step, (ddp, one) in enumerate(zip(straight[0], single, strict=True)):
         assert ddp.keys() == one.keys(), step
         assert [ddp[t] for t in one] == pytest.approx([one[t] for t in one], rel=LOSS_RTOL), step
     ddp_weights = load_file(Path(runs["straight"], layout.WEIGHTS_FILE))
@@ -160,7 +161,9 @@ def test_ranks_share_each_global_batch(tiny_tables):
         sampler.set_epoch(1, start=1)
     batches = [list(s) for s in shares]
     assert all([len(items) for items in b] == [4, 4, 4, 2] for b in batches)  # 36 rows: the last batch of 4 split
-    assert [a + b for a, b in zip(*batches)] == list(single)  # rank 0 then rank 1: the single process's batch
+    assert [a + b for a, b in zip(*batches, strict=True)] == list(
+        single
+    )  # rank 0 then rank 1: the single process's batch
     small = EpochSampler(index, rows[:5], 8, seed=0, rank=1, world_size=WORLD)  # one partial batch of 5
     assert len(next(iter(small))) == 2
     with pytest.raises(UserError, match="multiple of the 3 training processes"):
@@ -190,7 +193,7 @@ def test_pytorchjob_manifest_runs_torchrun_on_the_cuda_image():
     pipeline = load_experiment("gpu").pipeline
     specs = job["spec"]["pytorchReplicaSpecs"]
     assert set(specs) == {"Master", "Worker"}
-    for role, replica in specs.items():
+    for replica in specs.values():
         pod = replica["template"]["spec"]
         (container,) = pod["containers"]
         assert container["name"] == "pytorch"  # the operator finds the training container by this name

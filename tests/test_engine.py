@@ -32,17 +32,17 @@ TASK_NAMES = ("age", "gender", "race", "expression")
 
 
 def tiny_config(**overrides) -> TrainConfig:
-    settings = dict(
-        model={"weights": "none", "input_size": 32},
-        batch_size=8,
-        epochs=2,
-        num_workers=0,
-        progress=False,
-        threads=1,
-        checkpoint_every=3,
-        deterministic=True,
-        lr={"range_steps": 8},
-    )
+    settings = {
+        "model": {"weights": "none", "input_size": 32},
+        "batch_size": 8,
+        "epochs": 2,
+        "num_workers": 0,
+        "progress": False,
+        "threads": 1,
+        "checkpoint_every": 3,
+        "deterministic": True,
+        "lr": {"range_steps": 8},
+    }
     settings.update(overrides)
     return TrainConfig(**settings)
 
@@ -53,7 +53,7 @@ def tiny_config(**overrides) -> TrainConfig:
 def test_decode_gives_three_channels_and_bad_bytes_a_user_error():
     import cv2
 
-    ok, gray = cv2.imencode(".jpg", np.full((20, 30), 128, np.uint8))
+    _ok, gray = cv2.imencode(".jpg", np.full((20, 30), 128, np.uint8))
     image = decode_jpeg(gray.tobytes())
     assert image.shape == (3, 20, 30) and image.dtype == torch.uint8
     with pytest.raises(UserError, match="not a decodable JPEG"):
@@ -117,7 +117,9 @@ def test_epoch_plan_is_deterministic_windowed_and_covers_every_row():
     assert all(len(w) <= 4 for w in windows)  # bounded memory: a window holds few shards
     assert all({"utk", "fer"} == set(index.dataset[rows[i : i + 200]]) for i in range(0, 1000, 200))
     sampler.set_epoch(0, start=95)
-    expected = [list(zip(rows[i : i + 10].tolist(), seeds[i : i + 10].tolist())) for i in range(950, 1000, 10)]
+    expected = [
+        list(zip(rows[i : i + 10].tolist(), seeds[i : i + 10].tolist(), strict=True)) for i in range(950, 1000, 10)
+    ]
     assert list(sampler) == expected  # resumed at batch 95: the rest of the same plan
 
 
@@ -203,7 +205,7 @@ def test_teacher_writes_a_complete_model_folder(tiny_tables, tmp_path):
         layout.TRAIN_CURVES,
         layout.LR_RANGE_PLOT,
     }
-    net, card = load_model(str(out))
+    _net, card = load_model(str(out))
     assert card.role == "teacher" and card.training.data.train["utk"]["age"] == 18
     assert card.training.faces["image_size"] == "32"  # the face table's settings, for predict
     assert set(card.metrics["test"]) >= {"age_mae", "gender_acc", "race_acc", "expression_acc"}
@@ -270,7 +272,7 @@ def test_teacher_reads_and_writes_s3(tiny_tables, s3_env):
             store.upload_file(path, "s3://bucket/ingest/" + path.relative_to(root).as_posix())
     tables = {"faces": "s3://bucket/ingest/faces", "labels": "s3://bucket/ingest/labels.parquet"}
     result = _train(tables, "s3://bucket/teacher", tiny_config(epochs=1, checkpoint_every=0))
-    net, card = load_model("s3://bucket/teacher")
+    _net, card = load_model("s3://bucket/teacher")
     assert card.metrics["test"] == result["test"]
     state = torch.load(io.BytesIO(store.read_bytes("s3://bucket/teacher/" + layout.CHECKPOINT_FILE)), weights_only=True)
     assert state["progress"]["epoch"] == 1

@@ -6,7 +6,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import torch
-from conftest import make_tiny_tables, training_record
+from conftest import training_record
+from generated.tables import make_tiny_tables
 
 from d2mtl import contracts, data, layout, models, store
 from d2mtl.config import EvaluateConfig
@@ -109,7 +110,7 @@ def test_roles_from_config_and_name_clashes(model_dirs):
     assert [m.role for m in loaded] == [Role("teacher"), Role("student")]
     with pytest.raises(UserError, match="two models are named 'teacher'"):
         evaluate.load_models([model_dirs["teacher"], f"teacher={model_dirs['student']}"], _cfg(), torch.device("cpu"))
-    with pytest.raises(UserError, match="evaluate.roles names model"):
+    with pytest.raises(UserError, match=r"evaluate\.roles names model"):
         evaluate.load_models([model_dirs["teacher"]], _cfg(roles={"ghost": "student"}), torch.device("cpu"))
     with pytest.raises(UserError, match="both have role teacher"):
         evaluate.load_models(
@@ -193,7 +194,7 @@ def test_outputs_and_models_on_s3(s3_env, tables, tmp_path):
 def test_config_refuses_bad_roles_and_splits():
     from d2mtl.config import ConfigError, load_experiment
 
-    with pytest.raises(ConfigError, match="evaluate.roles"):
+    with pytest.raises(ConfigError, match=r"evaluate\.roles"):
         load_experiment("cpu", ["evaluate.roles={a: baseline:height}"])
     with pytest.raises(ConfigError, match="claims_split 'test' is not among"):
         load_experiment("cpu", ["evaluate.splits=[val]"])
@@ -220,11 +221,11 @@ def test_view_makes_gray_low_resolution_faces_of_the_same_size():
 
 
 def test_missing_inputs_are_user_errors(tables, model_dirs, tmp_path):
-    with pytest.raises(UserError, match="label table .* not found"):
+    with pytest.raises(UserError, match=r"label table .* not found"):
         evaluate.run(_cfg(), [model_dirs["teacher"]], tables["faces"], str(tmp_path / "none.parquet"), str(tmp_path))
-    with pytest.raises(UserError, match="no _manifest.json"):
+    with pytest.raises(UserError, match=r"no _manifest\.json"):
         evaluate.run(_cfg(), [model_dirs["teacher"]], str(tmp_path / "none"), tables["labels"], str(tmp_path))
-    with pytest.raises(UserError, match="pseudo-label report .* not found"):
+    with pytest.raises(UserError, match=r"pseudo-label report .* not found"):
         evaluate.run(
             _cfg(views=[]),
             [model_dirs["teacher"]],

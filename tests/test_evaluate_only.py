@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 
-import ingest_layouts as layouts
 import numpy as np
 import pyarrow.compute as pc
 import pytest
 import torch
-from conftest import make_tiny_tables
+from generated import layouts
+from generated.tables import make_tiny_tables
 
 from d2mtl import contracts, layout, models, store
 from d2mtl.config.ingest import IngestConfig, UTKFaceSpec
@@ -126,5 +126,5 @@ def test_a_target_dataset_can_have_its_own_rule(tmp_path):
     report = json.loads(store.read_text(result["report"]))
     assert report["selection"]["gender"]["thresholds"]["by_dataset"] == {"fer": {"rule": "fixed", "threshold": 1.0}}
     assert report["dataset_rules"] == {"fer": {"gender": {"rule": "fixed", "threshold": 1.0}}}
-    with pytest.raises(ValueError, match="dataset_rules.fer.age: rule 'fixed' does not fit"):
+    with pytest.raises(ValueError, match=r"dataset_rules\.fer\.age: rule 'fixed' does not fit"):
         PseudoLabelConfig(dataset_rules={"fer": {"age": {"rule": "fixed"}}})

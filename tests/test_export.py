@@ -61,7 +61,7 @@ def exported(model_dir, tmp_path_factory) -> dict[str, str]:
 def reference(model_dir: str, x: torch.Tensor) -> dict[str, np.ndarray]:
     graph = InferenceModel(load_model(model_dir)[0]).eval()
     with torch.no_grad():
-        return {name: value.numpy() for name, value in zip(graph.output_names, graph(x))}
+        return {name: value.numpy() for name, value in zip(graph.output_names, graph(x), strict=True)}
 
 
 def load_torchscript(path: str) -> tuple[torch.jit.ScriptModule, dict]:
@@ -100,7 +100,7 @@ def test_onnx_runtime_matches_torch(model_dir, exported, batch):
     session = ort.InferenceSession(store.join(exported["onnx"], layout.ONNX_FILE), providers=["CPUExecutionProvider"])
     x = inputs(batch, batch)
     names = [o.name for o in session.get_outputs()]
-    got = dict(zip(names, session.run(None, {"image": x.numpy()})))
+    got = dict(zip(names, session.run(None, {"image": x.numpy()}), strict=True))
     assert_parity(reference(model_dir, x), got)
 
 
@@ -109,7 +109,7 @@ def test_torchscript_matches_torch(model_dir, exported, batch):
     module, card = load_torchscript(store.join(exported["torchscript"], layout.TORCHSCRIPT_FILE))
     x = inputs(batch, batch)
     with torch.no_grad():
-        got = {name: value.numpy() for name, value in zip(card["export"]["outputs"], module(x))}
+        got = {name: value.numpy() for name, value in zip(card["export"]["outputs"], module(x), strict=True)}
     assert_parity(reference(model_dir, x), got)
 
 
@@ -143,7 +143,7 @@ def test_single_task_model_exported_to_s3_through_the_cli(s3_env, tmp_path, caps
     assert list(card["export"]["outputs"]) == ["age", "age_low", "age_high", "age_std"]
     x = inputs(4, 1)
     with torch.no_grad():
-        got = {name: value.numpy() for name, value in zip(card["export"]["outputs"], module(x))}
+        got = {name: value.numpy() for name, value in zip(card["export"]["outputs"], module(x), strict=True)}
     assert_parity(reference(str(tmp_path / "m"), x), got)
 
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import cv2
-import ingest_layouts as layouts
 import numpy as np
 import pytest
+from generated import layouts
 
 from d2mtl.config.ingest import DetectorConfig
 from d2mtl.faces import (
@@ -41,10 +41,10 @@ def test_warped_marks_land_on_template():
     source_points = _similar(template(112), 2.5, 20.0, (60.0, 30.0))
     canvas = np.zeros((400, 400, 3), np.uint8)
     colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255)]
-    for (x, y), colour in zip(source_points, colours):
-        cv2.circle(canvas, (int(round(x)), int(round(y))), 6, colour, -1)
+    for (x, y), colour in zip(source_points, colours, strict=True):
+        cv2.circle(canvas, (round(x), round(y)), 6, colour, -1)
     warped = align(canvas, source_points, 112).astype(float)
-    for (tx, ty), colour in zip(template(112), colours):
+    for (tx, ty), colour in zip(template(112), colours, strict=True):
         mask = np.all(np.abs(warped - colour) < 60, axis=2)
         ys, xs = np.nonzero(mask)
         assert len(xs) > 3
@@ -109,7 +109,7 @@ def test_detect_and_align_real_faces(shared_data):
         if face is None:
             continue
         found += 1
-        height, width = rgb.shape[:2]
+        _height, width = rgb.shape[:2]
         assert face.score >= 0.9
         assert -0.2 * width <= face.box[0] < face.box[2] <= 1.2 * width
         assert face.landmarks[0, 0] < face.landmarks[1, 0]  # left eye left of right eye, source pixels

@@ -14,10 +14,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
-from conftest import REPO, _free_port, make_tiny_tables, run_cli, start_s3_server
+from conftest import REPO, _free_port, kill_after_checkpoint, run_cli, start_s3_server, tiny_training_overrides
+from generated.tables import make_tiny_tables, write_pseudo_table
 from safetensors.torch import load_file
 
 from d2mtl import contracts, layout, store
@@ -26,64 +26,6 @@ from d2mtl.config.train import TrainConfig
 from d2mtl.models import load_model
 from d2mtl.stages import student, teacher
 
-TINY_TRAINING = {
-    "model": {"weights": "none", "input_size": 32},
-    "batch_size": 8,
-    "epochs": 3,
-    "num_workers": 0,
-    "progress": "false",
-    "threads": 1,
-    "checkpoint_every": 2,
-    "deterministic": "true",
-    "lr.range_steps": 8,
-    "epoch_samples": "null",
-}  # each train face once, not the profile's 40k
-
-
-def overrides(section: str) -> list[str]:
-    return [f"{section}.{key}={value}" for key, value in TINY_TRAINING.items()]
-
-
-def write_pseudo_table(tables: dict[str, str], uri: str) -> None:
-    """The expression pseudo-label 'happy' (p 0.6) kept on every face: the student's extra labels."""
-    faces = contracts.read_face_columns(tables["faces"], ["sample_id", "dataset"])
-    probs = np.full(7, 0.4 / 6, np.float32)
-    probs[3] = 0.6
-    rows = [
-        {
-            "sample_id": sid,
-            "dataset": ds,
-            "expression": 3,
-            "expression_confidence": 0.6,
-            "expression_probs": probs.tolist(),
-            "expression_kept": True,
-        }
-        for sid, ds in zip(faces.column("sample_id").to_pylist(), faces.column("dataset").to_pylist())
-    ]
-    contracts.write_table(pa.Table.from_pylist(rows, schema=contracts.PSEUDO_SCHEMA), uri, contracts.PSEUDO)
-
-
-def kill_after_checkpoint(command: list[str], checkpoint: Path, first_step: int, rng) -> int:
-    """Run ``command``; once its checkpoint reaches ``first_step``, SIGKILL it a random fraction of a step
-    later. Returns the step of the checkpoint it left."""
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    seen = None
-    try:
-        while proc.poll() is None:
-            stamp = checkpoint.stat().st_mtime_ns if checkpoint.exists() else None
-            if stamp is not None and stamp != seen:
-                seen = stamp
-                if torch.load(checkpoint, weights_only=True)["progress"]["global_step"] >= first_step:
-                    time.sleep(rng.uniform(0, 0.1))
-                    proc.kill()
-                    break
-            time.sleep(0.01)
-    finally:
-        proc.kill()
-        stderr = proc.communicate()[1].decode()
-    assert proc.returncode == -9, f"the run ended before the kill:\n{stderr[-2000:]}"
-    return torch.load(checkpoint, weights_only=True)["progress"]["global_step"]
-
 
 def assert_resumes_exactly(stage: str, args: list[str], straight: Path, out: Path, seed: int) -> None:
     """SIGKILL ``d2mtl <stage>`` at a random step, rerun it: it continues from its checkpoint and ends with the
@@ -91,7 +33,7 @@ def assert_resumes_exactly(stage: str, args: list[str], straight: Path, out: Pat
     total = len(json.loads((straight / layout.TRAIN_METRICS).read_text())["lr"]["trace"])
     rng = np.random.default_rng(seed)
     command = [sys.executable, "-m", "d2mtl.cli", stage, *args, "--out", str(out)]
-    for item in overrides(stage):
+    for item in tiny_training_overrides(stage):
         command += ["--set", item]
     killed_at = kill_after_checkpoint(command, out / layout.CHECKPOINT_FILE, int(rng.integers(2, total // 2)), rng)
     assert 0 < killed_at < total and not (out / layout.WEIGHTS_FILE).exists()
@@ -110,7 +52,7 @@ def assert_resumes_exactly(stage: str, args: list[str], straight: Path, out: Pat
 @pytest.mark.slow
 def test_sigkilled_teacher_resumes_to_the_same_weights(tmp_path):
     tables = make_tiny_tables(tmp_path / "ingest")
-    cfg = load_experiment("cpu", overrides("teacher")).teacher
+    cfg = load_experiment("cpu", tiny_training_overrides("teacher")).teacher
     teacher.run(cfg, tables["faces"], tables["labels"], str(tmp_path / "straight"))
     assert_resumes_exactly(
         "teacher",
@@ -126,7 +68,7 @@ def test_sigkilled_student_resumes_to_the_same_weights(tmp_path):
     tables = make_tiny_tables(tmp_path / "ingest")
     pseudo = str(tmp_path / "pseudo.parquet")
     write_pseudo_table(tables, pseudo)
-    cfg = load_experiment("cpu", overrides("student")).student
+    cfg = load_experiment("cpu", tiny_training_overrides("student")).student
     student.run(cfg, tables["faces"], tables["labels"], pseudo, str(tmp_path / "straight"))
     assert_resumes_exactly(
         "student",
@@ -138,7 +80,7 @@ def test_sigkilled_student_resumes_to_the_same_weights(tmp_path):
 
 
 def test_two_cpu_training_runs_give_identical_metrics_and_weights(tiny_tables, tmp_path):
-    cfg = load_experiment("cpu", overrides("teacher") + ["teacher.epochs=1"]).teacher
+    cfg = load_experiment("cpu", [*tiny_training_overrides("teacher"), "teacher.epochs=1"]).teacher
     results = [
         teacher.run(cfg, tiny_tables["faces"], tiny_tables["labels"], str(tmp_path / run)) for run in ("one", "two")
     ]
@@ -237,7 +179,7 @@ def test_store_stopped_during_upload_fails_cleanly_and_rerun_completes(tiny_tabl
     assert [uri.rsplit("/", 1)[-1] for uri in store.list_files(out)] == [layout.CHECKPOINT_FILE]
     assert not list(stoppable_s3.root.rglob(layout.WEIGHTS_FILE))  # no partial object on the server's disk either
     result = teacher.run(cfg, tiny_tables["faces"], tiny_tables["labels"], out)  # resumes from the epoch checkpoint
-    net, card = load_model(out)
+    _net, card = load_model(out)
     assert card.metrics["test"] == result["test"] and store.exists(f"{out}/{layout.TRAIN_METRICS}")
 
 
@@ -361,7 +303,7 @@ def test_two_runs_publish_under_their_own_run_ids_at_once(tmp_path):
             pool.map(lambda run: steps.publish(settings, sources[run], prefix, run, "ingest", "faces"), sources)
         )
     assert len(set(published)) == 2
-    for run, uri in zip(sources, published):
+    for run, uri in zip(sources, published, strict=True):
         assert uri.startswith(str(Path(prefix, run)))
         assert contracts.read_manifest(uri) == contracts.read_manifest(sources[run].path)
 
@@ -372,7 +314,7 @@ def test_two_runs_publish_under_their_own_run_ids_at_once(tmp_path):
 def test_two_ingests_give_identical_content_hashes(tmp_path):
     from hashlib import sha256
 
-    import ingest_layouts as layouts
+    from generated import layouts
 
     from d2mtl.config.ingest import FER2013FolderSpec, IngestConfig, UTKFaceSpec
     from d2mtl.stages import ingest

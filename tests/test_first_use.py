@@ -9,10 +9,11 @@ import sys
 import warnings
 from pathlib import Path
 
-import ingest_layouts as layouts
 import pyarrow as pa
 import pytest
-from conftest import make_tiny_tables, run_cli
+from conftest import run_cli
+from generated import layouts
+from generated.tables import make_tiny_tables
 
 from d2mtl import cli, contracts, layout, plots, predict, store
 from d2mtl.config import ConfigError, TrainConfig, load_experiment, updated
@@ -114,8 +115,8 @@ def test_an_unknown_profile_lists_the_known_ones():
     [
         (
             ["predict", "--model", "{model}/model.safetensors", "{tmp}/face.jpg"],
-            "{model}/model.safetensors is a file; expected a model folder (holding model_card.json and model.safetensors): "
-            "{model}",
+            "{model}/model.safetensors is a file; expected a model folder "
+            "(holding model_card.json and model.safetensors): {model}",
         ),
         (
             ["export", "--model", "{model}/model.safetensors", "--format", "onnx", "--out", "{tmp}/export"],

@@ -4,25 +4,24 @@ configs. Each gets a defined outcome: a report row with its reason, or one clear
 from __future__ import annotations
 
 import io
-import json
 import resource
 import stat
-import struct
 import time
 import zipfile
-import zlib
 from pathlib import Path
 
 import cv2
-import ingest_layouts as layouts
 import numpy as np
 import pytest
 import torch
+from conftest import read_ingest_report, trusted_ingest_config
+from generated import layouts
+from generated.images import encoded, exif_rotated_jpeg, jpeg_claiming, png_claiming, sixteen_bit_png
 from PIL import Image
 
-from d2mtl import cli, contracts, layout, store
+from d2mtl import cli, contracts, layout
 from d2mtl.config import ConfigError, load_experiment
-from d2mtl.config.ingest import CsvManifestSpec, IngestConfig, UTKFaceSpec
+from d2mtl.config.ingest import CsvManifestSpec, UTKFaceSpec
 from d2mtl.config.train import TrainConfig
 from d2mtl.engine import CHECKPOINT_FORMAT
 from d2mtl.errors import UserError
@@ -33,48 +32,6 @@ from d2mtl.sources.trees import ArchiveError
 from d2mtl.stages import ingest, teacher
 
 # ---- image files ---------------------------------------------------------------------------------------
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A 60-byte PNG whose header claims ``width`` x ``height`` RGB pixels (a decompression bomb's header)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )
-
-
-def jpeg_claiming(width: int, height: int) -> bytes:
-    """A small JPEG with its frame header (SOF0) rewritten to claim ``width`` x ``height``."""
-    data = bytearray(encoded(Image.new("RGB", (16, 16), (90, 120, 30)), "JPEG"))
-    sof = data.index(b"\xff\xc0")
-    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
-    return bytes(data)
-
-
-def encoded(image: Image.Image, fmt: str, **options) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **options)
-    return buffer.getvalue()
-
-
-def exif_rotated_jpeg() -> bytes:
-    """20 x 10 stored pixels, white left half, EXIF orientation 6: upright it is 10 wide, 20 tall, white on top."""
-    image = Image.new("RGB", (20, 10), (0, 0, 0))
-    image.paste((255, 255, 255), (0, 0, 10, 10))
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    return encoded(image, "JPEG", exif=exif.tobytes(), quality=95)
-
-
-def sixteen_bit_png(fmt: str = "PNG") -> bytes:
-    ramp = np.arange(16 * 16, dtype=np.uint16).reshape(16, 16) * 257  # 0 .. 65535 in steps of one 8-bit level
-    return encoded(Image.fromarray(ramp), fmt)
 
 
 @pytest.mark.parametrize(
@@ -114,19 +71,10 @@ def test_cmyk_16_bit_and_misnamed_images_decode_to_rgb():
     assert np.array_equal(decode_rgb(png), np.asarray(Image.open(io.BytesIO(png)).convert("RGB")))
 
 
-def trusted(root: Path, *datasets) -> IngestConfig:
-    specs = [spec.model_copy(update={"alignment": "trust_crop"}) for spec in datasets]
-    return IngestConfig(data_root=str(root), image_size=32, workers=1, chunk_size=4, shard_rows=8, datasets=specs)
-
-
 def corrupt_in_the_middle(data: bytes, seed: int = 1) -> bytes:
     """400 random bytes written over the middle of a JPEG, its start and end markers kept."""
     middle = len(data) // 2
     return data[:middle] + np.random.default_rng(seed).bytes(400) + data[middle + 400 :]
-
-
-def read_report(out: Path) -> dict:
-    return json.loads(store.read_text(store.join(str(out), layout.INGEST_REPORT_JSON)))
 
 
 def test_each_odd_image_file_gets_its_outcome_in_the_ingest_report(tmp_path):
@@ -146,8 +94,8 @@ def test_each_odd_image_file_gets_its_outcome_in_the_ingest_report(tmp_path):
     for age, (kind, data) in enumerate(files.items(), start=20):
         names[kind] = f"{age}_0_0_2017011617452{age}.jpg.chip.jpg"
         layouts.write(folder / names[kind], data)
-    summary = ingest.run(trusted(tmp_path, UTKFaceSpec()), str(tmp_path / "out"))
-    report = read_report(tmp_path / "out")
+    summary = ingest.run(trusted_ingest_config(tmp_path, [UTKFaceSpec()]), str(tmp_path / "out"))
+    report = read_ingest_report(tmp_path / "out")
     outcome = {row["source_uri"].rsplit("/", 1)[-1]: row["reason"] for row in report["rejects"]}
     assert {kind: outcome.get(name, "written") for kind, name in names.items()} == {
         "truncated": "unreadable_image",
@@ -183,8 +131,10 @@ def test_malformed_manifest_labels_become_report_rows(tmp_path):
         "img/4.jpg,,,smirk\n"  # unknown expression
         "img/0.jpg,32,male,sad\n"
     )  # the same image again: a duplicate sample id
-    summary = ingest.run(trusted(tmp_path, CsvManifestSpec(name="m", path="manifest")), str(tmp_path / "out"))
-    report = read_report(tmp_path / "out")
+    summary = ingest.run(
+        trusted_ingest_config(tmp_path, [CsvManifestSpec(name="m", path="manifest")]), str(tmp_path / "out")
+    )
+    report = read_ingest_report(tmp_path / "out")
     assert report["datasets"]["m"]["rejected_by_reason"] == {
         "duplicate_sample_id": 1,
         "label_out_of_range": 2,
@@ -200,7 +150,7 @@ def test_manifest_missing_its_label_columns_is_one_clear_error(tmp_path):
     layouts.write(folder / "img" / "0.jpg", layouts.image_bytes(0))
     (folder / "labels.csv").write_text("file,age\nimg/0.jpg,30\n")
     with pytest.raises(UserError, match=r"labels.csv: missing column\(s\) path; has file, age"):
-        ingest.run(trusted(tmp_path, CsvManifestSpec(name="m", path="manifest")), str(tmp_path / "out"))
+        ingest.run(trusted_ingest_config(tmp_path, [CsvManifestSpec(name="m", path="manifest")]), str(tmp_path / "out"))
 
 
 # ---- archives -----------------------------------------------------------------------------------------
@@ -209,9 +159,11 @@ def test_manifest_missing_its_label_columns_is_one_clear_error(tmp_path):
 def test_zip_with_an_absolute_member_is_refused(tmp_path):
     with zipfile.ZipFile(tmp_path / "bad.zip", "w") as archive:
         archive.writestr(zipfile.ZipInfo("/etc/cron.d/evil.jpg"), b"x")
-    with pytest.raises(ArchiveError, match="unsafe member '/etc/cron.d/evil.jpg'"):
-        with open_tree(str(tmp_path / "bad.zip")):
-            pass
+    with (
+        pytest.raises(ArchiveError, match=r"unsafe member '/etc/cron\.d/evil\.jpg'"),
+        open_tree(str(tmp_path / "bad.zip")),
+    ):
+        pass
 
 
 @pytest.mark.parametrize("target", ["../../../etc/passwd", "/etc/passwd"])

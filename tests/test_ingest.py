@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 
-import ingest_layouts as layouts
 import numpy as np
 import pytest
+from conftest import read_ingest_output, trusted_ingest_config
+from generated import layouts
 
-from d2mtl import cli, contracts, layout, store
+from d2mtl import cli, contracts, store
 from d2mtl.config import ConfigError, load_experiment
 from d2mtl.config.ingest import (
     AdienceSpec,
@@ -51,28 +51,16 @@ def all_layouts(root) -> list:
     ]
 
 
-def config(root, datasets, **overrides) -> IngestConfig:
-    trusted = [spec.model_copy(update={"alignment": "trust_crop"}) for spec in datasets]
-    fields = {"data_root": str(root), "image_size": 32, "workers": 1, "chunk_size": 4, "shard_rows": 8}
-    return IngestConfig(datasets=trusted, **(fields | overrides))
-
-
-def read_output(out) -> tuple[list[dict], list[dict], dict]:
-    faces = [row for batch in contracts.iter_face_batches(layout.faces(out)) for row in batch.to_pylist()]
-    labels = contracts.read_table(layout.labels(out), contracts.LABELS).to_pylist()
-    return faces, labels, json.loads(store.read_text(store.join(out, layout.INGEST_REPORT_JSON)))
-
-
 @pytest.fixture(scope="module")
 def every_layout(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     out = root.parent / "out"
-    summary = ingest.run(config(root, all_layouts(root)), str(out))
-    return summary, *read_output(str(out)), root
+    summary = ingest.run(trusted_ingest_config(root, all_layouts(root)), str(out))
+    return summary, *read_ingest_output(str(out)), root
 
 
 def test_report_adds_up_for_every_layout(every_layout):
-    summary, faces, labels, report, _ = every_layout
+    summary, faces, _labels, report, _ = every_layout
     assert summary["inputs"] == summary["written"] + summary["rejected"] == 7 + 14 + 3 + 12 + 5 + 5 + 4 + 3 + 3
     for name, ds in report["datasets"].items():
         assert ds["inputs"] == ds["written"] + ds["rejected"] == ds["listed"], name
@@ -99,7 +87,7 @@ def test_face_rows_follow_the_contract(every_layout):
 
 def test_labels_land_in_their_columns(every_layout):
     _, faces, labels, _, root = every_layout
-    by_uri = {face["source_uri"][len(str(root)) :]: label for face, label in zip(faces, labels)}
+    by_uri = {face["source_uri"][len(str(root)) :]: label for face, label in zip(faces, labels, strict=True)}
     assert by_uri["/utkface/25_0_2_20170116174525125.jpg.chip.jpg"] == {
         "sample_id": ingest_plan.sample_id("utkface", "25_0_2_20170116174525125.jpg.chip.jpg"),
         "age": 25.0,
@@ -127,9 +115,10 @@ def test_bad_files_become_report_rows(tmp_path):
     manifest = layouts.manifest(tmp_path)
     (manifest / "img" / "1.jpg").unlink()
     summary = ingest.run(
-        config(tmp_path, [UTKFaceSpec(), CsvManifestSpec(name="m", path="manifest")]), str(tmp_path / "out")
+        trusted_ingest_config(tmp_path, [UTKFaceSpec(), CsvManifestSpec(name="m", path="manifest")]),
+        str(tmp_path / "out"),
     )
-    _, _, report = read_output(str(tmp_path / "out"))
+    _, _, report = read_ingest_output(str(tmp_path / "out"))
     assert report["datasets"]["utkface"]["rejected_by_reason"]["unreadable_image"] == 3
     assert report["datasets"]["m"]["rejected_by_reason"] == {"label_out_of_range": 1, "missing_file": 1}
     assert summary["inputs"] == summary["written"] + summary["rejected"] == 10 + 3
@@ -143,10 +132,10 @@ def test_detect_policies(tmp_path):
     cfg = IngestConfig(data_root=str(tmp_path), image_size=32, workers=1, datasets=[spec])
     summary = ingest.run(cfg, str(tmp_path / "detect"))
     assert summary["written"] == 0 and summary["rejected"] == 7  # noise has no face
-    assert read_output(str(tmp_path / "detect"))[2]["datasets"]["utkface"]["rejected_by_reason"]["no_face"] == 5
+    assert read_ingest_output(str(tmp_path / "detect"))[2]["datasets"]["utkface"]["rejected_by_reason"]["no_face"] == 5
     cfg.datasets[0] = spec.model_copy(update={"alignment": "detect_or_trust_crop"})
     assert ingest.run(cfg, str(tmp_path / "fallback"))["written"] == 5
-    faces, _, _ = read_output(str(tmp_path / "fallback"))
+    faces, _, _ = read_ingest_output(str(tmp_path / "fallback"))
     assert {face["alignment"] for face in faces} == {"trusted_crop"}
     assert all(face["det_score"] is None and face["landmarks"] is None for face in faces)
 
@@ -155,9 +144,9 @@ def test_same_inputs_give_identical_tables_with_any_worker_count(tmp_path):
     datasets = [UTKFaceSpec(), FER2013FolderSpec()]
     layouts.utkface(tmp_path)
     layouts.fer_folder(tmp_path, per_class=3)
-    ingest.run(config(tmp_path, datasets), str(tmp_path / "one"))
-    ingest.run(config(tmp_path, datasets, workers=2), str(tmp_path / "two"))
-    one, two = read_output(str(tmp_path / "one")), read_output(str(tmp_path / "two"))
+    ingest.run(trusted_ingest_config(tmp_path, datasets), str(tmp_path / "one"))
+    ingest.run(trusted_ingest_config(tmp_path, datasets, workers=2), str(tmp_path / "two"))
+    one, two = read_ingest_output(str(tmp_path / "one")), read_ingest_output(str(tmp_path / "two"))
     assert one[0] == two[0] and one[1] == two[1]
     for name in contracts.face_shards(str(tmp_path / "one" / "faces")):
         other = name.replace(str(tmp_path / "one"), str(tmp_path / "two"))
@@ -167,8 +156,8 @@ def test_same_inputs_give_identical_tables_with_any_worker_count(tmp_path):
 def test_limit_takes_the_lowest_sample_ids(tmp_path):
     layouts.fer_folder(tmp_path, per_class=2)
     out = str(tmp_path / "out")
-    ingest.run(config(tmp_path, [FER2013FolderSpec(limit=5)]), out)
-    faces, _, report = read_output(out)
+    ingest.run(trusted_ingest_config(tmp_path, [FER2013FolderSpec(limit=5)]), out)
+    faces, _, report = read_ingest_output(out)
     every = [
         f"{split}/{e}/{p}_{c}{i:04d}.jpg"
         for split, p in (("train", "Training"), ("test", "PublicTest"))
@@ -206,7 +195,7 @@ def test_cli_missing_data_root_is_one_line(tmp_path, capsys):
 def test_config_names_the_bad_dataset_field():
     with pytest.raises(ConfigError, match=r"ingest\.datasets\.0\.adience: .*val_folds and test_folds overlap"):
         load_experiment("cpu", ["ingest.datasets=[{format: adience, val_folds: [4], test_folds: [4]}]"])
-    with pytest.raises(ConfigError, match="ingest.datasets.0"):
+    with pytest.raises(ConfigError, match=r"ingest\.datasets\.0"):
         load_experiment("cpu", ["ingest.datasets=[{format: celeba}]"])
 
 
@@ -216,15 +205,15 @@ def test_s3_round_trip(s3_env, tmp_path):
         store.write_bytes(f"s3://bucket/data/utkface/{path.name}", path.read_bytes())
     layouts.fer_csv(tmp_path / "local" / "fer2013.csv")
     store.upload_file(tmp_path / "local" / "fer2013.csv", "s3://bucket/data/ferzip/fer2013.csv")
-    cfg = config("s3://bucket/data", [UTKFaceSpec(), FER2013CsvSpec(path="ferzip")])
+    cfg = trusted_ingest_config("s3://bucket/data", [UTKFaceSpec(), FER2013CsvSpec(path="ferzip")])
     summary = ingest.run(cfg, "s3://bucket/out/ingest")
-    faces, labels, report = read_output("s3://bucket/out/ingest")
+    faces, labels, _report = read_ingest_output("s3://bucket/out/ingest")
     assert summary["written"] == len(faces) == len(labels) == 5 + 3
     assert faces[0]["source_uri"].startswith("s3://bucket/data/utkface/")
     assert store.exists("s3://bucket/out/ingest/report.md")
-    local = config(tmp_path / "local", [UTKFaceSpec()])
+    local = trusted_ingest_config(tmp_path / "local", [UTKFaceSpec()])
     ingest.run(local, str(tmp_path / "local_out"))
-    local_faces = read_output(str(tmp_path / "local_out"))[0]
+    local_faces = read_ingest_output(str(tmp_path / "local_out"))[0]
     assert [f["image"] for f in local_faces] == [f["image"] for f in faces if f["dataset"] == "utkface"]
 
 
@@ -233,13 +222,13 @@ def test_real_faces_are_detected_and_aligned(shared_data, tmp_path):
     datasets = [UTKFaceSpec(limit=40), FER2013FolderSpec(limit=40)]
     cfg = IngestConfig(data_root=str(shared_data), workers=1, datasets=datasets)
     summary = ingest.run(cfg, str(tmp_path / "out"))
-    faces, labels, report = read_output(str(tmp_path / "out"))
+    faces, labels, report = read_ingest_output(str(tmp_path / "out"))
     assert summary["inputs"] == 80 == summary["written"] + summary["rejected"]
     assert report["datasets"]["utkface"]["alignment"].get("aligned", 0) >= 38
     assert report["datasets"]["fer2013"]["alignment"].get("aligned", 0) >= 34
     aligned = [f for f in faces if f["alignment"] == "aligned"]
     assert all(f["det_score"] >= 0.9 and len(f["landmarks"]) == 10 for f in aligned)
     assert decode_rgb(aligned[0]["image"]).shape == (112, 112, 3)
-    utk = [label for face, label in zip(faces, labels) if face["dataset"] == "utkface"]
+    utk = [label for face, label in zip(faces, labels, strict=True) if face["dataset"] == "utkface"]
     assert all(label["age"] is not None and label["expression"] is None for label in utk)
     assert np.mean([f["split"] == "train" for f in faces]) > 0.6

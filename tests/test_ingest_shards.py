@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
+import itertools
 from pathlib import Path
 
-import ingest_layouts as layouts
 import pytest
+from conftest import read_ingest_report, trusted_ingest_config
+from generated import layouts
 
 from d2mtl import cli, contracts, layout, store
 from d2mtl.config.ingest import FER2013CsvSpec, FER2013FolderSpec, IngestConfig, UTKFaceSpec
@@ -19,15 +20,7 @@ TIMING = ("elapsed_s", "faces_per_s", "config")  # config: the same but for shuf
 def config(root: Path, **overrides) -> IngestConfig:
     """UTKFace (with rejected names), FER2013 folders and a FER2013 CSV (a streamed source), all trusted crops."""
     datasets = [UTKFaceSpec(), FER2013FolderSpec(), FER2013CsvSpec(name="fer_csv", path="fer_csv")]
-    fields = {
-        "data_root": str(root),
-        "image_size": 32,
-        "workers": 1,
-        "chunk_size": 4,
-        "shard_rows": 8,
-        "datasets": [spec.model_copy(update={"alignment": "trust_crop"}) for spec in datasets],
-    }
-    return IngestConfig(**(fields | overrides))
+    return trusted_ingest_config(root, datasets, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +52,6 @@ def files(out: Path) -> dict[str, bytes]:
     return {name: (out / name).read_bytes() for name in names}
 
 
-def report(out: Path) -> dict:
-    return json.loads((out / layout.INGEST_REPORT_JSON).read_text())
-
-
 def face_rows(out: Path) -> list[dict]:
     return [row for batch in contracts.iter_face_batches(str(out / "faces")) for row in batch.to_pylist()]
 
@@ -76,8 +65,8 @@ def test_sharded_and_merged_is_one_pass(data, one_pass, tmp_path, count):
     part_rows = [contracts.read_manifest(layout.faces(p))["rows"] for p in parts]
     summary = ingest.merge(parts, str(tmp_path / "merged"))
     assert files(tmp_path / "merged") == files(one_pass)
-    assert sum(part_rows) == summary["written"] == report(one_pass)["written"] > 0
-    merged, single = report(tmp_path / "merged"), report(one_pass)
+    assert sum(part_rows) == summary["written"] == read_ingest_report(one_pass)["written"] > 0
+    merged, single = read_ingest_report(tmp_path / "merged"), read_ingest_report(one_pass)
     assert [p["written"] for p in merged.pop("parts")] == part_rows
     merged.pop("merge_s")
     assert {k: v for k, v in merged.items() if k not in TIMING} == {k: v for k, v in single.items() if k not in TIMING}
@@ -87,10 +76,10 @@ def test_sharded_and_merged_is_one_pass(data, one_pass, tmp_path, count):
 
 def test_parts_add_up_and_each_is_a_complete_output(data, tmp_path):
     parts = ingest_parts(config(data), tmp_path, 3)
-    reports = [report(Path(p)) for p in parts]
+    reports = [read_ingest_report(Path(p)) for p in parts]
     whole = sum(r["inputs"] for r in reports)
     assert whole == 7 + 28 + 3  # every listed input of the three datasets, in exactly one part
-    for part, r in zip(parts, reports):
+    for part, r in zip(parts, reports, strict=True):
         assert r["inputs"] == r["written"] + r["rejected"]
         assert abs(r["inputs"] - whole / 3) < 1  # consecutive, equal parts of the plan
         labels = contracts.read_table(layout.labels(part), contracts.LABELS)
@@ -103,7 +92,7 @@ def test_rows_are_in_the_seeded_shuffled_order(data, one_pass, tmp_path):
     ids = [row["sample_id"] for row in rows]
     assert ids == sorted(ids, key=lambda sid: (ingest_plan.row_key(sid, 0), sid))
     datasets = [row["dataset"] for row in rows]
-    changes = sum(a != b for a, b in zip(datasets, datasets[1:]))
+    changes = sum(a != b for a, b in itertools.pairwise(datasets))
     assert changes > 2 * len(set(datasets)), "datasets interleave, not one block each"
     splits = [row["split"] for row in rows]
     assert splits != sorted(splits) and splits != sorted(splits, reverse=True)
@@ -115,9 +104,9 @@ def test_rows_are_in_the_seeded_shuffled_order(data, one_pass, tmp_path):
 
 
 def test_more_shards_than_inputs(data, tmp_path):
-    cfg = config(data, datasets=[FER2013CsvSpec(name="fer_csv", path="fer_csv", alignment="trust_crop")])
+    cfg = trusted_ingest_config(data, [FER2013CsvSpec(name="fer_csv", path="fer_csv")])
     parts = ingest_parts(cfg, tmp_path, 5)
-    assert [report(Path(p))["inputs"] for p in parts] == [0, 1, 0, 1, 1]
+    assert [read_ingest_report(Path(p))["inputs"] for p in parts] == [0, 1, 0, 1, 1]
     assert ingest.merge(parts, str(tmp_path / "merged"))["written"] == 3
     ingest.run(cfg, str(tmp_path / "one"))
     assert files(tmp_path / "merged") == files(tmp_path / "one")

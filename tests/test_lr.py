@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -66,7 +68,9 @@ def test_one_cycle_rises_to_the_peak_then_falls():
     assert seen[0] == pytest.approx(1 / 25)
     assert max(seen) == pytest.approx(1.0) and seen.index(max(seen)) == 20
     assert seen[-1] < 2 / 1000 and scheduler.shape(100) == pytest.approx(1 / 1000)
-    assert all(a <= b for a, b in zip(seen[:20], seen[1:21])) and all(a >= b for a, b in zip(seen[20:], seen[21:]))
+    assert all(a <= b for a, b in itertools.pairwise(seen[:21])) and all(
+        a >= b for a, b in itertools.pairwise(seen[20:])
+    )
 
 
 def test_cyclic_cycles_with_halving_amplitude():

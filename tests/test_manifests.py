@@ -12,8 +12,7 @@ import tomllib
 
 import pytest
 import yaml
-from conftest import REPO
-from test_containers import tool
+from conftest import REPO, tool
 
 MANIFESTS = REPO / "manifests"
 REMOTE = re.compile(r"^(https?://|github\.com/)")
@@ -38,6 +37,7 @@ def render(folder: str) -> list[dict]:
         capture_output=True,
         text=True,
         timeout=120,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]

@@ -221,6 +221,6 @@ def test_missing_folder_and_mismatched_weights_are_user_errors(tmp_path):
 def test_model_folder_on_s3(s3_env):
     net = tiny(tasks=["expression"]).eval()
     save_model(net, "s3://bucket/models/m")
-    loaded, card = load_model("s3://bucket/models/m")
+    loaded, _card = load_model("s3://bucket/models/m")
     x = torch.randn(1, 3, 32, 32)
     assert torch.equal(loaded.predict(x)["expression"], net.predict(x)["expression"])

@@ -74,7 +74,7 @@ def test_one_pass_gives_what_net_predict_gives():
     net = MultiTaskNet(ModelSpec.from_config(ModelConfig(input_size=32), TASKS), weights=None).eval()
     graph = InferenceModel(net).eval()
     x = torch.randn(3, 3, 32, 32)
-    outputs = dict(zip(graph.output_names, graph(x)))
+    outputs = dict(zip(graph.output_names, graph(x), strict=True))
     expected = net.predict(x)
     for task in CLASS_TASKS:
         torch.testing.assert_close(outputs[task], expected[task])
@@ -91,11 +91,11 @@ def test_age_interval_is_the_10th_to_90th_percentile_of_the_distribution():
     with torch.no_grad():
         head.weight.zero_()
         head.bias.copy_(logits)
-    outputs = dict(zip(output_names(net), InferenceModel(net)(torch.randn(2, 3, 32, 32))))
+    outputs = dict(zip(output_names(net), InferenceModel(net)(torch.randn(2, 3, 32, 32)), strict=True))
     assert outputs["age_low"].tolist() == [20.0, 20.0]
     assert outputs["age_high"].tolist() == [24.0, 24.0]
     torch.testing.assert_close(outputs["age"], torch.full((2,), 22.0))
-    wide = dict(zip(output_names(net), InferenceModel(net, age_interval=0.5)(torch.randn(1, 3, 32, 32))))
+    wide = dict(zip(output_names(net), InferenceModel(net, age_interval=0.5)(torch.randn(1, 3, 32, 32)), strict=True))
     assert (wide["age_low"].item(), wide["age_high"].item()) == (21.0, 23.0)  # 25th-75th percentile
 
 
@@ -103,7 +103,7 @@ def test_l1_age_head_interval_is_the_point_estimate():
     net = MultiTaskNet(
         ModelSpec.from_config(ModelConfig(age_head="l1", input_size=32), ("age", "gender")), weights=None
     ).eval()
-    outputs = dict(zip(output_names(net), InferenceModel(net)(torch.randn(2, 3, 32, 32))))
+    outputs = dict(zip(output_names(net), InferenceModel(net)(torch.randn(2, 3, 32, 32)), strict=True))
     assert torch.equal(outputs["age_low"], outputs["age"]) and torch.equal(outputs["age_high"], outputs["age"])
     assert torch.equal(outputs["age_std"], torch.zeros(2))
 
@@ -250,8 +250,8 @@ def test_faces_of_many_images_share_forward_passes(model_dir, utk_faces):
     assert batches[2] == [2, 2]  # two faces waiting -> a pass; then the last two images' faces
     assert [len(r.faces) for r in results[64]] == [2, 0, 1, 0, 1]
     assert [r.status for r in results[2]] == ["ok", "no_face", "ok", "unreadable", "ok"]
-    for small, large in zip(results[2], results[64]):
-        for a, b in zip(small.faces, large.faces):
+    for small, large in zip(results[2], results[64], strict=True):
+        for a, b in zip(small.faces, large.faces, strict=True):
             assert a.age.years == pytest.approx(b.age.years, abs=0.01)
             assert a.classes["race"].probability == pytest.approx(b.classes["race"].probability, abs=1e-5)
 

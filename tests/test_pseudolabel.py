@@ -36,7 +36,7 @@ def one_thread():
 
 @pytest.fixture
 def tables(tmp_path):
-    from conftest import make_tiny_tables
+    from generated.tables import make_tiny_tables
 
     return make_tiny_tables(tmp_path / "ingest", per_dataset=20)  # 40 faces in 4 face shards of 10
 
@@ -164,7 +164,7 @@ def test_teacher_with_other_tasks_is_a_clear_error(tables, tmp_path):
     with pytest.raises(UserError, match=r"predicts age but pseudolabel.tasks is age, gender, race, expression"):
         pseudolabel.run(_config(), [age_teacher], tables["faces"], tables["labels"], str(tmp_path / "out"))
     full = _teacher(str(tmp_path / "full"))
-    with pytest.raises(UserError, match="predicts age, gender, race, expression but pseudolabel.tasks is age"):
+    with pytest.raises(UserError, match=r"predicts age, gender, race, expression but pseudolabel\.tasks is age"):
         pseudolabel.run(
             _config(tasks=["age"]), [age_teacher, full], tables["faces"], tables["labels"], str(tmp_path / "out")
         )

@@ -124,7 +124,7 @@ def assert_same(served: dict, expected: ImageResult) -> None:
         expected.reason,
     )
     assert len(served["faces"]) == len(expected.faces)
-    for face, truth in zip(served["faces"], expected.faces):
+    for face, truth in zip(served["faces"], expected.faces, strict=True):
         assert face["box"] == pytest.approx(list(truth.box), abs=0.01)
         assert face["age"]["years"] == pytest.approx(truth.age.years, abs=0.01)
         assert (face["age"]["low"], face["age"]["high"]) == (truth.age.low, truth.age.high)
@@ -150,7 +150,7 @@ def test_v1_answers_are_the_in_process_analysis(server, analyzer, photos):
     assert answer.status_code == 200, answer.text
     predictions = answer.json()["predictions"]
     assert len(predictions) == len(images)
-    for served, expected in zip(predictions, analyzer.analyze(images)):
+    for served, expected in zip(predictions, analyzer.analyze(images), strict=True):
         assert_same(served, expected)
     assert [p["status"] for p in predictions] == ["ok"] * len(photos) + ["no_face"]
     assert all(len(p["faces"]) == 1 for p in predictions[:-1])
@@ -163,7 +163,7 @@ def test_v2_answers_are_the_in_process_analysis(server, analyzer, photos):
     assert (body["model_name"], body["id"]) == (NAME, "request-1")
     (output,) = body["outputs"]
     assert (output["name"], output["datatype"], output["shape"]) == ("results", "BYTES", [len(photos)])
-    for served, expected in zip(output["data"], analyzer.analyze(photos)):
+    for served, expected in zip(output["data"], analyzer.analyze(photos), strict=True):
         assert_same(ImageResult.model_validate_json(served).model_dump(mode="json"), expected)
 
 
@@ -196,7 +196,7 @@ def test_concurrent_requests_never_mix_their_results(server, analyzer, photos):
     order = [i % len(variants) for i in range(48)]
     with ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(lambda i: v1(server, [variants[i]]), order))
-    for i, answer in zip(order, answers):
+    for i, answer in zip(order, answers, strict=True):
         assert answer.status_code == 200
         assert_same(answer.json()["predictions"][0], expected[i])
 
@@ -300,6 +300,7 @@ def test_a_folder_that_is_not_a_model_is_refused_before_the_server_starts(tmp_pa
         capture_output=True,
         text=True,
         timeout=120,
+        check=False,
     )
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "not a model folder" in result.stderr
@@ -315,6 +316,7 @@ def test_bad_options_are_one_line(model_dir, option):
         capture_output=True,
         text=True,
         timeout=120,
+        check=False,
     )
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and "error" in result.stderr
 

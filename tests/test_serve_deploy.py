@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
 
 import pytest
 import yaml
@@ -73,8 +74,8 @@ def test_deploy_needs_a_publish_prefix():
 class FakeKubernetes(BaseHTTPRequestHandler):
     """InferenceServices in memory: POST creates (409 when it exists), PATCH merges the spec, GET reads."""
 
-    services: dict[str, dict] = {}
-    calls: list[tuple[str, str, str]] = []
+    services: ClassVar[dict[str, dict]] = {}
+    calls: ClassVar[list[tuple[str, str, str]]] = []
 
     def answer(self, status: int, body: dict) -> None:
         data = json.dumps(body).encode()

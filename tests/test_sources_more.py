@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-import ingest_layouts as layouts
 import pytest
-from test_ingest import config, read_output
+from conftest import SHARED_DATA, read_ingest_output, trusted_ingest_config
+from generated import layouts
 
 from d2mtl.config.ingest import AAFSpec, APPARealSpec, CsvManifestSpec, IngestConfig, RAFDBSpec
 from d2mtl.errors import UserError
@@ -16,7 +16,6 @@ from d2mtl.sources import SOURCES, TRAINVAL, open_tree
 from d2mtl.stages import ingest
 from d2mtl.tasks import TASKS
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 EXPRESSION = TASKS["expression"].code_of
 APPA_MANIFEST = CsvManifestSpec(
     name="appa", path="appa", split_column="split", split_map={"val": "test", "train": "trainval"}
@@ -81,7 +80,7 @@ def test_rafdb_path_may_name_basic_itself(tmp_path):
 
 def test_rafdb_without_label_file_says_what_to_download(tmp_path):
     (tmp_path / "rafdb").mkdir()
-    with pytest.raises(UserError, match="list_patition_label.txt.*whdeng"):
+    with pytest.raises(UserError, match=r"list_patition_label\.txt.*whdeng"):
         listing(RAFDBSpec(), tmp_path / "rafdb")
 
 
@@ -199,8 +198,8 @@ def test_bad_input_stays_report_rows_through_the_stage(tmp_path):
     layouts.appa_real(tmp_path)
     layouts.appa_manifest(tmp_path)
     specs = [RAFDBSpec(), AAFSpec(), APPARealSpec(name="appa_real"), APPA_MANIFEST]
-    summary = ingest.run(config(tmp_path, specs), str(tmp_path / "out"))
-    faces, labels, report = read_output(str(tmp_path / "out"))
+    summary = ingest.run(trusted_ingest_config(tmp_path, specs), str(tmp_path / "out"))
+    faces, _labels, report = read_ingest_output(str(tmp_path / "out"))
     by_reason = {name: ds["rejected_by_reason"] for name, ds in report["datasets"].items()}
     assert by_reason == {
         "rafdb": {

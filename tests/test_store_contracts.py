@@ -46,7 +46,7 @@ def test_local_files_get_the_usual_mode(tmp_path):
 
 
 def test_face_table_round_trip(root, tmp_path):
-    from conftest import make_tiny_tables
+    from generated.tables import make_tiny_tables
 
     local = make_tiny_tables(tmp_path / "gen", per_dataset=10)
     writer = contracts.FaceTableWriter(store.join(root, "faces"), shard_rows=7)

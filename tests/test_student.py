@@ -17,16 +17,16 @@ from d2mtl.tasks import TASKS
 
 
 def student_config(**overrides) -> StudentConfig:
-    settings = dict(
-        model={"weights": "none", "input_size": 32},
-        batch_size=8,
-        epochs=1,
-        num_workers=0,
-        progress=False,
-        threads=1,
-        lr={"schedule": "fixed"},
-        checkpoint_every=0,
-    )
+    settings = {
+        "model": {"weights": "none", "input_size": 32},
+        "batch_size": 8,
+        "epochs": 1,
+        "num_workers": 0,
+        "progress": False,
+        "threads": 1,
+        "lr": {"schedule": "fixed"},
+        "checkpoint_every": 0,
+    }
     settings.update(overrides)
     return StudentConfig(**settings)
 
@@ -36,7 +36,9 @@ def pseudo_table(tables: dict[str, str]) -> pa.Table:
     Kept everywhere, also where the ground truth has the label (the student must ignore those)."""
     faces = contracts.read_face_columns(tables["faces"], ["sample_id", "dataset"])
     rows = []
-    for sample_id, dataset in zip(faces.column("sample_id").to_pylist(), faces.column("dataset").to_pylist()):
+    for sample_id, dataset in zip(
+        faces.column("sample_id").to_pylist(), faces.column("dataset").to_pylist(), strict=True
+    ):
         row = {"sample_id": sample_id, "dataset": dataset, "age": 40.0, "age_spread": 3.0, "age_kept": True}
         for task in ("gender", "race", "expression"):
             probs = np.full(TASKS[task].num_classes, 0.1 / (TASKS[task].num_classes - 1), np.float32)
@@ -94,7 +96,7 @@ def test_student_trains_on_ground_truth_and_pseudo_labels(tiny_tables, tmp_path)
     result = student.run(
         student_config(), tiny_tables["faces"], tiny_tables["labels"], pseudo_uri, str(tmp_path / "student")
     )
-    net, card = load_model(str(tmp_path / "student"))
+    _net, card = load_model(str(tmp_path / "student"))
     assert result["role"] == "student" and card.pseudo_labels["expression"].used == 18
     assert card.sources.pseudo == pseudo_uri
     assert result["test"]["gender_n"] == 3  # ground truth only: the 3 utk test faces
@@ -107,7 +109,7 @@ def test_student_starts_from_the_teacher(tiny_tables, tmp_path):
     teacher = build_model(cfg, weights="none")
     save_model(teacher, str(tmp_path / "teacher"))
     net = student.initial_network(cfg, str(tmp_path / "teacher"))
-    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), teacher.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), teacher.state_dict().values(), strict=True))
     with pytest.raises(UserError, match="needs the teacher model folder"):
         student.initial_network(cfg, None)
     with pytest.raises(UserError, match="differ from the configured tasks"):

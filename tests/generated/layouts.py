@@ -1,7 +1,8 @@
-"""Tiny generated datasets in the real on-disk layouts the ingest adapters read (for the ingest tests).
+"""Tiny generated datasets in the real on-disk layouts the ingest adapters read.
 
-Images are small noise pictures: no face detector finds a face in them, so tests that need a
-written row use the ``trust_crop`` policy; real detection is tested on ../shared/data.
+Images are small noise pictures (``learnable_utkface_fer``: noise whose brightness carries the labels): no face
+detector finds a face in them, so tests that need a written row use the ``trust_crop`` policy; real detection is
+tested on ../shared/data.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import csv
 import io
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -28,6 +30,28 @@ def write(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return path
+
+
+def learnable_utkface_fer(root: Path, per_dataset: int = 64, seed: int = 0) -> Path:
+    """UTKFace and FER2013 folder layouts of generated faces whose brightness carries the labels (the pipeline
+    tests' and the ``--smoke`` benchmarks' data)."""
+    rng = np.random.default_rng(seed)
+    for i in range(per_dataset):
+        age, gender, race = int(rng.integers(1, 90)), int(rng.integers(0, 2)), int(rng.integers(0, 5))
+        face = rng.normal(40 + 150 * gender + age / 3, 20, (200, 200, 3))
+        _write_image(root / "utkface" / f"{age}_{gender}_{race}_2017010{i % 10}1{i:08d}.jpg.chip.jpg", face)
+    for i in range(per_dataset):
+        code = int(rng.integers(0, len(FER_EMOTIONS)))
+        part, prefix = ("test", "PublicTest") if i % 5 == 0 else ("train", "Training")
+        face = np.repeat(rng.normal(30 + 28 * code, 20, (48, 48, 1)), 3, axis=2)
+        _write_image(root / "fer2013" / part / FER_EMOTIONS[code] / f"{prefix}_{i:06d}.jpg", face)
+    return root
+
+
+def _write_image(path: Path, image: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), np.clip(image, 0, 255).astype(np.uint8)):
+        raise OSError(f"could not write {path}")
 
 
 def utkface(root: Path) -> Path:
