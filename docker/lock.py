@@ -87,7 +87,8 @@ def cpu_locks(cuda_lock: str) -> tuple[str, str]:
     torch_cpu = (
         "\n".join(
             [
-                f"# torch and torchvision from PyTorch's CPU index at train-cuda.txt's versions. Regenerate: {REGENERATE}",
+                "# torch and torchvision from PyTorch's CPU index at train-cuda.txt's versions. "
+                f"Regenerate: {REGENERATE}",
                 f"--index-url {TORCH_CPU_INDEX}",
                 *(f"{name}=={versions[name].split('+')[0]}+cpu" for name in TORCH_PACKAGES),
             ]

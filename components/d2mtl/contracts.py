@@ -75,8 +75,7 @@ FACE_SCHEMA = pa.schema(
 def label_schema() -> pa.Schema:
     """sample_id, one nullable column per task, plus an age-group interval for group-only datasets."""
     fields = [pa.field("sample_id", pa.string(), nullable=False)]
-    for task in TASKS.values():
-        fields.append(pa.field(task.name, pa.float32() if task.kind == "regression" else pa.int8()))
+    fields += [pa.field(task.name, pa.float32() if task.kind == "regression" else pa.int8()) for task in TASKS.values()]
     fields += [pa.field("age_low", pa.float32()), pa.field("age_high", pa.float32())]  # inclusive group bounds
     return pa.schema(fields)
 

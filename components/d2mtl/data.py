@@ -310,7 +310,7 @@ def mix_weights(index: FaceIndex, rows: np.ndarray, mix: str, temperature: float
     if mix == "proportional":
         return np.ones(len(rows))
     if mix in ("dataset", "temperature"):
-        names, inverse, counts = np.unique(index.dataset[rows], return_inverse=True, return_counts=True)
+        _names, inverse, counts = np.unique(index.dataset[rows], return_inverse=True, return_counts=True)
         share = counts ** (1.0 / temperature) if mix == "temperature" else np.ones(len(counts))
         return (share / counts)[inverse]
     if mix == "task":
@@ -416,7 +416,7 @@ class EpochSampler(torch.utils.data.Sampler):
         for b in range(self.start, count):
             batch = np.arange(b * self.batch_size, min((b + 1) * self.batch_size, len(rows)))
             share = np.array_split(batch, self.world_size)[self.rank]
-            yield list(zip(rows[share].tolist(), seeds[share].tolist()))
+            yield list(zip(rows[share].tolist(), seeds[share].tolist(), strict=True))
 
 
 def _whole_batch(batch):

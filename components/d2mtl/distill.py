@@ -110,7 +110,12 @@ def select_prior(
         kept[chosen] = True
         per_class[name] = float(pred.score[chosen].min()) if chosen.size else None
     return Selection(
-        kept, {"retention_target": retention, "per_class": per_class, "quota": dict(zip(classes, quota.tolist()))}
+        kept,
+        {
+            "retention_target": retention,
+            "per_class": per_class,
+            "quota": dict(zip(classes, quota.tolist(), strict=True)),
+        },
     )
 
 

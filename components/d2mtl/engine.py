@@ -1,10 +1,10 @@
 """The training engine shared by the teacher, the single-task baselines and the student.
 
-``setup_run(cfg)``, then ``Trainer(cfg, index, out, build_model(cfg)).fit()`` runs: LR range test (unless resumed or fixed), then epochs of
-``train_one_epoch`` + ``evaluate`` on val with the plateau rule, checkpointing to ``out`` every epoch and
-every ``cfg.checkpoint_every`` steps, and finally writes the model folder (weights, card, metrics, curves).
-When ``out`` already holds a checkpoint the run resumes from it: model, optimiser, scheduler, task
-weighting, sampler position, running loss sums and RNG states, so a KFP retry continues, not restarts.
+``setup_run(cfg)``, then ``Trainer(cfg, index, out, build_model(cfg)).fit()`` runs: LR range test (unless resumed
+or fixed), then epochs of ``train_one_epoch`` + ``evaluate`` on val with the plateau rule, checkpointing to ``out``
+every epoch and every ``cfg.checkpoint_every`` steps, and finally writes the model folder (weights, card, metrics,
+curves). When ``out`` already holds a checkpoint the run resumes from it: model, optimiser, scheduler, task weighting,
+sampler position, running loss sums and RNG states, so a KFP retry continues, not restarts.
 Checkpoints hold only tensors and plain values: ``torch.load(..., weights_only=True)`` reads them.
 
 Under ``torchrun`` (``distributed.launched``) the network trains as DistributedDataParallel, one process per
@@ -199,7 +199,7 @@ class Trainer:
         if not self.dist.enabled:
             return None
         local = torch.stack([(targets[f"{task}_weight"] > 0).sum() for task in self.tasks])
-        return dict(zip(self.tasks, self.dist.sum(local).tolist()))
+        return dict(zip(self.tasks, self.dist.sum(local).tolist(), strict=True))
 
     def train_step(self, batch: dict[str, torch.Tensor], total_of=None) -> dict[str, torch.Tensor]:
         """One optimiser step; returns the detached per-task losses of the global batch."""
@@ -216,7 +216,7 @@ class Trainer:
         self.optimizer.step()
         if not self.dist.enabled:
             return {task: loss.detach() for task, loss in shares.items()}
-        return dict(zip(shares, self.dist.sum(torch.stack([loss.detach() for loss in shares.values()]))))
+        return dict(zip(shares, self.dist.sum(torch.stack([loss.detach() for loss in shares.values()])), strict=True))
 
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
         """Train from the sampler position to the end of ``epoch``; returns its mean loss per task."""

@@ -71,7 +71,7 @@ def quiet_loggers(*names: str, level: int = logging.WARNING) -> Iterator[None]:
     try:
         yield
     finally:
-        for logger, old in zip(loggers, saved):
+        for logger, old in zip(loggers, saved, strict=True):
             logger.setLevel(old)
 
 

@@ -206,7 +206,7 @@ class FaceDetector:
         height, width = image.shape[:2]
         boxes, scores, points = self.session.run(None, {"input": preprocess(image)})
         start = 0
-        for stride, sizes in zip(ANCHOR_STRIDES, ANCHOR_SIZES):
+        for stride, sizes in zip(ANCHOR_STRIDES, ANCHOR_SIZES, strict=True):
             anchors = generate_anchors(stride, sizes, width, height, 1)
             end = start + anchors.shape[1]
             boxes[:, start:end] = rebuild_boxes(boxes[:, start:end], anchors)
@@ -220,7 +220,9 @@ class FaceDetector:
         corners = np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], axis=1) / scale
         return [
             Detection(float(score), box, pts.reshape(5, 2) / scale)
-            for score, box, pts in zip(np.atleast_1d(scores), corners.reshape(-1, 4), points.reshape(-1, 10))
+            for score, box, pts in zip(
+                np.atleast_1d(scores), corners.reshape(-1, 4), points.reshape(-1, 10), strict=True
+            )
         ]
 
     def main_face(self, rgb: np.ndarray) -> Detection | None:

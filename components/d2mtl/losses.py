@@ -140,7 +140,7 @@ class TaskWeighting(nn.Module):
             values = self._dwa()
         else:
             values = self.fixed
-        return {t: float(v) for t, v in zip(self.tasks, values)}
+        return {t: float(v) for t, v in zip(self.tasks, values, strict=True)}
 
     def _dwa(self) -> torch.Tensor:
         if int(self.epochs_seen) < 2:

@@ -117,7 +117,7 @@ class DynamicLR(torch.optim.lr_scheduler.LRScheduler):
         self.scale *= self.factor
         self.bad_epochs = 0
         self.lowered_at.append(epoch)
-        for group, rate in zip(self.optimizer.param_groups, self.get_lr()):
+        for group, rate in zip(self.optimizer.param_groups, self.get_lr(), strict=True):
             group["lr"] = rate
         log.info("plateau after epoch %d: learning rates scaled by %.3g (now x%.3g)", epoch, self.factor, self.scale)
         return True

@@ -104,7 +104,7 @@ def score(
     rows: list[dict] = []
     confusions: list[dict] = []
     datasets, splits = np.asarray(truth["dataset"]), np.asarray(truth["split"])
-    for dataset, split in sorted(set(zip(datasets.tolist(), splits.tolist()))):
+    for dataset, split in sorted(set(zip(datasets.tolist(), splits.tolist(), strict=True))):
         in_slice = (datasets == dataset) & (splits == split)
         where = {"dataset": dataset, "split": split}
         for task in TASKS.values():

@@ -263,7 +263,7 @@ class Analyzer:
                 classes[task] = ClassEstimate(
                     label=names[best],
                     probability=float(probs[best]),
-                    probabilities={n: float(p) for n, p in zip(names, probs)},
+                    probabilities={n: float(p) for n, p in zip(names, probs, strict=True)},
                 )
             else:
                 age = AgeEstimate(
@@ -334,9 +334,9 @@ def csv_rows(result: ImageResult) -> Iterator[dict]:
             **image,
             "face": number,
             "detection_score": face.detection_score,
-            **dict(zip(("x1", "y1", "x2", "y2"), face.box)),
+            **dict(zip(("x1", "y1", "x2", "y2"), face.box, strict=True)),
         }
-        for name, (x, y) in zip(LANDMARK_NAMES, face.landmarks):
+        for name, (x, y) in zip(LANDMARK_NAMES, face.landmarks, strict=True):
             row[f"{name}_x"], row[f"{name}_y"] = x, y
         if face.age is not None:
             row.update(age=face.age.years, age_low=face.age.low, age_high=face.age.high, age_std=face.age.std)

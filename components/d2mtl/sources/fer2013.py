@@ -70,7 +70,7 @@ class FER2013Folder(Source):
 
 def _pixels(text: str) -> np.ndarray:
     values = np.array(text.split(), dtype=np.int64)
-    side = int(round(len(values) ** 0.5))
+    side = round(len(values) ** 0.5)
     if len(values) == 0 or side * side != len(values) or values.min() < 0 or values.max() > 255:
         raise ValueError(f"{len(values)} pixel values, expected a square image of 0-255 values")
     return values.astype(np.uint8).reshape(side, side)

@@ -434,7 +434,7 @@ def run(
     comparison = claims.comparison_table(rows, names, cfg.claims_split, coverage)
     evaluated = [
         {"dataset": d, "split": s, "faces": n}
-        for (d, s), n in sorted(Counter(zip(collected.dataset, collected.split)).items())
+        for (d, s), n in sorted(Counter(zip(collected.dataset, collected.split, strict=True)).items())
     ]
     model_info = [
         {

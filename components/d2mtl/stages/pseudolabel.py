@@ -148,7 +148,7 @@ class FaceBatches(torch.utils.data.IterableDataset):
         ):
             ids = batch.column("sample_id").to_pylist()
             images = []
-            for sample_id, jpeg in zip(ids, batch.column("image").to_pylist()):
+            for sample_id, jpeg in zip(ids, batch.column("image").to_pylist(), strict=True):
                 try:
                     images.append(data.decode_jpeg(jpeg))
                 except UserError as err:
