@@ -139,7 +139,7 @@ def run_chain(
     stage's summary."""
     if ingest_dir is None:
         ingest_dir = store.join(out, "ingest")
-        done = store.exists(store.join(layout.faces(ingest_dir), contracts.MANIFEST))
+        done = store.exists(store.join(layout.faces(ingest_dir), layout.FACES_MANIFEST))
         timer("ingest", lambda: ingest.run(cfg.ingest, ingest_dir), reused=done)
     faces, labels = layout.faces(ingest_dir), layout.labels(ingest_dir)
     train_labels = labels

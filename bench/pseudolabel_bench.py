@@ -35,7 +35,7 @@ from d2mtl.stages import pseudolabel
 def subset_faces(ingest: str, out: str, per_dataset: int, shard_rows: int) -> str:
     """The first ``per_dataset`` faces of each dataset as a face table under ``out`` (reused when present)."""
     faces = store.join(out, "faces")
-    if store.exists(store.join(faces, contracts.MANIFEST)):
+    if store.exists(store.join(faces, layout.FACES_MANIFEST)):
         return faces
     writer = contracts.FaceTableWriter(faces, shard_rows=shard_rows)
     taken: Counter = Counter()

@@ -125,7 +125,7 @@ def test_merge_refuses_an_incomplete_or_mixed_set(data, tmp_path):
         ingest.merge([str(tmp_path)], str(tmp_path / "out"))
     with pytest.raises(UserError, match="expected 0 <= i < n"):
         ingest.run(config(data), str(tmp_path / "out"), shard=(2, 2))
-    assert not store.exists(str(tmp_path / "out" / "faces" / contracts.MANIFEST))
+    assert not store.exists(str(tmp_path / "out" / "faces" / layout.FACES_MANIFEST))
 
 
 def test_cli_shard_and_merge(data, one_pass, tmp_path, capsys):

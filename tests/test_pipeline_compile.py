@@ -17,7 +17,7 @@ from typing import ClassVar
 import pytest
 import yaml
 
-from d2mtl import contracts, layout
+from d2mtl import layout
 from d2mtl.config import IngestConfig, load_experiment
 from d2mtl.errors import UserError
 from d2mtl_pipeline import cli, pipeline, submit
@@ -346,7 +346,6 @@ def test_the_stage_table_names_every_image_resources_component_and_switch():
     listed = [name for stage in table for name in stage.components] + list(components_module.STAGELESS_IMAGES)
     assert sorted(listed) == sorted(field.name for field in dataclasses.fields(components_module.Components))
     assert {stage.switch for stage in table if stage.switch} <= set(PipelineConfig.model_fields)
-    assert layout.FACES_MANIFEST == contracts.MANIFEST  # the ingest marker is the face table's manifest
     order = list(layout.STAGES)
     assert all(order.index(parent) < order.index(stage.name) for stage in table for parent in stage.upstream)
 

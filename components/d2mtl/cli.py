@@ -137,6 +137,17 @@ def _split_list(value: str) -> list[str]:
     return [item for item in value.split(",") if item]
 
 
+def _threads(value: str) -> int:
+    """--threads: config.fields.Threads on the command line (a count of at least 1; absent: torch's default)."""
+    try:
+        threads = int(value)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise argparse.ArgumentTypeError(f"--threads {value!r}: expected a count of at least 1")
+    return threads
+
+
 def _shard(value: str) -> tuple[int, int]:
     from d2mtl.layout import check_shard
 
@@ -239,12 +250,10 @@ def _model_or_latest(model: str | None, cfg) -> str:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from d2mtl import predict
+    from d2mtl.devices import use_threads
 
     cfg = load_config(args)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     images = predict.list_images(args.paths)
     analyzer = predict.Analyzer(
         _model_or_latest(args.model, cfg), device=args.device, ingest=cfg.ingest, batch_size=args.batch_size
@@ -263,11 +272,10 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    cfg = load_config(args)
-    if args.threads:
-        import torch
+    from d2mtl.devices import use_threads
 
-        torch.set_num_threads(args.threads)
+    cfg = load_config(args)
+    use_threads(args.threads)
     sys.argv[1:] = []  # kserve parses the command line when it is imported: these arguments are d2mtl's
     try:
         from d2mtl import serve
@@ -405,7 +413,7 @@ def build_parser(more_commands: Callable[..., None] | None = None) -> argparse.A
     )
     p.add_argument("--batch-size", type=int, default=64, help="faces per forward pass (default 64)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for the network and the detector")
+    p.add_argument("--threads", type=_threads, default=None, help="CPU threads for the network and the detector")
 
     p = add("export", cmd_export, "export a model as ONNX or TorchScript (dynamic batch axis, model card included)")
     p.add_argument("--model", default=None, help="model folder; default: the final model of the latest d2mtl run")
@@ -437,7 +445,7 @@ def build_parser(more_commands: Callable[..., None] | None = None) -> argparse.A
         default="auto",
         help="forward pass: auto (default: onnxruntime on CPU, where it measures faster; torch on a GPU)",
     )
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for the network and the detector")
+    p.add_argument("--threads", type=_threads, default=None, help="CPU threads for the network and the detector")
 
     if more_commands is not None:
         more_commands(sub)

@@ -33,7 +33,6 @@ from d2mtl.tasks import TASKS
 SCHEMA_KEY = b"d2mtl.schema"
 FACES, LABELS, PSEUDO, PSEUDO_PART = "faces", "labels", "pseudo", "pseudo_part"
 VERSIONS = {FACES: 1, LABELS: 1, PSEUDO: 1, PSEUDO_PART: 1}
-MANIFEST = "_manifest.json"
 # face-manifest metadata, which training copies into the model card (ModelCard.training.faces)
 IMAGE_SIZE = "image_size"  # side in pixels of the stored faces, which predict aligns new faces to
 TEMPLATE = "template"  # the alignment template of the faces: FACE_TEMPLATE_NAME
@@ -203,20 +202,23 @@ class FaceTableWriter:
             "rows": sum(s["rows"] for s in self._shards),
             "metadata": self.metadata,
         }
-        store.write_text(store.join(self.uri, MANIFEST), json.dumps(manifest, indent=1))
+        store.write_text(store.join(self.uri, layout.FACES_MANIFEST), json.dumps(manifest, indent=1))
         return manifest
 
 
 def read_manifest(uri: str) -> dict:
     if not store.is_remote(uri) and Path(uri).is_file():
         raise ContractError(
-            f"{uri} is a file; expected a face table folder (holding {MANIFEST}), e.g. the faces/ of an ingest output"
+            f"{uri} is a file; expected a face table folder (holding {layout.FACES_MANIFEST}), "
+            "e.g. the faces/ of an ingest output"
         )
-    manifest_uri = store.join(uri, MANIFEST)
+    manifest_uri = store.join(uri, layout.FACES_MANIFEST)
     try:
         manifest = json.loads(store.read_text(manifest_uri))
     except FileNotFoundError:
-        raise ContractError(f"{uri}: no {MANIFEST}; not a face table, or its writer did not finish") from None
+        raise ContractError(
+            f"{uri}: no {layout.FACES_MANIFEST}; not a face table, or its writer did not finish"
+        ) from None
     if manifest.get("schema") != f"{FACES}/{VERSIONS[FACES]}":
         raise ContractError(
             f"{uri}: face table schema {manifest.get('schema')} is not supported "
@@ -252,7 +254,7 @@ def read_face_columns(uri: str, columns: list[str]) -> pa.Table:
 def content_hash(uri: str) -> str:
     """sha256 of a table's content: of a face table's manifest (which lists its shards' sha256), or of a single-file
     table's bytes (labels, pseudo-labels)."""
-    manifest = store.join(uri, MANIFEST)
+    manifest = store.join(uri, layout.FACES_MANIFEST)
     return hashlib.sha256(store.read_bytes(manifest if store.exists(manifest) else uri)).hexdigest()
 
 

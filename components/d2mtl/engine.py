@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from d2mtl import layout, plots, store
 from d2mtl.contracts import PseudoLabelUse, Sources, TrainingData, TrainingRecord
 from d2mtl.data import EpochSampler, FaceDataset, FaceIndex, make_loader, normalize
+from d2mtl.devices import use_threads
 from d2mtl.distributed import Distributed
 from d2mtl.errors import UserError
 from d2mtl.losses import MaskedTaskLoss, TaskWeighting, dataset_share_weights, interval_distance
@@ -57,8 +58,7 @@ OPTIMIZERS = {
 
 def setup_run(cfg) -> None:
     """Threads, determinism and the seed, before the network is built (its initial weights use the seed)."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    use_threads(cfg.threads)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
     torch.manual_seed(cfg.seed)

@@ -349,7 +349,7 @@ def publish(store_settings: str, source, prefix: str, run: str, stage: str, name
         [root]
         if root.is_file()
         else sorted(
-            (p for p in root.rglob("*") if p.is_file()), key=lambda p: (p.name == contracts.MANIFEST, p.as_posix())
+            (p for p in root.rglob("*") if p.is_file()), key=lambda p: (p.name == layout.FACES_MANIFEST, p.as_posix())
         )
     )
     if not files:

@@ -35,7 +35,7 @@ from torchvision.transforms.v2 import functional as F
 from d2mtl import claims, contracts, data, layout, metrics, plots, report, store
 from d2mtl.config.evaluate import DomainView, EvaluateConfig
 from d2mtl.contracts import ModelCard
-from d2mtl.devices import resolve_device
+from d2mtl.devices import resolve_device, use_threads
 from d2mtl.errors import UserError
 from d2mtl.models import load_model
 from d2mtl.roles import NO_ROLE, Role, index_roles, parse_role
@@ -413,8 +413,7 @@ def run(
 ) -> dict:
     """Evaluate ``models`` (folder URIs, optionally ``NAME=URI``) on the faces; ``pseudo_reports`` (optional
     pseudo-label report.json URIs) add their threshold curves to the report. Returns a summary."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    use_threads(cfg.threads)
     device = resolve_device(cfg.device)
     try:
         label_table = contracts.read_table(labels, contracts.LABELS)

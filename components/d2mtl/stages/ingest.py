@@ -246,7 +246,7 @@ def read_parts(parts: list[str]) -> list[tuple[str, dict]]:
 
 def copy_face_table(source: str, destination: str) -> None:
     """A face table's files as they are, the manifest last."""
-    names = [shard["path"] for shard in contracts.read_manifest(source)["shards"]] + [contracts.MANIFEST]
+    names = [shard["path"] for shard in contracts.read_manifest(source)["shards"]] + [layout.FACES_MANIFEST]
     for name in names:
         store.write_bytes(store.join(destination, name), store.read_bytes(store.join(source, name)))
 

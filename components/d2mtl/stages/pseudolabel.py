@@ -36,7 +36,7 @@ from tqdm import tqdm
 from d2mtl import contracts, data, distill, layout, plots, store
 from d2mtl.config.pseudolabel import RULE_PARAMETER, RULES_BY_KIND, PseudoLabelConfig, TaskRule, parse_transform
 from d2mtl.contracts import ModelCard
-from d2mtl.devices import resolve_device
+from d2mtl.devices import resolve_device, use_threads
 from d2mtl.errors import UserError
 from d2mtl.models import MultiTaskNet, load_model
 from d2mtl.tasks import TASKS
@@ -441,8 +441,7 @@ def run(
     """
     index, count = shard
     layout.check_shard(index, count)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    use_threads(cfg.threads)
     device = resolve_device(cfg.device)
     tasks = cfg.task_names
     models = load_teachers(teachers, tasks, device)
