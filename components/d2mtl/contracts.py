@@ -374,7 +374,7 @@ class ModelCard(_Record):
     """The model card. The first fields are the architecture the network is rebuilt from (models.ModelSpec);
     the optional ones are absent from a model saved outside a training run and from a card before export."""
 
-    format: Literal["d2mtl-model/1"]
+    format: Literal[MODEL_CARD_FORMAT]
     backbone: str
     tasks: list[str]
     age_head: Literal["dex", "l1"]
