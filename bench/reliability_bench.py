@@ -145,12 +145,12 @@ def bomb(args: argparse.Namespace) -> dict:
 
 
 def unreachable(args: argparse.Namespace) -> dict:
-    from conftest import _free_port
+    from conftest import free_port
 
     from d2mtl import store
 
     os.environ.update(
-        AWS_ENDPOINT_URL=f"http://127.0.0.1:{_free_port()}", AWS_ACCESS_KEY_ID="key", AWS_SECRET_ACCESS_KEY="secret"
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}", AWS_ACCESS_KEY_ID="key", AWS_SECRET_ACCESS_KEY="secret"
     )
     settings = store.StoreSettings()
     store.configure(settings)

@@ -169,7 +169,7 @@ def backends_in_process(model: str, cfg, images: list[bytes], rounds: int) -> di
 
 def main(args: argparse.Namespace) -> dict:
     sys.path.insert(0, str(REPO / "tests"))
-    from conftest import _free_port, start_d2mtl_serve  # the tests' way to start a server, shared
+    from conftest import free_port, start_d2mtl_serve  # the tests' way to start a server, shared
 
     torch.set_num_threads(args.threads)
     cfg = load_experiment(args.config)
@@ -195,7 +195,7 @@ def main(args: argparse.Namespace) -> dict:
         }
         analyzer = load_analyzer(model, device="cpu", ingest=cfg.ingest, backend=args.backend)
         analyzer.analyze(images[:3])
-        port = _free_port()
+        port = free_port()
         server = start_d2mtl_serve(
             [
                 "--model",

@@ -62,6 +62,21 @@ def read_ingest_output(out) -> tuple[list[dict], list[dict], dict]:
     return faces, labels, read_ingest_report(out)
 
 
+def tiny_train_settings(*updates: dict) -> dict:
+    """TrainConfig / StudentConfig fields for in-process tests: an untrained 32 px network, batches of 8, one thread,
+    no progress bars; each of ``updates`` then replaces whole fields."""
+    settings = {
+        "model": {"weights": "none", "input_size": 32},
+        "batch_size": 8,
+        "num_workers": 0,
+        "progress": False,
+        "threads": 1,
+    }
+    for update in updates:
+        settings.update(update)
+    return settings
+
+
 TINY_TRAINING = {
     "model.weights": "none",
     "model.input_size": 32,
@@ -181,7 +196,7 @@ def tool(name: str, package: str) -> str:
     return found
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -248,7 +263,7 @@ def s3_server(tmp_path_factory):
     """``rclone serve s3`` over a temporary folder; yields (endpoint_url, access_key, secret_key)."""
     root = tmp_path_factory.mktemp("s3root")
     (root / "bucket").mkdir()
-    port = _free_port()
+    port = free_port()
     access, secret = "testkey", "testsecret"
     proc = start_s3_server(root, port, access, secret)
     yield {

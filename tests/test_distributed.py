@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import yaml
-from conftest import REPO, _free_port
+from conftest import REPO, free_port, tiny_train_settings
 from generated.tables import make_tiny_tables
 from safetensors.torch import load_file
 
@@ -36,20 +36,15 @@ LOSS_RTOL = 1e-5  # measured: max relative difference ~1e-7 (summation order of 
 
 
 def frozen_config(**overrides) -> TrainConfig:
-    settings = {
+    fixed = {
         "model": {"weights": "none", "input_size": 32, "dropout": 0.0, "freeze_stages": 19},
-        "batch_size": 8,
         "epochs": 2,
-        "num_workers": 0,
-        "progress": False,
-        "threads": 1,
         "checkpoint_every": 3,
         "deterministic": True,
         "weighting": "uncertainty",
         "lr": {"range_steps": 6, "plateau_patience": 1},
     }
-    settings.update(overrides)
-    return TrainConfig(**settings)
+    return TrainConfig(**tiny_train_settings(fixed, overrides))
 
 
 @contextmanager
@@ -101,7 +96,7 @@ def two_process_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     tables = make_tiny_tables(root / "ingest")
     straight, resumed = str(root / "straight"), str(root / "resumed")
-    runs = [(straight, _free_port(), None), (resumed, _free_port(), 4), (resumed, _free_port(), None)]
+    runs = [(straight, free_port(), None), (resumed, free_port(), 4), (resumed, free_port(), None)]
     mp.start_processes(rank_worker, args=(tables, runs, str(root)), nprocs=WORLD, start_method="spawn")
     ranks = [json.loads((root / f"rank{r}.json").read_text()) for r in range(WORLD)]
 

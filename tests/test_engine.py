@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_train_settings
 from safetensors.torch import load_file
 
 from d2mtl import layout, store
@@ -32,19 +33,8 @@ TASK_NAMES = ("age", "gender", "race", "expression")
 
 
 def tiny_config(**overrides) -> TrainConfig:
-    settings = {
-        "model": {"weights": "none", "input_size": 32},
-        "batch_size": 8,
-        "epochs": 2,
-        "num_workers": 0,
-        "progress": False,
-        "threads": 1,
-        "checkpoint_every": 3,
-        "deterministic": True,
-        "lr": {"range_steps": 8},
-    }
-    settings.update(overrides)
-    return TrainConfig(**settings)
+    fixed = {"epochs": 2, "checkpoint_every": 3, "deterministic": True, "lr": {"range_steps": 8}}
+    return TrainConfig(**tiny_train_settings(fixed, overrides))
 
 
 # ---- data ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, _free_port, kill_after_checkpoint, run_cli, start_s3_server, tiny_training_overrides
+from conftest import REPO, free_port, kill_after_checkpoint, run_cli, start_s3_server, tiny_training_overrides
 from generated.tables import make_tiny_tables, write_pseudo_table
 from safetensors.torch import load_file
 
@@ -98,7 +98,7 @@ class StoppableS3:
     """An ``rclone serve s3`` this test may stop and start again on the same port and folder."""
 
     def __init__(self, root: Path):
-        self.root, self.port = root, _free_port()
+        self.root, self.port = root, free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
@@ -201,7 +201,7 @@ def test_a_retried_write_sends_the_whole_object_again(stoppable_s3, monkeypatch)
 
 
 def test_unreachable_store_is_bounded_retries_then_one_line(monkeypatch, capsys, tmp_path):
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")  # nobody listens there
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nobody listens there
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
     started = time.perf_counter()

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import REPO, _free_port, start_d2mtl_serve
+from conftest import REPO, free_port, start_d2mtl_serve
 from PIL import Image
 
 from d2mtl import store
@@ -82,7 +82,7 @@ def stop_server(process: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    port = _free_port()
+    port = free_port()
     process = start_server(model_dir, port, tmp_path_factory.mktemp("serve") / "server.log")
     yield f"http://127.0.0.1:{port}"
     stop_server(process)
@@ -293,7 +293,7 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(server, photos):
 
 def test_a_folder_that_is_not_a_model_is_refused_before_the_server_starts(tmp_path):
     (tmp_path / "notes.txt").write_text("no model here")
-    port = _free_port()
+    port = free_port()
     result = subprocess.run(
         [sys.executable, "-m", "d2mtl.cli", "serve", "--model", str(tmp_path), "--port", str(port)],
         cwd=REPO,
@@ -325,7 +325,7 @@ def test_a_model_in_object_storage_is_served_with_either_backend(s3_env, model_d
     """The default forward pass on CPU is onnxruntime (the other tests); this server runs torch's."""
     for path in Path(model_dir).iterdir():
         store.upload_file(path, f"s3://bucket/served/student/{path.name}")
-    port = _free_port()
+    port = free_port()
     process = start_server(
         "s3://bucket/served/student",
         port,

@@ -10,7 +10,7 @@ from typing import ClassVar
 
 import pytest
 import yaml
-from conftest import _free_port
+from conftest import free_port
 
 from d2mtl.config.pipeline import PipelineConfig, ServingConfig, StageImages
 from d2mtl.errors import UserError
@@ -116,7 +116,7 @@ class FakeKubernetes(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def kubernetes_api(tmp_path, monkeypatch):
-    port = _free_port()
+    port = free_port()
     server = ThreadingHTTPServer(("127.0.0.1", port), FakeKubernetes)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     kubeconfig = {

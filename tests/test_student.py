@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from conftest import tiny_train_settings
 
 from d2mtl import contracts
 from d2mtl.config.train import StudentConfig
@@ -17,18 +18,8 @@ from d2mtl.tasks import TASKS
 
 
 def student_config(**overrides) -> StudentConfig:
-    settings = {
-        "model": {"weights": "none", "input_size": 32},
-        "batch_size": 8,
-        "epochs": 1,
-        "num_workers": 0,
-        "progress": False,
-        "threads": 1,
-        "lr": {"schedule": "fixed"},
-        "checkpoint_every": 0,
-    }
-    settings.update(overrides)
-    return StudentConfig(**settings)
+    fixed = {"epochs": 1, "lr": {"schedule": "fixed"}, "checkpoint_every": 0}
+    return StudentConfig(**tiny_train_settings(fixed, overrides))
 
 
 def pseudo_table(tables: dict[str, str]) -> pa.Table:
