@@ -9,11 +9,12 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 import torch
+from conftest import read_ingest_report, trusted_ingest_config
 from generated import layouts
 from generated.tables import make_tiny_tables
 
 from d2mtl import contracts, layout, models, store
-from d2mtl.config.ingest import IngestConfig, UTKFaceSpec
+from d2mtl.config.ingest import UTKFaceSpec
 from d2mtl.config.pseudolabel import PseudoLabelConfig
 from d2mtl.config.train import ModelConfig
 from d2mtl.data import FaceIndex
@@ -83,17 +84,9 @@ def test_pseudo_labels_fill_the_unlabelled_domain_and_are_measured_on_its_labels
 def test_ingest_marks_evaluation_only_datasets(tmp_path):
     root = tmp_path / "data"
     layouts.utkface(root)
-    cfg = IngestConfig(
-        data_root=str(root),
-        image_size=32,
-        workers=1,
-        chunk_size=4,
-        shard_rows=8,
-        datasets=[UTKFaceSpec(alignment="trust_crop", use="evaluate")],
-    )
-    ingest.run(cfg, str(tmp_path / "out"))
+    ingest.run(trusted_ingest_config(root, [UTKFaceSpec(use="evaluate")]), str(tmp_path / "out"))
     assert contracts.evaluate_only_datasets(layout.faces(str(tmp_path / "out"))) == ["utkface"]
-    report = json.loads(store.read_text(store.join(str(tmp_path / "out"), layout.INGEST_REPORT_JSON)))
+    report = read_ingest_report(tmp_path / "out")
     assert report["datasets"]["utkface"]["use"] == "evaluate"
     assert "Evaluation only" in store.read_text(store.join(str(tmp_path / "out"), layout.INGEST_REPORT_MD))
 

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from conftest import run_cli
+from conftest import run_cli, trusted_ingest_config
 from generated import layouts
 from generated.tables import make_tiny_tables
 
 from d2mtl import cli, contracts, layout, plots, predict, store
 from d2mtl.config import ConfigError, TrainConfig, load_experiment, updated
-from d2mtl.config.ingest import IngestConfig, UTKFaceSpec
+from d2mtl.config.ingest import UTKFaceSpec
 from d2mtl.data import FaceIndex
 from d2mtl.errors import UserError
 from d2mtl.stages import evaluate, ingest, ingest_report
@@ -306,15 +306,7 @@ def test_labels_of_another_ingest_are_one_warning_with_counts(tiny_tables, tmp_p
 
 def test_the_ingest_bar_ends_at_its_total_and_age_bins_sort_by_age(tmp_path, capsys):
     layouts.utkface(tmp_path)
-    cfg = IngestConfig(
-        data_root=str(tmp_path),
-        image_size=32,
-        workers=1,
-        chunk_size=4,
-        shard_rows=8,
-        datasets=[UTKFaceSpec(alignment="trust_crop")],
-    )
-    ingest.run(cfg, str(tmp_path / "out"))
+    ingest.run(trusted_ingest_config(tmp_path, [UTKFaceSpec()]), str(tmp_path / "out"))
     assert "| 7/7 " in capsys.readouterr().err  # it was left one short, at 6/7
     assert sorted(["100+", "20-29", "0-9", "10-19"], key=ingest_report.class_order) == ["0-9", "10-19", "20-29", "100+"]
     assert sorted(["sad", "angry"], key=ingest_report.class_order) == ["angry", "sad"]
